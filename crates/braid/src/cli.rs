@@ -1,0 +1,160 @@
+//! The command line. Every daemon flag also exists as a key of the TOML config file
+//! (`--config FILE`); flags given on the command line override the file.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "braid",
+    version,
+    about = "Bond several network links into one: TCP carried over Multipath TCP through an \
+             RFC 8803 Transport Converter",
+    long_about = "braid bonds several network links (DSL, LTE, Ethernet, Wi-Fi; IPv4 and IPv6) \
+                  into one. On the user side, `braid gateway` captures ordinary TCP connections \
+                  (transparently or through SOCKS5) and carries each over Multipath TCP to a \
+                  converter, using every uplink at once. On the network side, `braid converter` \
+                  accepts those MPTCP connections, learns the destination from the Convert \
+                  protocol (RFC 8803, carried in the SYN with TCP Fast Open: no extra round \
+                  trip) and relays to the server over plain TCP.\n\nTry `braid demo` (as root) \
+                  for a self-contained demonstration in network namespaces."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Network side: accept MPTCP + Convert connections and relay them to servers over TCP.
+    Converter(ConverterArgs),
+    /// User side: capture LAN TCP connections and carry them over MPTCP to a converter.
+    Gateway(GatewayArgs),
+    /// Build a namespaced lab (LAN client, gateway with two shaped uplinks, converter, server),
+    /// run real braid processes in it, download a file and report per-uplink rates.
+    Demo(DemoArgs),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Args)]
+pub struct ConverterArgs {
+    /// Address to accept MPTCP connections on (repeatable). `[::]:PORT` listens dual-stack.
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub listen: Vec<SocketAddr>,
+    /// Client prefix allowed to use this converter (repeatable). There is no default: an
+    /// empty list refuses to start unless --allow-any-client is given.
+    #[arg(long, value_name = "PREFIX")]
+    pub allow_client: Vec<String>,
+    /// Let any client use the converter (an open proxy: only for closed networks).
+    #[arg(long)]
+    pub allow_any_client: bool,
+    /// Destination prefix allowed (repeatable). Private and ULA destinations are refused
+    /// unless allowed here.
+    #[arg(long, value_name = "PREFIX")]
+    pub allow_dest: Vec<String>,
+    /// Destination prefix refused (repeatable); wins over --allow-dest.
+    #[arg(long, value_name = "PREFIX")]
+    pub deny_dest: Vec<String>,
+    /// Allow loopback destinations (for tests only).
+    #[arg(long)]
+    pub allow_loopback_dest: bool,
+    /// Serve Prometheus metrics over HTTP on this address.
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub metrics: Option<SocketAddr>,
+    /// TOML configuration file; command-line flags override its keys.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Log line format.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+    /// Validate the configuration, print the effective settings and exit.
+    #[arg(long)]
+    pub check_config: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum TransparentMode {
+    /// nftables TPROXY (forwarded LAN traffic, IPv4 and IPv6).
+    Tproxy,
+    /// nftables REDIRECT with SO_ORIGINAL_DST.
+    Redirect,
+}
+
+#[derive(Debug, Args)]
+pub struct GatewayArgs {
+    /// Converter to use, in order of preference (repeatable).
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub converter: Vec<SocketAddr>,
+    /// Serve SOCKS5 on this address.
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub socks5: Option<SocketAddr>,
+    /// Capture LAN TCP connections transparently.
+    #[arg(long, value_enum)]
+    pub transparent: Option<TransparentMode>,
+    /// Local port the transparent capture delivers connections to.
+    #[arg(long, value_name = "PORT")]
+    pub transparent_port: Option<u16>,
+    /// Destination prefix to capture (repeatable; default: everything not bypassed).
+    #[arg(long, value_name = "PREFIX")]
+    pub capture: Vec<String>,
+    /// Destination prefix that goes direct, never captured (repeatable).
+    #[arg(long, value_name = "PREFIX")]
+    pub bypass: Vec<String>,
+    /// Serve Prometheus metrics over HTTP on this address.
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub metrics: Option<SocketAddr>,
+    /// TOML configuration file; command-line flags override its keys.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Log line format.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// Rates of the two uplinks, in Mbit/s.
+    #[arg(long, value_name = "MBIT", num_args = 2, default_values_t = [20, 30])]
+    pub rates: Vec<u32>,
+    /// Size of the file downloaded, in MiB.
+    #[arg(long, value_name = "MIB", default_value_t = 32)]
+    pub size: u32,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn repeatable_flags_collect() {
+        let cli = Cli::try_parse_from([
+            "braid",
+            "converter",
+            "--listen",
+            "[::]:5124",
+            "--listen",
+            "0.0.0.0:5125",
+            "--allow-client",
+            "10.0.0.0/8",
+        ])
+        .unwrap();
+        let Command::Converter(a) = cli.command else {
+            panic!("wrong subcommand")
+        };
+        assert_eq!(a.listen.len(), 2);
+        assert_eq!(a.allow_client, ["10.0.0.0/8"]);
+    }
+}

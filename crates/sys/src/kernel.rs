@@ -1,0 +1,162 @@
+//! Kernel feature checks. Each failure names the sysctl or kernel version that is missing and
+//! the command that fixes it, because "Protocol not available" helps nobody at 3 a.m.
+//!
+//! Sysctls are read from `/proc/sys` of the calling thread's network namespace, which is where
+//! `net.mptcp.*` and `net.ipv4.tcp_fastopen` live.
+
+use std::fs;
+use std::io;
+use std::path::Path;
+
+/// A missing or disabled kernel feature, with the remedy in the message.
+#[derive(Debug, thiserror::Error)]
+pub enum KernelError {
+    #[error(
+        "this kernel has no MPTCP (no /proc/sys/net/mptcp): braid needs Linux >= 5.19 built with \
+         CONFIG_MPTCP=y (6.x recommended); running kernel {kernel}"
+    )]
+    NoMptcp { kernel: String },
+    #[error("MPTCP is disabled in this network namespace: run `sysctl -w net.mptcp.enabled=1`")]
+    MptcpDisabled,
+    #[error(
+        "net.ipv4.tcp_fastopen is {current:#x} and lacks {missing:#x} ({what}): run \
+         `sysctl -w net.ipv4.tcp_fastopen={wanted:#x}`"
+    )]
+    TfoBits {
+        current: u32,
+        missing: u32,
+        wanted: u32,
+        what: &'static str,
+    },
+    #[error("reading or writing {path}: {source}")]
+    Io {
+        path: String,
+        #[source]
+        source: io::Error,
+    },
+}
+
+const MPTCP_ENABLED: &str = "/proc/sys/net/mptcp/enabled";
+const TCP_FASTOPEN: &str = "/proc/sys/net/ipv4/tcp_fastopen";
+
+/// Bits of `net.ipv4.tcp_fastopen` (Documentation/networking/ip-sysctl.rst).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TfoMode;
+
+impl TfoMode {
+    /// Client may send data in the SYN.
+    pub const CLIENT: u32 = 0x1;
+    /// Server accepts data in the SYN.
+    pub const SERVER: u32 = 0x2;
+    /// Client sends data in the SYN without a cookie (RFC 8803 clients never hold one).
+    pub const CLIENT_NO_COOKIE: u32 = 0x4;
+    /// Every listener accepts SYN data without a cookie.
+    pub const SERVER_NO_COOKIE: u32 = 0x200;
+}
+
+fn read_sysctl(path: &str) -> Result<String, KernelError> {
+    fs::read_to_string(path)
+        .map(|s| s.trim().to_owned())
+        .map_err(|source| KernelError::Io {
+            path: path.to_owned(),
+            source,
+        })
+}
+
+/// The running kernel's release, for messages.
+pub fn kernel_release() -> String {
+    fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_else(|_| "unknown".to_owned())
+}
+
+/// Checks that MPTCP exists and is enabled in this namespace.
+pub fn check_mptcp() -> Result<(), KernelError> {
+    if !Path::new(MPTCP_ENABLED).exists() {
+        return Err(KernelError::NoMptcp {
+            kernel: kernel_release(),
+        });
+    }
+    match read_sysctl(MPTCP_ENABLED)?.as_str() {
+        "0" => Err(KernelError::MptcpDisabled),
+        _ => Ok(()),
+    }
+}
+
+/// Current value of `net.ipv4.tcp_fastopen`.
+pub fn tcp_fastopen() -> Result<u32, KernelError> {
+    let raw = read_sysctl(TCP_FASTOPEN)?;
+    raw.parse().map_err(|_| KernelError::Io {
+        path: TCP_FASTOPEN.to_owned(),
+        source: io::Error::new(io::ErrorKind::InvalidData, format!("not a number: {raw:?}")),
+    })
+}
+
+/// What [`ensure_tfo`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TfoChange {
+    /// The bits were already set.
+    Unchanged,
+    /// The sysctl was changed from `from` to `to`.
+    Set { from: u32, to: u32 },
+}
+
+/// Makes sure `net.ipv4.tcp_fastopen` has all of `bits`. With `may_set`, missing bits are added
+/// (the caller logs the change); without, the error carries the exact command to run.
+pub fn ensure_tfo(bits: u32, what: &'static str, may_set: bool) -> Result<TfoChange, KernelError> {
+    let current = tcp_fastopen()?;
+    let missing = bits & !current;
+    if missing == 0 {
+        return Ok(TfoChange::Unchanged);
+    }
+    let wanted = current | bits;
+    let refuse = || KernelError::TfoBits {
+        current,
+        missing,
+        wanted,
+        what,
+    };
+    if !may_set {
+        return Err(refuse());
+    }
+    fs::write(TCP_FASTOPEN, wanted.to_string()).map_err(|_| refuse())?;
+    Ok(TfoChange::Set {
+        from: current,
+        to: wanted,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_name_the_sysctl_and_the_fix() {
+        let e = KernelError::TfoBits {
+            current: 0x1,
+            missing: 0x2,
+            wanted: 0x3,
+            what: "server",
+        };
+        let msg = e.to_string();
+        assert!(msg.contains("net.ipv4.tcp_fastopen"), "{msg}");
+        assert!(msg.contains("sysctl -w net.ipv4.tcp_fastopen=0x3"), "{msg}");
+        assert!(
+            KernelError::MptcpDisabled
+                .to_string()
+                .contains("net.mptcp.enabled=1")
+        );
+    }
+
+    #[test]
+    fn this_machine_has_mptcp() {
+        check_mptcp().unwrap();
+        assert!(tcp_fastopen().is_ok());
+        // Bit 0 is the kernel default; asking for it must never need a change.
+        let cur = tcp_fastopen().unwrap();
+        assert_eq!(
+            ensure_tfo(cur, "nothing", false).unwrap(),
+            TfoChange::Unchanged
+        );
+    }
+}

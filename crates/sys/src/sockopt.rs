@@ -1,0 +1,233 @@
+//! Socket options of MPTCP and TCP Fast Open that socket2 lacks. Constants come from the
+//! kernel's uapi headers (`linux/tcp.h`, `linux/mptcp.h`); libc does not export all of them.
+
+use std::io;
+use std::mem::{MaybeUninit, size_of};
+use std::os::fd::{AsFd, AsRawFd};
+
+use socket2::{Domain, Protocol, Socket, Type};
+
+/// `IPPROTO_MPTCP`.
+pub const IPPROTO_MPTCP: i32 = 262;
+/// `SOL_MPTCP`.
+pub const SOL_MPTCP: i32 = 284;
+const MPTCP_INFO: i32 = 1;
+const TCP_FASTOPEN: i32 = 23;
+const TCP_FASTOPEN_CONNECT: i32 = 30;
+const TCP_FASTOPEN_NO_COOKIE: i32 = 34;
+const TCP_IS_MPTCP: i32 = 43;
+/// `SIOCOUTQ` is `TIOCOUTQ` on Linux: bytes in the send queue not yet acknowledged.
+const SIOCOUTQ: libc::c_ulong = 0x5411;
+
+/// `mptcpi_flags` bit: the connection fell back to plain TCP.
+pub const MPTCP_INFO_FLAG_FALLBACK: u32 = 1 << 0;
+/// `mptcpi_flags` bit: the peer's key arrived, i.e. the MPTCP handshake completed.
+pub const MPTCP_INFO_FLAG_REMOTE_KEY_RECEIVED: u32 = 1 << 1;
+
+/// Opens a non-blocking MPTCP stream socket for `domain` (IPv4 or IPv6).
+///
+/// Fails with `EPROTONOSUPPORT`/`ENOPROTOOPT` when MPTCP is compiled out, and with `ENOPROTOOPT`
+/// when `net.mptcp.enabled=0`; [`crate::kernel::check_mptcp`] turns that into a useful message.
+pub fn mptcp_socket(domain: Domain) -> io::Result<Socket> {
+    let s = Socket::new(
+        domain,
+        Type::STREAM.nonblocking().cloexec(),
+        Some(Protocol::MPTCP),
+    )?;
+    Ok(s)
+}
+
+fn setsockopt_int(fd: &impl AsFd, level: i32, name: i32, value: i32) -> io::Result<()> {
+    let fd = fd.as_fd().as_raw_fd();
+    // SAFETY: `fd` is a live descriptor borrowed for the call; the option value is a valid
+    // c_int whose size is passed alongside.
+    let r = unsafe {
+        libc::setsockopt(
+            fd,
+            level,
+            name,
+            (&raw const value).cast(),
+            size_of::<i32>() as libc::socklen_t,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+fn getsockopt_int(fd: &impl AsFd, level: i32, name: i32) -> io::Result<i32> {
+    let fd = fd.as_fd().as_raw_fd();
+    let mut value: i32 = 0;
+    let mut len = size_of::<i32>() as libc::socklen_t;
+    // SAFETY: `value` and `len` are valid for writes and `len` holds the buffer size.
+    let r = unsafe { libc::getsockopt(fd, level, name, (&raw mut value).cast(), &raw mut len) };
+    if r == 0 {
+        Ok(value)
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Enables TCP Fast Open on a listener with a pending-request queue of `qlen`.
+pub fn set_tcp_fastopen(fd: &impl AsFd, qlen: i32) -> io::Result<()> {
+    setsockopt_int(fd, libc::IPPROTO_TCP, TCP_FASTOPEN, qlen)
+}
+
+/// Accepts data in a SYN that carries no TFO cookie (RFC 8803 clients never have one).
+pub fn set_tcp_fastopen_no_cookie(fd: &impl AsFd) -> io::Result<()> {
+    setsockopt_int(fd, libc::IPPROTO_TCP, TCP_FASTOPEN_NO_COOKIE, 1)
+}
+
+/// Makes the first `write` after `connect` go out in the SYN (client side of 0-RTT).
+pub fn set_tcp_fastopen_connect(fd: &impl AsFd) -> io::Result<()> {
+    setsockopt_int(fd, libc::IPPROTO_TCP, TCP_FASTOPEN_CONNECT, 1)
+}
+
+/// Whether the connection is (still) MPTCP. `Ok(false)` for plain TCP sockets and for MPTCP
+/// connections that fell back to TCP.
+pub fn is_mptcp(fd: &impl AsFd) -> io::Result<bool> {
+    Ok(getsockopt_int(fd, libc::IPPROTO_TCP, TCP_IS_MPTCP)? != 0)
+}
+
+/// Bytes written but not yet acknowledged by the peer.
+pub fn unsent_bytes(fd: &impl AsFd) -> io::Result<u32> {
+    let fd = fd.as_fd().as_raw_fd();
+    let mut n: libc::c_int = 0;
+    // SAFETY: SIOCOUTQ writes one c_int through the pointer, which is valid for writes.
+    let r = unsafe { libc::ioctl(fd, SIOCOUTQ, &raw mut n) };
+    if r == 0 {
+        Ok(n.max(0) as u32)
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// `struct mptcp_info` of `linux/mptcp.h` (kernel 6.18 layout). Older kernels return a shorter
+/// struct; the missing tail then reads as zero.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct MptcpInfo {
+    /// Extra subflows (the initial one is not counted).
+    pub subflows: u8,
+    pub add_addr_signal: u8,
+    pub add_addr_accepted: u8,
+    pub subflows_max: u8,
+    pub add_addr_signal_max: u8,
+    pub add_addr_accepted_max: u8,
+    pub flags: u32,
+    pub token: u32,
+    pub write_seq: u64,
+    pub snd_una: u64,
+    pub rcv_nxt: u64,
+    pub local_addr_used: u8,
+    pub local_addr_max: u8,
+    pub csum_enabled: u8,
+    pub retransmits: u32,
+    pub bytes_retrans: u64,
+    pub bytes_sent: u64,
+    pub bytes_received: u64,
+    pub bytes_acked: u64,
+    /// All subflows, the initial one included, that ever existed.
+    pub subflows_total: u8,
+    _reserved: [u8; 3],
+    pub last_data_sent: u32,
+    pub last_data_recv: u32,
+    pub last_ack_recv: u32,
+}
+
+impl MptcpInfo {
+    /// The connection fell back to plain TCP.
+    pub fn fell_back(&self) -> bool {
+        self.flags & MPTCP_INFO_FLAG_FALLBACK != 0
+    }
+
+    /// The MPTCP handshake has completed (the peer's key arrived).
+    pub fn remote_key_received(&self) -> bool {
+        self.flags & MPTCP_INFO_FLAG_REMOTE_KEY_RECEIVED != 0
+    }
+}
+
+/// Reads `MPTCP_INFO`. Fails with `EOPNOTSUPP` on a connection that fell back to TCP and on
+/// plain TCP sockets.
+pub fn mptcp_info(fd: &impl AsFd) -> io::Result<MptcpInfo> {
+    let fd = fd.as_fd().as_raw_fd();
+    let mut info = MaybeUninit::<MptcpInfo>::zeroed();
+    let mut len = size_of::<MptcpInfo>() as libc::socklen_t;
+    // SAFETY: the buffer is valid for `len` bytes of writes; the kernel writes at most `len`.
+    let r = unsafe {
+        libc::getsockopt(
+            fd,
+            SOL_MPTCP,
+            MPTCP_INFO,
+            info.as_mut_ptr().cast(),
+            &raw mut len,
+        )
+    };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: zero-initialised and every field is plain integers, so any bytes the kernel
+    // wrote (or left zero, for a shorter struct) form a valid value.
+    Ok(unsafe { info.assume_init() })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+    use std::net::{SocketAddr, TcpStream};
+
+    #[test]
+    fn mptcp_info_layout_matches_the_kernel() {
+        // sizeof(struct mptcp_info) on 6.18 (x86_64 and aarch64 alike).
+        assert_eq!(size_of::<MptcpInfo>(), 96);
+        assert_eq!(std::mem::offset_of!(MptcpInfo, flags), 8);
+        assert_eq!(std::mem::offset_of!(MptcpInfo, subflows_total), 80);
+    }
+
+    /// A loopback MPTCP connection: the options read back as the kernel reports them.
+    #[test]
+    fn loopback_mptcp_connection_reports_mptcp() {
+        let listener = match mptcp_socket(Domain::IPV4) {
+            Ok(s) => s,
+            Err(e) => panic!("MPTCP socket: {e} (is net.mptcp.enabled=1?)"),
+        };
+        listener.set_nonblocking(false).unwrap();
+        let addr: SocketAddr = "127.0.0.1:0".parse().unwrap();
+        listener.bind(&addr.into()).unwrap();
+        set_tcp_fastopen(&listener, 16).unwrap();
+        set_tcp_fastopen_no_cookie(&listener).unwrap();
+        listener.listen(16).unwrap();
+        let addr = listener.local_addr().unwrap().as_socket().unwrap();
+
+        let client = mptcp_socket(Domain::IPV4).unwrap();
+        client.set_nonblocking(false).unwrap();
+        client.connect(&addr.into()).unwrap();
+        let mut client: TcpStream = client.into();
+        client.write_all(b"ping").unwrap();
+        let (server, _) = listener.accept().unwrap();
+        let mut server: TcpStream = server.into();
+        let mut buf = [0u8; 4];
+        server.read_exact(&mut buf).unwrap();
+        assert_eq!(&buf, b"ping");
+
+        assert!(is_mptcp(&server).unwrap());
+        let info = mptcp_info(&client).unwrap();
+        assert!(!info.fell_back());
+        assert!(info.remote_key_received());
+        assert_eq!(unsent_bytes(&server).unwrap(), 0);
+    }
+
+    #[test]
+    fn plain_tcp_is_not_mptcp() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let c = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        assert!(!is_mptcp(&c).unwrap());
+        assert_eq!(
+            mptcp_info(&c).unwrap_err().raw_os_error(),
+            Some(libc::EOPNOTSUPP)
+        );
+    }
+}
