@@ -43,6 +43,15 @@ pub enum LogFormat {
     Json,
 }
 
+impl LogFormat {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LogFormat::Text => "text",
+            LogFormat::Json => "json",
+        }
+    }
+}
+
 #[derive(Debug, Args)]
 pub struct ConverterArgs {
     /// Address to accept MPTCP connections on (repeatable). `[::]:PORT` listens dual-stack.
@@ -71,12 +80,24 @@ pub struct ConverterArgs {
     /// TOML configuration file; command-line flags override its keys.
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
-    /// Log line format.
-    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
-    pub log_format: LogFormat,
+    /// Log line format [default: text].
+    #[arg(long, value_enum)]
+    pub log_format: Option<LogFormat>,
     /// Validate the configuration, print the effective settings and exit.
     #[arg(long)]
     pub check_config: bool,
+    /// Listen with plain TCP (for kernels without MPTCP; clients lose multipath).
+    #[arg(long)]
+    pub tcp_only: bool,
+    /// Do not install the nftables rule that works around the kernel's 0-RTT window bug.
+    #[arg(long)]
+    pub no_tfo_window_fix: bool,
+    /// Relay engine: copy (read/write) or splice [default: copy].
+    #[arg(long, value_name = "ENGINE")]
+    pub relay_engine: Option<crate::relay::Engine>,
+    /// Congestion control for relayed sockets (e.g. reno, cubic, bbr) [default: the system's].
+    #[arg(long, value_name = "NAME")]
+    pub congestion_control: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -113,9 +134,9 @@ pub struct GatewayArgs {
     /// TOML configuration file; command-line flags override its keys.
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
-    /// Log line format.
-    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
-    pub log_format: LogFormat,
+    /// Log line format [default: text].
+    #[arg(long, value_enum)]
+    pub log_format: Option<LogFormat>,
 }
 
 #[derive(Debug, Args)]

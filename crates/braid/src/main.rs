@@ -5,6 +5,9 @@
 //! - `demo`: builds a namespaced lab and shows the main job working.
 
 mod cli;
+mod config;
+mod converter;
+mod relay;
 
 use std::process::ExitCode;
 

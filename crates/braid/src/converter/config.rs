@@ -1,0 +1,355 @@
+//! Converter configuration: the TOML file, the command-line flags layered over it, and the
+//! validation that turns both into [`Settings`]. Parsing and validation are separate steps so
+//! that every semantic error can name the key it is about.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::Path;
+use std::time::Duration;
+
+use ipnet::IpNet;
+use serde::Deserialize;
+
+use crate::cli::{ConverterArgs, LogFormat};
+use crate::config::{ConfigError, parse_prefixes, read_toml};
+use crate::relay::{Engine, RelayConfig};
+
+/// The converter's port when none is given. RFC 8803 assigns none; this one is braid's.
+pub const DEFAULT_PORT: u16 = 5124;
+
+/// The file, as written. Every key is optional; defaults live in [`Settings`].
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct File {
+    pub listen: Option<Vec<SocketAddr>>,
+    pub allow_client: Option<Vec<String>>,
+    pub allow_any_client: Option<bool>,
+    pub allow_dest: Option<Vec<String>>,
+    pub deny_dest: Option<Vec<String>>,
+    pub allow_ports: Option<Vec<u16>>,
+    pub deny_ports: Option<Vec<u16>>,
+    pub allow_loopback_dest: Option<bool>,
+    pub metrics: Option<SocketAddr>,
+    pub log_format: Option<String>,
+    pub tcp_only: Option<bool>,
+    pub tfo_queue: Option<i32>,
+    pub tfo_window_fix: Option<bool>,
+    pub set_sysctls: Option<bool>,
+    pub handshake_timeout_ms: Option<u64>,
+    pub connect_timeout_ms: Option<u64>,
+    pub idle_timeout_secs: Option<u64>,
+    pub drain_timeout_secs: Option<u64>,
+    pub max_connections: Option<usize>,
+    pub max_connections_per_client: Option<usize>,
+    pub max_pending_handshakes: Option<usize>,
+    pub backoff_secs: Option<u8>,
+    pub cookies: Option<bool>,
+    pub cookie_secret: Option<String>,
+    pub relay_engine: Option<String>,
+    pub relay_buffer: Option<usize>,
+    pub congestion_control: Option<String>,
+    pub upstream_fastopen: Option<bool>,
+}
+
+/// Validated settings the converter runs with.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub listen: Vec<SocketAddr>,
+    pub allow_client: Vec<IpNet>,
+    pub allow_any_client: bool,
+    pub allow_dest: Vec<IpNet>,
+    pub deny_dest: Vec<IpNet>,
+    pub allow_ports: Vec<u16>,
+    pub deny_ports: Vec<u16>,
+    pub allow_loopback_dest: bool,
+    pub metrics: Option<SocketAddr>,
+    pub log_format: LogFormat,
+    /// Listen with plain TCP instead of MPTCP (kernels without MPTCP).
+    pub tcp_only: bool,
+    pub tfo_queue: i32,
+    /// Install the nftables SYN-window rule that works around the kernel's 0-RTT window bug.
+    pub tfo_window_fix: bool,
+    /// Fix `net.ipv4.tcp_fastopen` ourselves (and log it) instead of refusing to start.
+    pub set_sysctls: bool,
+    pub handshake_timeout: Duration,
+    pub connect_timeout: Duration,
+    pub drain_timeout: Duration,
+    pub max_connections: usize,
+    pub max_connections_per_client: usize,
+    pub max_pending_handshakes: usize,
+    /// The back-off value sent with Error 64/65 (0 = the client's default).
+    pub backoff_secs: u8,
+    pub cookies: bool,
+    pub cookie_secret: Option<Vec<u8>>,
+    pub relay: RelayConfig,
+    /// Congestion control for both sockets of a relayed connection; `None` keeps the system's.
+    pub congestion_control: Option<String>,
+    pub upstream_fastopen: bool,
+}
+
+impl Settings {
+    /// Reads `--config` (if any), applies the flags over it and validates the result.
+    pub fn load(args: &ConverterArgs) -> Result<Settings, ConfigError> {
+        let file = match &args.config {
+            Some(path) => read_toml::<File>(path)?,
+            None => File::default(),
+        };
+        Settings::from_parts(file, args, args.config.as_deref())
+    }
+
+    fn from_parts(
+        mut f: File,
+        a: &ConverterArgs,
+        path: Option<&Path>,
+    ) -> Result<Settings, ConfigError> {
+        // Flags win over the file; a repeatable flag given once replaces the whole list.
+        if !a.listen.is_empty() {
+            f.listen = Some(a.listen.clone());
+        }
+        if !a.allow_client.is_empty() {
+            f.allow_client = Some(a.allow_client.clone());
+        }
+        if !a.allow_dest.is_empty() {
+            f.allow_dest = Some(a.allow_dest.clone());
+        }
+        if !a.deny_dest.is_empty() {
+            f.deny_dest = Some(a.deny_dest.clone());
+        }
+        if a.allow_any_client {
+            f.allow_any_client = Some(true);
+        }
+        if a.allow_loopback_dest {
+            f.allow_loopback_dest = Some(true);
+        }
+        if a.metrics.is_some() {
+            f.metrics = a.metrics;
+        }
+        if let Some(l) = a.log_format {
+            f.log_format = Some(l.as_str().to_owned());
+        }
+        if a.tcp_only {
+            f.tcp_only = Some(true);
+        }
+        if a.no_tfo_window_fix {
+            f.tfo_window_fix = Some(false);
+        }
+        if let Some(e) = a.relay_engine {
+            f.relay_engine = Some(e.to_string());
+        }
+        if let Some(cc) = &a.congestion_control {
+            f.congestion_control = Some(cc.clone());
+        }
+        let err = |key: &str, reason: String| ConfigError::invalid(path, key, reason);
+
+        let listen = f.listen.unwrap_or_else(|| {
+            vec![SocketAddr::new(
+                IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED),
+                DEFAULT_PORT,
+            )]
+        });
+        if listen.is_empty() {
+            return Err(err("listen", "at least one address is needed".into()));
+        }
+        let allow_client = parse_prefixes(path, "allow_client", f.allow_client.as_deref())?;
+        let allow_any_client = f.allow_any_client.unwrap_or(false);
+        if allow_client.is_empty() && !allow_any_client {
+            return Err(err(
+                "allow_client",
+                "empty: say which client prefixes may use this converter (for example \
+                 --allow-client 192.0.2.0/24), or run an open converter on purpose with \
+                 --allow-any-client"
+                    .into(),
+            ));
+        }
+        let log_format = match f.log_format.as_deref() {
+            None | Some("text") => LogFormat::Text,
+            Some("json") => LogFormat::Json,
+            Some(other) => {
+                return Err(err(
+                    "log_format",
+                    format!("{other:?} is not one of \"text\", \"json\""),
+                ));
+            }
+        };
+        let engine = match f.relay_engine.as_deref() {
+            None => Engine::Copy,
+            Some(s) => s.parse().map_err(|e| err("relay_engine", e))?,
+        };
+        let relay_buffer = f.relay_buffer.unwrap_or(256 * 1024);
+        if !(4096..=(64 << 20)).contains(&relay_buffer) {
+            return Err(err(
+                "relay_buffer",
+                format!("{relay_buffer} is outside 4096..=67108864 bytes"),
+            ));
+        }
+        let ms = |key: &str, v: Option<u64>, default: u64| -> Result<Duration, ConfigError> {
+            match v.unwrap_or(default) {
+                0 => Err(err(key, "must be greater than 0".into())),
+                n => Ok(Duration::from_millis(n)),
+            }
+        };
+        let handshake_timeout = ms("handshake_timeout_ms", f.handshake_timeout_ms, 5_000)?;
+        let connect_timeout = ms("connect_timeout_ms", f.connect_timeout_ms, 10_000)?;
+        let idle_timeout = match f.idle_timeout_secs.unwrap_or(3600) {
+            0 => None,
+            n => Some(Duration::from_secs(n)),
+        };
+        let drain_timeout = Duration::from_secs(f.drain_timeout_secs.unwrap_or(30));
+        let positive = |key: &str, v: Option<usize>, default: usize| match v.unwrap_or(default) {
+            0 => Err(err(key, "must be greater than 0".into())),
+            n => Ok(n),
+        };
+        let max_connections = positive("max_connections", f.max_connections, 100_000)?;
+        // A gateway multiplexes a whole household through one address: hundreds at least.
+        let max_connections_per_client = positive(
+            "max_connections_per_client",
+            f.max_connections_per_client,
+            4_096,
+        )?;
+        let max_pending_handshakes =
+            positive("max_pending_handshakes", f.max_pending_handshakes, 4_096)?;
+        let tfo_queue = f.tfo_queue.unwrap_or(4_096);
+        if tfo_queue <= 0 {
+            return Err(err("tfo_queue", "must be greater than 0".into()));
+        }
+        let cookie_secret = match f.cookie_secret {
+            None => None,
+            Some(hex_secret) => {
+                let bytes = hex::decode(hex_secret.trim())
+                    .map_err(|e| err("cookie_secret", format!("not hexadecimal: {e}")))?;
+                if bytes.len() < 16 {
+                    return Err(err(
+                        "cookie_secret",
+                        format!("{} bytes is too short; use at least 16", bytes.len()),
+                    ));
+                }
+                Some(bytes)
+            }
+        };
+        if let Some(cc) = &f.congestion_control {
+            if cc.is_empty()
+                || cc.len() > 15
+                || !cc.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+            {
+                return Err(err(
+                    "congestion_control",
+                    format!("{cc:?} is not a congestion control name (e.g. reno, cubic, bbr)"),
+                ));
+            }
+        }
+        Ok(Settings {
+            listen,
+            allow_client,
+            allow_any_client,
+            allow_dest: parse_prefixes(path, "allow_dest", f.allow_dest.as_deref())?,
+            deny_dest: parse_prefixes(path, "deny_dest", f.deny_dest.as_deref())?,
+            allow_ports: f.allow_ports.unwrap_or_default(),
+            deny_ports: f.deny_ports.unwrap_or_default(),
+            allow_loopback_dest: f.allow_loopback_dest.unwrap_or(false),
+            metrics: f.metrics,
+            log_format,
+            tcp_only: f.tcp_only.unwrap_or(false),
+            tfo_queue,
+            tfo_window_fix: f.tfo_window_fix.unwrap_or(true),
+            set_sysctls: f.set_sysctls.unwrap_or(true),
+            handshake_timeout,
+            connect_timeout,
+            drain_timeout,
+            max_connections,
+            max_connections_per_client,
+            max_pending_handshakes,
+            backoff_secs: f.backoff_secs.unwrap_or(0),
+            cookies: f.cookies.unwrap_or(false),
+            cookie_secret,
+            relay: RelayConfig {
+                engine,
+                idle_timeout,
+                buffer: relay_buffer,
+            },
+            congestion_control: f.congestion_control,
+            upstream_fastopen: f.upstream_fastopen.unwrap_or(false),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    fn args(extra: &[&str]) -> ConverterArgs {
+        let mut v = vec!["braid", "converter"];
+        v.extend_from_slice(extra);
+        match crate::cli::Cli::parse_from(v).command {
+            crate::cli::Command::Converter(a) => a,
+            _ => unreachable!(),
+        }
+    }
+
+    fn from_toml(toml_text: &str, extra: &[&str]) -> Result<Settings, ConfigError> {
+        let file: File = toml::from_str(toml_text).unwrap();
+        Settings::from_parts(file, &args(extra), Some(Path::new("c.toml")))
+    }
+
+    #[test]
+    fn empty_allow_list_is_refused_with_the_key_named() {
+        let e = from_toml("", &[]).unwrap_err().to_string();
+        assert!(e.contains("allow_client"), "{e}");
+        assert!(e.contains("--allow-any-client"), "{e}");
+        assert!(from_toml("", &["--allow-any-client"]).is_ok());
+    }
+
+    #[test]
+    fn flags_override_the_file() {
+        let s = from_toml(
+            "listen = [\"127.0.0.1:1000\"]\nallow_client = [\"10.0.0.0/8\"]\n",
+            &["--listen", "127.0.0.1:2000", "--allow-client", "192.0.2.1"],
+        )
+        .unwrap();
+        assert_eq!(s.listen, ["127.0.0.1:2000".parse().unwrap()]);
+        assert_eq!(s.allow_client, ["192.0.2.1/32".parse::<IpNet>().unwrap()]);
+    }
+
+    #[test]
+    fn bad_values_name_their_key() {
+        let cases = [
+            ("allow_client = [\"10.0.0.0/33\"]", "allow_client[0]"),
+            (
+                "allow_any_client = true\ndeny_dest = [\"x\"]",
+                "deny_dest[0]",
+            ),
+            (
+                "allow_any_client = true\nrelay_engine = \"zero\"",
+                "relay_engine",
+            ),
+            (
+                "allow_any_client = true\nhandshake_timeout_ms = 0",
+                "handshake_timeout_ms",
+            ),
+            (
+                "allow_any_client = true\ncookie_secret = \"abcd\"",
+                "cookie_secret",
+            ),
+            (
+                "allow_any_client = true\nlog_format = \"xml\"",
+                "log_format",
+            ),
+            (
+                "allow_any_client = true\ncongestion_control = \"a b\"",
+                "congestion_control",
+            ),
+        ];
+        for (text, key) in cases {
+            let e = from_toml(text, &[]).unwrap_err().to_string();
+            assert!(e.contains(key), "{text:?} gave {e:?}");
+            assert!(e.contains("c.toml"), "{e}");
+        }
+    }
+
+    #[test]
+    fn unknown_keys_are_refused() {
+        let e = toml::from_str::<File>("lisen = []")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("lisen"), "{e}");
+    }
+}

@@ -1,0 +1,441 @@
+//! The relay: moves bytes both ways between two connected sockets (the MPTCP side and the TCP
+//! side) until both directions are done. Shared by the converter and the gateway.
+//!
+//! Semantics: a FIN read on one side becomes `shutdown(SHUT_WR)` on the other (half-close) while
+//! the other direction keeps flowing; a reset (or any hard error) on one side becomes a reset of
+//! the other (`SO_LINGER {1,0}`, applied here, sent when the caller drops the socket); a
+//! connection with no bytes either way for `idle_timeout` is reset on both sides. Memory per
+//! direction is bounded by one buffer (copy) or one pipe (splice), allocated on first data so
+//! idle connections cost only their sockets.
+
+use std::io;
+use std::os::fd::OwnedFd;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::Duration;
+
+use nix::fcntl::{FcntlArg, OFlag, SpliceFFlags, fcntl, splice};
+use socket2::SockRef;
+use tokio::io::Interest;
+use tokio::net::TcpStream;
+
+/// How bytes are moved. Both are exposed because which is faster depends on the kernel: until
+/// MPTCP gets a zero-copy splice path, splice on an MPTCP socket copies anyway (KERNEL.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Engine {
+    /// read(2) into a user buffer, write(2) out of it.
+    Copy,
+    /// splice(2) socket → pipe → socket; the bytes never enter user space.
+    Splice,
+}
+
+impl std::str::FromStr for Engine {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "copy" => Ok(Engine::Copy),
+            "splice" => Ok(Engine::Splice),
+            other => Err(format!(
+                "unknown relay engine {other:?} (expected copy or splice)"
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Engine::Copy => "copy",
+            Engine::Splice => "splice",
+        })
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct RelayConfig {
+    pub engine: Engine,
+    /// Reset both sides after this long without a byte in either direction.
+    pub idle_timeout: Option<Duration>,
+    /// Copy engine: buffer per direction. Splice engine: pipe capacity per direction.
+    pub buffer: usize,
+}
+
+impl Default for RelayConfig {
+    fn default() -> Self {
+        RelayConfig {
+            engine: Engine::Copy,
+            idle_timeout: Some(Duration::from_secs(3600)),
+            buffer: 256 * 1024,
+        }
+    }
+}
+
+/// Which socket a relay event concerns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    /// The socket passed first (the client / MPTCP side).
+    A,
+    /// The socket passed second (the server / TCP side).
+    B,
+}
+
+impl Side {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Side::A => "client",
+            Side::B => "server",
+        }
+    }
+}
+
+/// How a relay ended.
+#[derive(Debug)]
+pub enum Outcome {
+    /// Both directions reached end of stream.
+    Closed,
+    /// `side` reset the connection (or failed hard); the other side was reset in turn.
+    Reset { side: Side, error: io::Error },
+    /// Nothing moved for the idle timeout; both sides were reset.
+    Idle,
+}
+
+#[derive(Debug)]
+pub struct Relayed {
+    /// Bytes moved from A to B.
+    pub a_to_b: u64,
+    /// Bytes moved from B to A.
+    pub b_to_a: u64,
+    pub outcome: Outcome,
+}
+
+/// Why one direction stopped.
+enum PumpEnd {
+    Eof,
+    ReadFailed(io::Error),
+    WriteFailed(io::Error),
+}
+
+/// Relays between `a` and `b` until both directions are done, a side resets, or the connection
+/// idles out. On reset or idle, both sockets are set to reset when dropped.
+pub async fn relay(a: &TcpStream, b: &TcpStream, cfg: &RelayConfig) -> Relayed {
+    let a_to_b = AtomicU64::new(0);
+    let b_to_a = AtomicU64::new(0);
+    let up = pump(a, b, &a_to_b, cfg);
+    let down = pump(b, a, &b_to_a, cfg);
+    tokio::pin!(up, down);
+    let (mut up_done, mut down_done) = (false, false);
+
+    let idle = cfg.idle_timeout.unwrap_or(Duration::MAX);
+    // Checking the byte counters on a coarse tick costs nothing per byte; the timeout fires
+    // between `idle` and `idle * 5/4` after the last byte.
+    let tick = (idle / 4).max(Duration::from_millis(10));
+    let mut idle_check = tokio::time::interval_at(tokio::time::Instant::now() + tick, tick);
+    let mut last_total = 0u64;
+    let mut quiet = Duration::ZERO;
+
+    let outcome = loop {
+        if up_done && down_done {
+            break Outcome::Closed;
+        }
+        tokio::select! {
+            end = &mut up, if !up_done => match end {
+                PumpEnd::Eof => up_done = true,
+                PumpEnd::ReadFailed(error) => break Outcome::Reset { side: Side::A, error },
+                PumpEnd::WriteFailed(error) => break Outcome::Reset { side: Side::B, error },
+            },
+            end = &mut down, if !down_done => match end {
+                PumpEnd::Eof => down_done = true,
+                PumpEnd::ReadFailed(error) => break Outcome::Reset { side: Side::B, error },
+                PumpEnd::WriteFailed(error) => break Outcome::Reset { side: Side::A, error },
+            },
+            _ = idle_check.tick(), if cfg.idle_timeout.is_some() => {
+                let total = a_to_b.load(Relaxed) + b_to_a.load(Relaxed);
+                if total == last_total {
+                    quiet += tick;
+                    if quiet >= idle {
+                        break Outcome::Idle;
+                    }
+                } else {
+                    last_total = total;
+                    quiet = Duration::ZERO;
+                }
+            }
+        }
+    };
+    if !matches!(outcome, Outcome::Closed) {
+        reset_on_close(a);
+        reset_on_close(b);
+    }
+    Relayed {
+        a_to_b: a_to_b.load(Relaxed),
+        b_to_a: b_to_a.load(Relaxed),
+        outcome,
+    }
+}
+
+/// Makes the socket send RST instead of FIN when it is closed. Failing to set it is logged by
+/// the kernel's absence of RST, not fatal: the peer then sees a FIN.
+pub fn reset_on_close(s: &TcpStream) {
+    let _ = SockRef::from(s).set_linger(Some(Duration::ZERO));
+}
+
+async fn pump(src: &TcpStream, dst: &TcpStream, moved: &AtomicU64, cfg: &RelayConfig) -> PumpEnd {
+    let end = match cfg.engine {
+        Engine::Copy => pump_copy(src, dst, moved, cfg.buffer).await,
+        Engine::Splice => pump_splice(src, dst, moved, cfg.buffer).await,
+    };
+    if let PumpEnd::Eof = end {
+        // Half-close: the peer learns there is no more, the other direction keeps going.
+        if let Err(e) = SockRef::from(dst).shutdown(std::net::Shutdown::Write) {
+            if e.kind() != io::ErrorKind::NotConnected {
+                return PumpEnd::WriteFailed(e);
+            }
+        }
+    }
+    end
+}
+
+async fn pump_copy(src: &TcpStream, dst: &TcpStream, moved: &AtomicU64, size: usize) -> PumpEnd {
+    let mut buf = Vec::new();
+    loop {
+        if let Err(e) = src.readable().await {
+            return PumpEnd::ReadFailed(e);
+        }
+        if buf.is_empty() {
+            buf = vec![0u8; size];
+        }
+        let n = match src.try_read(&mut buf) {
+            Ok(0) => return PumpEnd::Eof,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) => return PumpEnd::ReadFailed(e),
+        };
+        let mut off = 0;
+        while off < n {
+            if let Err(e) = dst.writable().await {
+                return PumpEnd::WriteFailed(e);
+            }
+            match dst.try_write(&buf[off..n]) {
+                Ok(m) => off += m,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return PumpEnd::WriteFailed(e),
+            }
+        }
+        moved.fetch_add(n as u64, Relaxed);
+    }
+}
+
+/// A pipe for splice, created on first data. `F_SETPIPE_SZ` failing (a lower
+/// `fs.pipe-max-size`) only costs speed, so it is ignored.
+fn make_pipe(size: usize) -> io::Result<(OwnedFd, OwnedFd)> {
+    let (r, w) = nix::unistd::pipe2(OFlag::O_NONBLOCK | OFlag::O_CLOEXEC)?;
+    let _ = fcntl(
+        &w,
+        FcntlArg::F_SETPIPE_SZ(size.min(i32::MAX as usize) as i32),
+    );
+    Ok((r, w))
+}
+
+async fn pump_splice(src: &TcpStream, dst: &TcpStream, moved: &AtomicU64, size: usize) -> PumpEnd {
+    let flags = SpliceFFlags::SPLICE_F_MOVE | SpliceFFlags::SPLICE_F_NONBLOCK;
+    let mut pipe: Option<(OwnedFd, OwnedFd)> = None;
+    loop {
+        if let Err(e) = src.readable().await {
+            return PumpEnd::ReadFailed(e);
+        }
+        let (pr, pw) = match &pipe {
+            Some(p) => (&p.0, &p.1),
+            None => match make_pipe(size) {
+                Ok(p) => {
+                    let p = pipe.insert(p);
+                    (&p.0, &p.1)
+                }
+                Err(e) => return PumpEnd::ReadFailed(e),
+            },
+        };
+        // The pipe is empty here (drained below), so EAGAIN can only mean "socket empty".
+        let filled = src.try_io(Interest::READABLE, || {
+            splice(src, None, pw, None, size, flags).map_err(io::Error::from)
+        });
+        let mut in_pipe = match filled {
+            Ok(0) => return PumpEnd::Eof,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) => return PumpEnd::ReadFailed(e),
+        };
+        moved.fetch_add(in_pipe as u64, Relaxed);
+        while in_pipe > 0 {
+            if let Err(e) = dst.writable().await {
+                return PumpEnd::WriteFailed(e);
+            }
+            match dst.try_io(Interest::WRITABLE, || {
+                splice(pr, None, dst, None, in_pipe, flags).map_err(io::Error::from)
+            }) {
+                Ok(m) => in_pipe -= m,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return PumpEnd::WriteFailed(e),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    /// Two connected pairs: (app_a, relay_a) and (relay_b, app_b). The relay runs between
+    /// relay_a and relay_b; tests talk through app_a and app_b.
+    async fn pairs() -> ((TcpStream, TcpStream), (TcpStream, TcpStream)) {
+        async fn pair() -> (TcpStream, TcpStream) {
+            let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let c = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+            let (s, _) = l.accept().await.unwrap();
+            (c, s)
+        }
+        (pair().await, pair().await)
+    }
+
+    fn pattern(len: usize, seed: u8) -> Vec<u8> {
+        (0..len)
+            .map(|i| (i as u32).wrapping_mul(2654435761).to_le_bytes()[0] ^ seed)
+            .collect()
+    }
+
+    async fn both_ways(engine: Engine) {
+        let ((mut app_a, relay_a), (relay_b, mut app_b)) = pairs().await;
+        let cfg = RelayConfig {
+            engine,
+            buffer: 16 * 1024,
+            ..RelayConfig::default()
+        };
+        let task = tokio::spawn(async move { relay(&relay_a, &relay_b, &cfg).await });
+        let up = pattern(3 << 20, 1);
+        let down = pattern(5 << 20, 2);
+        let (up2, down2) = (up.clone(), down.clone());
+        let (mut ar, mut aw) = app_a.split();
+        let (mut br, mut bw) = app_b.split();
+        let (_, _, got_b, got_a) = tokio::join!(
+            async {
+                aw.write_all(&up2).await.unwrap();
+                aw.shutdown().await.unwrap();
+            },
+            async {
+                bw.write_all(&down2).await.unwrap();
+                bw.shutdown().await.unwrap();
+            },
+            async {
+                let mut v = Vec::new();
+                br.read_to_end(&mut v).await.unwrap();
+                v
+            },
+            async {
+                let mut v = Vec::new();
+                ar.read_to_end(&mut v).await.unwrap();
+                v
+            },
+        );
+        assert!(got_b == up, "A→B bytes differ");
+        assert!(got_a == down, "B→A bytes differ");
+        let r = task.await.unwrap();
+        assert!(matches!(r.outcome, Outcome::Closed), "{:?}", r.outcome);
+        assert_eq!((r.a_to_b, r.b_to_a), (up.len() as u64, down.len() as u64));
+    }
+
+    #[tokio::test]
+    async fn copy_moves_every_byte_both_ways() {
+        both_ways(Engine::Copy).await;
+    }
+
+    #[tokio::test]
+    async fn splice_moves_every_byte_both_ways() {
+        both_ways(Engine::Splice).await;
+    }
+
+    async fn half_close(engine: Engine) {
+        let ((mut app_a, relay_a), (relay_b, mut app_b)) = pairs().await;
+        let cfg = RelayConfig {
+            engine,
+            ..RelayConfig::default()
+        };
+        let task = tokio::spawn(async move { relay(&relay_a, &relay_b, &cfg).await });
+        // A finishes sending first; B must see EOF and still be able to answer.
+        app_a.write_all(b"request").await.unwrap();
+        app_a.shutdown().await.unwrap();
+        let mut req = Vec::new();
+        app_b.read_to_end(&mut req).await.unwrap();
+        assert_eq!(req, b"request");
+        app_b.write_all(b"response after half-close").await.unwrap();
+        app_b.shutdown().await.unwrap();
+        let mut resp = Vec::new();
+        app_a.read_to_end(&mut resp).await.unwrap();
+        assert_eq!(resp, b"response after half-close");
+        assert!(matches!(task.await.unwrap().outcome, Outcome::Closed));
+    }
+
+    #[tokio::test]
+    async fn copy_propagates_half_close() {
+        half_close(Engine::Copy).await;
+    }
+
+    #[tokio::test]
+    async fn splice_propagates_half_close() {
+        half_close(Engine::Splice).await;
+    }
+
+    async fn reset(engine: Engine) {
+        let ((app_a, relay_a), (relay_b, mut app_b)) = pairs().await;
+        let cfg = RelayConfig {
+            engine,
+            ..RelayConfig::default()
+        };
+        let task = tokio::spawn(async move {
+            let r = relay(&relay_a, &relay_b, &cfg).await;
+            drop((relay_a, relay_b));
+            r
+        });
+        reset_on_close(&app_a);
+        drop(app_a);
+        let mut buf = [0u8; 16];
+        let err = app_b.read(&mut buf).await.unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::ConnectionReset);
+        let r = task.await.unwrap();
+        assert!(
+            matches!(r.outcome, Outcome::Reset { side: Side::A, .. }),
+            "{:?}",
+            r.outcome
+        );
+    }
+
+    #[tokio::test]
+    async fn copy_propagates_reset() {
+        reset(Engine::Copy).await;
+    }
+
+    #[tokio::test]
+    async fn splice_propagates_reset() {
+        reset(Engine::Splice).await;
+    }
+
+    #[tokio::test]
+    async fn idle_connection_is_reset() {
+        let ((mut app_a, relay_a), (relay_b, _app_b)) = pairs().await;
+        let cfg = RelayConfig {
+            idle_timeout: Some(Duration::from_millis(200)),
+            ..RelayConfig::default()
+        };
+        let task = tokio::spawn(async move {
+            let r = relay(&relay_a, &relay_b, &cfg).await;
+            drop((relay_a, relay_b));
+            r
+        });
+        let mut buf = [0u8; 1];
+        let err = tokio::time::timeout(Duration::from_secs(5), app_a.read(&mut buf))
+            .await
+            .expect("idle timeout did not fire")
+            .unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::ConnectionReset);
+        assert!(matches!(task.await.unwrap().outcome, Outcome::Idle));
+    }
+}
