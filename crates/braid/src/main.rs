@@ -7,6 +7,7 @@
 mod cli;
 mod config;
 mod converter;
+mod metrics;
 mod relay;
 
 use std::process::ExitCode;

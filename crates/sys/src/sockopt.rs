@@ -173,6 +173,60 @@ pub fn mptcp_info(fd: &impl AsFd) -> io::Result<MptcpInfo> {
     Ok(unsafe { info.assume_init() })
 }
 
+/// An ICMP error the kernel queued for a socket (`IP_RECVERR`): what a router or the destination
+/// said about our SYN.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IcmpError {
+    /// True for ICMPv6.
+    pub v6: bool,
+    pub icmp_type: u8,
+    pub icmp_code: u8,
+}
+
+/// Asks the kernel to queue ICMP errors on the socket's error queue, so that a failed connect
+/// can be explained with the exact ICMP type and code instead of a bare errno.
+pub fn set_recv_icmp_errors(fd: &impl AsFd, v6: bool) -> io::Result<()> {
+    use nix::sys::socket::{setsockopt, sockopt};
+    if v6 {
+        setsockopt(fd, sockopt::Ipv6RecvErr, &true)?;
+    } else {
+        setsockopt(fd, sockopt::Ipv4RecvErr, &true)?;
+    }
+    Ok(())
+}
+
+/// Pops the first ICMP error from the socket's error queue, if any.
+pub fn take_icmp_error(fd: &impl AsFd) -> Option<IcmpError> {
+    use nix::sys::socket::{ControlMessageOwned, MsgFlags, SockaddrStorage, recvmsg};
+    const SO_EE_ORIGIN_ICMP: u8 = 2;
+    const SO_EE_ORIGIN_ICMP6: u8 = 3;
+    let mut data = [0u8; 64];
+    let mut iov = [io::IoSliceMut::new(&mut data)];
+    let mut cmsg = nix::cmsg_space!(libc::sock_extended_err, libc::sockaddr_in6);
+    let msg = recvmsg::<SockaddrStorage>(
+        fd.as_fd().as_raw_fd(),
+        &mut iov,
+        Some(&mut cmsg),
+        MsgFlags::MSG_ERRQUEUE | MsgFlags::MSG_DONTWAIT,
+    )
+    .ok()?;
+    for c in msg.cmsgs().ok()? {
+        let (ee, v6) = match c {
+            ControlMessageOwned::Ipv4RecvErr(ee, _) => (ee, false),
+            ControlMessageOwned::Ipv6RecvErr(ee, _) => (ee, true),
+            _ => continue,
+        };
+        if ee.ee_origin == SO_EE_ORIGIN_ICMP || ee.ee_origin == SO_EE_ORIGIN_ICMP6 {
+            return Some(IcmpError {
+                v6,
+                icmp_type: ee.ee_type,
+                icmp_code: ee.ee_code,
+            });
+        }
+    }
+    None
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -4,4 +4,6 @@
 //! - [`policy`]: which clients and destinations are allowed.
 
 pub mod config;
+pub mod cookie;
 pub mod policy;
+pub mod upstream;

@@ -1,0 +1,179 @@
+//! The converter's TCP connection to the destination server, and the exact mapping of its
+//! failures to Convert errors: a RST → 96, an ICMP unreachable or no route → 97 with the ICMP
+//! code, a timeout or local failure → 65.
+//!
+//! The ICMP code comes from the socket's error queue (`IP_RECVERR`): errno alone cannot tell
+//! "port unreachable" from a RST (both are ECONNREFUSED) nor give the code.
+
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::{AsFd, OwnedFd};
+use std::time::Duration;
+
+use braid_sys::sockopt::{IcmpError, set_recv_icmp_errors, take_icmp_error};
+use socket2::SockRef;
+use tokio::net::{TcpSocket, TcpStream};
+
+/// Why the server could not be reached.
+#[derive(Debug)]
+pub enum UpstreamError {
+    /// The server answered the SYN with RST.
+    Refused,
+    /// ICMP unreachable (with its code), or no route here (code 0 for "network unreachable",
+    /// 1 for "host unreachable", as ICMP would say).
+    Unreachable { code: u8, error: io::Error },
+    /// No answer within the connect timeout.
+    Timeout,
+    /// The converter itself could not try (out of ports, buffers, ...).
+    Local(io::Error),
+}
+
+impl UpstreamError {
+    /// Convert Error code and the one-byte value that goes with it.
+    pub fn convert_error(&self) -> (u8, u8) {
+        match self {
+            UpstreamError::Refused => (96, 0),
+            UpstreamError::Unreachable { code, .. } => (97, *code),
+            UpstreamError::Timeout | UpstreamError::Local(_) => (65, 0),
+        }
+    }
+
+    /// Short label for logs and metrics.
+    pub fn label(&self) -> &'static str {
+        match self {
+            UpstreamError::Refused => "refused",
+            UpstreamError::Unreachable { .. } => "unreachable",
+            UpstreamError::Timeout => "timeout",
+            UpstreamError::Local(_) => "local_error",
+        }
+    }
+}
+
+impl std::fmt::Display for UpstreamError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            UpstreamError::Refused => write!(f, "connection refused (RST)"),
+            UpstreamError::Unreachable { code, error } => {
+                write!(f, "destination unreachable (ICMP code {code}): {error}")
+            }
+            UpstreamError::Timeout => write!(f, "connect timed out"),
+            UpstreamError::Local(e) => write!(f, "local error: {e}"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct UpstreamOptions {
+    pub connect_timeout: Duration,
+    pub congestion_control: Option<String>,
+}
+
+/// Connects to `dest` over plain TCP (never MPTCP: a fallen-back MPTCP socket is slower, see
+/// KERNEL.md), both families, whatever family the client used.
+pub async fn connect(dest: SocketAddr, opts: &UpstreamOptions) -> Result<TcpStream, UpstreamError> {
+    let socket = match dest {
+        SocketAddr::V4(_) => TcpSocket::new_v4(),
+        SocketAddr::V6(_) => TcpSocket::new_v6(),
+    }
+    .map_err(UpstreamError::Local)?;
+    if let Some(cc) = &opts.congestion_control {
+        // A congestion control the namespace does not allow is worth a log line, not a refusal.
+        if let Err(e) = SockRef::from(&socket).set_tcp_congestion(cc.as_bytes()) {
+            tracing::debug!(%cc, error = %e, "upstream congestion control not set");
+        }
+    }
+    let _ = set_recv_icmp_errors(&socket, dest.is_ipv6());
+    // connect() consumes the socket; a duplicate of the descriptor keeps the error queue
+    // readable after a failure.
+    let errq: Option<OwnedFd> = socket.as_fd().try_clone_to_owned().ok();
+    match tokio::time::timeout(opts.connect_timeout, socket.connect(dest)).await {
+        Err(_) => Err(UpstreamError::Timeout),
+        Ok(Ok(stream)) => Ok(stream),
+        Ok(Err(e)) => Err(classify(e, errq.as_ref().and_then(take_icmp_error))),
+    }
+}
+
+fn classify(e: io::Error, icmp: Option<IcmpError>) -> UpstreamError {
+    if let Some(icmp) = icmp {
+        // ICMPv4 type 3 / ICMPv6 type 1: destination unreachable; its code goes to the client.
+        let unreachable = if icmp.v6 {
+            icmp.icmp_type == 1
+        } else {
+            icmp.icmp_type == 3
+        };
+        if unreachable {
+            return UpstreamError::Unreachable {
+                code: icmp.icmp_code,
+                error: e,
+            };
+        }
+    }
+    match e.raw_os_error() {
+        Some(libc::ECONNREFUSED) => UpstreamError::Refused,
+        Some(libc::ENETUNREACH) => UpstreamError::Unreachable { code: 0, error: e },
+        Some(libc::EHOSTUNREACH | libc::EHOSTDOWN) => {
+            UpstreamError::Unreachable { code: 1, error: e }
+        }
+        Some(libc::ETIMEDOUT) => UpstreamError::Timeout,
+        _ => UpstreamError::Local(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn opts() -> UpstreamOptions {
+        UpstreamOptions {
+            connect_timeout: Duration::from_secs(2),
+            congestion_control: Some("reno".into()),
+        }
+    }
+
+    #[tokio::test]
+    async fn closed_port_is_refused() {
+        // Bind then drop: the port is closed, loopback answers RST.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let e = connect(([127, 0, 0, 1], port).into(), &opts())
+            .await
+            .unwrap_err();
+        assert!(matches!(e, UpstreamError::Refused), "{e}");
+        assert_eq!(e.convert_error(), (96, 0));
+    }
+
+    #[tokio::test]
+    async fn open_port_connects() {
+        let l = tokio::net::TcpListener::bind("[::1]:0").await.unwrap();
+        let s = connect(l.local_addr().unwrap(), &opts()).await.unwrap();
+        assert_eq!(s.peer_addr().unwrap(), l.local_addr().unwrap());
+    }
+
+    #[test]
+    fn icmp_codes_win_over_errno() {
+        let port_unreach = IcmpError {
+            v6: false,
+            icmp_type: 3,
+            icmp_code: 3,
+        };
+        let e = classify(
+            io::Error::from_raw_os_error(libc::ECONNREFUSED),
+            Some(port_unreach),
+        );
+        assert_eq!(e.convert_error(), (97, 3));
+        let admin = IcmpError {
+            v6: true,
+            icmp_type: 1,
+            icmp_code: 1,
+        };
+        let e = classify(io::Error::from_raw_os_error(libc::EACCES), Some(admin));
+        assert_eq!(e.convert_error(), (97, 1));
+        let e = classify(io::Error::from_raw_os_error(libc::ENETUNREACH), None);
+        assert_eq!(e.convert_error(), (97, 0));
+        let e = classify(io::Error::from_raw_os_error(libc::ENOBUFS), None);
+        assert_eq!(e.convert_error(), (65, 0));
+    }
+}

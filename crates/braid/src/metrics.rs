@@ -1,0 +1,103 @@
+//! Prometheus metrics: the registry of each daemon and the HTTP endpoint that serves it.
+//!
+//! The endpoint is a few lines over tokio instead of an HTTP framework: it answers one
+//! read-only GET, and pulling hyper's dependency tree into a relay binary for that is not worth
+//! it. Anything but `GET /metrics` gets 404; requests are bounded in size and time.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::registry::Registry;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+/// Binds the metrics listener now (so a bad address fails at start) and serves it until
+/// `stop` is cancelled.
+pub async fn serve(
+    addr: SocketAddr,
+    registry: Arc<Registry>,
+    stop: CancellationToken,
+) -> std::io::Result<tokio::task::JoinHandle<()>> {
+    let listener = TcpListener::bind(addr).await?;
+    Ok(tokio::spawn(async move {
+        loop {
+            let (mut conn, _) = tokio::select! {
+                _ = stop.cancelled() => return,
+                r = listener.accept() => match r {
+                    Ok(c) => c,
+                    Err(_) => continue,
+                },
+            };
+            let registry = registry.clone();
+            tokio::spawn(async move {
+                let _ = tokio::time::timeout(Duration::from_secs(5), async {
+                    let mut req = Vec::with_capacity(512);
+                    let mut buf = [0u8; 512];
+                    while !req.windows(4).any(|w| w == b"\r\n\r\n") && req.len() < 8192 {
+                        match conn.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => req.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    let response = if req.starts_with(b"GET /metrics ") {
+                        let mut body = String::new();
+                        let _ = encode(&mut body, &registry);
+                        format!(
+                            "HTTP/1.1 200 OK\r\nContent-Type: application/openmetrics-text; \
+                             version=1.0.0; charset=utf-8\r\nContent-Length: {}\r\n\
+                             Connection: close\r\n\r\n{body}",
+                            body.len()
+                        )
+                    } else {
+                        "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                            .to_owned()
+                    };
+                    let _ = conn.write_all(response.as_bytes()).await;
+                    let _ = conn.shutdown().await;
+                })
+                .await;
+            });
+        }
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use prometheus_client::metrics::counter::Counter;
+
+    #[tokio::test]
+    async fn serves_metrics_and_nothing_else() {
+        let mut reg = Registry::default();
+        let c: Counter = Counter::default();
+        reg.register("braid_test", "a test counter", c.clone());
+        c.inc_by(7);
+        let stop = CancellationToken::new();
+        // Port 0 cannot be learned back from serve(); bind a free port first.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+        let task = serve(addr, Arc::new(reg), stop.clone()).await.unwrap();
+        let get = |path: &'static str| async move {
+            let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+            s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+                .await
+                .unwrap();
+            let mut out = String::new();
+            s.read_to_string(&mut out).await.unwrap();
+            out
+        };
+        let ok = get("/metrics").await;
+        assert!(ok.starts_with("HTTP/1.1 200"), "{ok}");
+        assert!(ok.contains("braid_test_total 7"), "{ok}");
+        assert!(get("/").await.starts_with("HTTP/1.1 404"));
+        stop.cancel();
+        task.await.unwrap();
+    }
+}
