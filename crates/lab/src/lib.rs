@@ -1,1 +1,65 @@
-//! placeholder
+//! braid-lab: test networks for braid, built from Linux network namespaces. Needs root.
+//!
+//! - [`netns`]: [`Netns`], one namespace made the `ip netns add` way (`ip netns exec` works on
+//!   it): run Rust code inside it ([`Netns::enter`], [`Netns::thread`]), run commands
+//!   ([`Netns::run`], [`Netns::spawn`], [`Netns::command`]), addresses, routes, rules,
+//!   sysctls, MPTCP limits and endpoints, `/etc/hosts`; and [`sweep`] for crashed runs.
+//! - [`link`]: [`Link`], a veth pair between two namespaces, and what tests do to it while
+//!   traffic runs: shaping (tbf), random loss and blackholing (nft), down/up, address removal.
+//! - [`lab`]: [`Lab`], a set of namespaces deleted together when it drops, panics included.
+//! - [`standard`]: [`StandardLab`], the project's client → gateway ⇉ converter → server
+//!   topology (shared/lab-reference.sh) in one call.
+//! - [`process`]: [`Process`], a program running in a namespace, stopped when dropped.
+//! - [`bulk`]: a one-connection TCP/MPTCP transfer that measures throughput.
+//! - [`routing`]: [`Route`], [`Rule`] and [`MptcpEndpoint`] values.
+//!
+//! Namespaces are named `blab-<pid>-<n>-<role>`, so parallel test processes never collide,
+//! and [`sweep`] (run by [`Lab::new`]) removes exactly those whose `<pid>` is dead. Interfaces
+//! are created directly inside their namespaces, so their short names (`g-v1`) never meet
+//! in the host namespace. Links, addresses and routes go through rtnetlink; rules, MPTCP,
+//! tc and nft through their command-line tools.
+//!
+//! ```no_run
+//! use std::time::Duration;
+//! use braid_lab::{StandardConfig, StandardLab, bulk::Bulk};
+//!
+//! # fn main() -> braid_lab::Result<()> {
+//! let lab = StandardLab::new(StandardConfig {
+//!     uplinks: 2,
+//!     rates: Some(vec![20_000_000, 30_000_000]),
+//!     ..StandardConfig::default()
+//! })?;
+//! // A server in its namespace, stopped when `srv` drops; the client waits for it.
+//! let _srv = lab.server.spawn(["socat", "TCP-LISTEN:80,fork,reuseaddr", "SYSTEM:echo hi"])?;
+//! lab.client.wait_for_tcp((lab.server_v4(), 80).into(), Duration::from_secs(2))?;
+//! assert_eq!(lab.client.run(["socat", "-", &format!("TCP:{}:80", lab.server_v4())])?, "hi\n");
+//! // Bulk transfer from the gateway over uplink 2 (its source address selects the link).
+//! let up = &lab.uplinks[1];
+//! let t = Bulk::new(&lab.gateway, &lab.converter, (up.converter_v4, 5001).into())
+//!     .src(up.gateway_v4.into())
+//!     .duration(Duration::from_secs(2))
+//!     .measure()?;
+//! println!("uplink 2: {t}"); // ~28.7 Mbit/s of payload on a 30 Mbit/s link
+//! up.link.down()?; // failover
+//! up.link.up()?; // addresses and routes come back
+//! // Rust code inside a namespace, e.g. to open sockets there.
+//! let listener = lab.server.enter(|| std::net::TcpListener::bind("0.0.0.0:9000"))?;
+//! # Ok(()) }
+//! ```
+
+pub mod bulk;
+mod error;
+pub mod lab;
+pub mod link;
+pub mod netns;
+pub mod process;
+pub mod routing;
+pub mod standard;
+
+pub use error::{Error, Result};
+pub use lab::Lab;
+pub use link::{Direction, Link, LinkEnd};
+pub use netns::{CmdOutput, Netns, NsThread, PREFIX, lab_namespaces, sweep};
+pub use process::{NsCommand, Output, Process, Signal};
+pub use routing::{EndpointKind, MptcpEndpoint, Route, RouteKind, Rule};
+pub use standard::{FastOpen, Segment, StandardConfig, StandardLab, Uplink};

@@ -1,0 +1,239 @@
+//! veth links between two namespaces and what tests do to them at runtime: shaping (tbf),
+//! random loss and blackholing (nft), down/up and address removal. Everything here can be
+//! called while traffic runs.
+
+use std::fs::File;
+use std::os::fd::AsRawFd as _;
+
+use ipnet::IpNet;
+use netlink_packet_route::link::{InfoData, InfoVeth};
+use rtnetlink::{LinkUnspec, LinkVeth};
+
+use crate::error::{Error, Result};
+use crate::netns::Netns;
+
+/// Smallest tbf bucket; the reference lab's `burst 32kb`.
+const MIN_BURST_BYTES: u64 = 32 * 1024;
+
+/// Which way packets travel over a [`Link`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    /// From end `a` to end `b` (egress of `a`).
+    AtoB,
+    /// From end `b` to end `a` (egress of `b`).
+    BtoA,
+    /// Both ways.
+    Both,
+}
+
+/// One end of a veth link: an interface inside a namespace.
+#[derive(Debug, Clone)]
+pub struct LinkEnd {
+    ns: Netns,
+    ifname: String,
+}
+
+impl LinkEnd {
+    /// The namespace this end lives in.
+    pub fn ns(&self) -> &Netns {
+        &self.ns
+    }
+
+    /// The interface name inside that namespace.
+    pub fn ifname(&self) -> &str {
+        &self.ifname
+    }
+
+    /// Adds an address (remembered, restored by [`LinkEnd::up`] and
+    /// [`LinkEnd::restore_addrs`]).
+    pub fn add_addr(&self, addr: IpNet) -> Result<()> {
+        self.ns.add_addr(&self.ifname, addr)
+    }
+
+    /// The addresses the lab configured here.
+    pub fn addrs(&self) -> Vec<IpNet> {
+        self.ns.addrs(&self.ifname)
+    }
+
+    /// Sets the interface down; the kernel deletes the routes through it.
+    pub fn down(&self) -> Result<()> {
+        self.ns.link_down(&self.ifname)
+    }
+
+    /// Sets the interface up and re-installs its addresses and the lab's routes through it.
+    pub fn up(&self) -> Result<()> {
+        self.ns.link_up(&self.ifname)?;
+        self.ns.restore(&self.ifname)
+    }
+
+    /// Removes the configured addresses from the kernel but remembers them (failover by
+    /// address removal, the fastest to be noticed by MPTCP).
+    pub fn remove_addrs(&self) -> Result<()> {
+        for a in self.addrs() {
+            self.ns.addr_kernel_del(&self.ifname, a)?;
+        }
+        Ok(())
+    }
+
+    /// Puts back what [`LinkEnd::remove_addrs`] removed, and the routes that went with them.
+    pub fn restore_addrs(&self) -> Result<()> {
+        self.ns.restore(&self.ifname)
+    }
+
+    /// Limits the rate of packets leaving this end: `tc qdisc replace dev IF root tbf rate R
+    /// burst B latency 50ms`, with B = 32 KiB or 4 ms worth of the rate, whichever is larger
+    /// (tbf needs a bucket of at least one timer tick at high rates).
+    pub fn shape(&self, rate_bps: u64) -> Result<()> {
+        if rate_bps == 0 {
+            return Err(Error::Config("shaping rate must be > 0".into()));
+        }
+        let burst = MIN_BURST_BYTES.max(rate_bps / 8 / 250);
+        self.ns
+            .tc(&[
+                "qdisc",
+                "replace",
+                "dev",
+                &self.ifname,
+                "root",
+                "tbf",
+                "rate",
+                &format!("{rate_bps}bit"),
+                "burst",
+                &burst.to_string(),
+                "latency",
+                "50ms",
+            ])
+            .map(drop)
+    }
+
+    /// Removes the shaping (no-op if there was none).
+    pub fn unshape(&self) -> Result<()> {
+        match self.ns.tc(&["qdisc", "del", "dev", &self.ifname, "root"]) {
+            Ok(_) => Ok(()),
+            // tc's ways of saying "there is no root qdisc to delete".
+            Err(Error::Command { stderr, .. })
+                if stderr.contains("handle of zero") || stderr.contains("No such file") =>
+            {
+                Ok(())
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Drops `pct` percent (0 to 100, hundredths honoured) of the packets leaving this end,
+    /// at random (`nft ... numgen random`); 0 removes the loss.
+    pub fn set_loss(&self, pct: f64) -> Result<()> {
+        if !(0.0..=100.0).contains(&pct) {
+            return Err(Error::Config(format!("loss {pct}% is not within 0..=100")));
+        }
+        self.ns.set_egress(&self.ifname, |e| e.loss_pct = pct)
+    }
+
+    /// Drops every packet leaving this end (or stops doing so).
+    pub fn set_blackhole(&self, on: bool) -> Result<()> {
+        self.ns.set_egress(&self.ifname, |e| e.blackhole = on)
+    }
+}
+
+/// A veth pair between two namespaces. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Link {
+    /// The end created first.
+    pub a: LinkEnd,
+    /// The peer.
+    pub b: LinkEnd,
+}
+
+impl Link {
+    /// Creates a veth pair `a_if` (in `a`) ⇄ `b_if` (in `b`), both up.
+    ///
+    /// Both ends are created directly inside their namespaces (the peer through its
+    /// namespace fd), so names never meet in the host namespace, where parallel tests could
+    /// collide. Names are at most 15 bytes.
+    pub fn create(a: &Netns, a_if: &str, b: &Netns, b_if: &str) -> Result<Link> {
+        for n in [a_if, b_if] {
+            if n.is_empty() || n.len() > 15 || n.contains(['/', ' ', ':']) {
+                return Err(Error::Config(format!("bad interface name {n:?}")));
+            }
+        }
+        let peer_ns = File::open(b.path())
+            .map_err(|e| Error::io(format!("open {}", b.path().display()), b.name(), e))?;
+        let (a_name, b_name) = (a_if.to_string(), b_if.to_string());
+        a.netlink(
+            format!("add veth {a_if} peer {b_if} in {}", b.name()),
+            move |h| async move {
+                let peer = LinkUnspec::new_with_name(&b_name)
+                    .setns_by_fd(peer_ns.as_raw_fd())
+                    .build();
+                let msg = LinkVeth::new(&a_name, &b_name)
+                    .set_info_data(InfoData::Veth(InfoVeth::Peer(peer)))
+                    .build();
+                let r = h.link().add(msg).execute().await;
+                drop(peer_ns);
+                r
+            },
+        )?;
+        a.link_up(a_if)?;
+        b.link_up(b_if)?;
+        Ok(Link {
+            a: LinkEnd {
+                ns: a.clone(),
+                ifname: a_if.to_string(),
+            },
+            b: LinkEnd {
+                ns: b.clone(),
+                ifname: b_if.to_string(),
+            },
+        })
+    }
+
+    fn ends(&self, dir: Direction) -> Vec<&LinkEnd> {
+        match dir {
+            Direction::AtoB => vec![&self.a],
+            Direction::BtoA => vec![&self.b],
+            Direction::Both => vec![&self.a, &self.b],
+        }
+    }
+
+    /// Shapes both directions to `rate_bps` bit/s (tbf on both ends).
+    pub fn shape(&self, rate_bps: u64) -> Result<()> {
+        self.shape_dir(Direction::Both, rate_bps)
+    }
+
+    /// Shapes one or both directions.
+    pub fn shape_dir(&self, dir: Direction, rate_bps: u64) -> Result<()> {
+        self.ends(dir)
+            .into_iter()
+            .try_for_each(|e| e.shape(rate_bps))
+    }
+
+    /// Removes shaping in both directions.
+    pub fn unshape(&self) -> Result<()> {
+        self.a.unshape()?;
+        self.b.unshape()
+    }
+
+    /// Random loss of `pct` percent in the given direction(s); 0 removes it.
+    pub fn set_loss(&self, dir: Direction, pct: f64) -> Result<()> {
+        self.ends(dir).into_iter().try_for_each(|e| e.set_loss(pct))
+    }
+
+    /// Drops everything in both directions (nft), or stops doing so. The interfaces stay up,
+    /// so unlike [`Link::down`] nothing is told: the peers only notice by timeouts.
+    pub fn set_blackhole(&self, on: bool) -> Result<()> {
+        self.a.set_blackhole(on)?;
+        self.b.set_blackhole(on)
+    }
+
+    /// Sets end `a` down (end `b` then has no carrier). Routes through `a` are deleted by the
+    /// kernel; [`Link::up`] re-installs them.
+    pub fn down(&self) -> Result<()> {
+        self.a.down()
+    }
+
+    /// Sets both ends up and re-installs their addresses and the lab's routes through them.
+    pub fn up(&self) -> Result<()> {
+        self.a.up()?;
+        self.b.up()
+    }
+}
