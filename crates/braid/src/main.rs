@@ -1,25 +1,24 @@
-//! `braid`: bond several links into one with MPTCP and RFC 8803 Transport Converters.
-//!
-//! - [`cli`]: the command line (clap), one subcommand per role.
-//! - `converter`, `gateway`: the two daemons (see docs/architecture.md).
-//! - `demo`: builds a namespaced lab and shows the main job working.
-
-mod cli;
-mod config;
-mod converter;
-mod metrics;
-mod relay;
+//! The `braid` binary: parses the command line and runs the chosen role.
 
 use std::process::ExitCode;
 
+use braid::cli::{Cli, Command};
 use clap::Parser;
 
 fn main() -> ExitCode {
-    let cli = cli::Cli::parse();
-    match cli.command {
-        cli::Command::Converter(_) => not_yet("converter", 3),
-        cli::Command::Gateway(_) => not_yet("gateway", 4),
-        cli::Command::Demo(_) => not_yet("demo", 4),
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Converter(args) => braid::converter::main(args),
+        Command::Gateway(_) => return not_yet("gateway", 4),
+        Command::Demo(_) => return not_yet("demo", 4),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // `{:#}` prints the whole context chain on one line: "listening on X: Address in use".
+            eprintln!("braid: error: {e:#}");
+            ExitCode::FAILURE
+        }
     }
 }
 

@@ -173,6 +173,20 @@ pub async fn relay(a: &TcpStream, b: &TcpStream, cfg: &RelayConfig) -> Relayed {
     }
 }
 
+/// Writes all of `buf` through a shared reference (tokio implements `AsyncWrite` only for
+/// `&mut TcpStream`; the relay and handshakes hold `&TcpStream`).
+pub async fn write_all(stream: &TcpStream, mut buf: &[u8]) -> io::Result<()> {
+    while !buf.is_empty() {
+        stream.writable().await?;
+        match stream.try_write(buf) {
+            Ok(n) => buf = &buf[n..],
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
 /// Makes the socket send RST instead of FIN when it is closed. Failing to set it is logged by
 /// the kernel's absence of RST, not fatal: the peer then sees a FIN.
 pub fn reset_on_close(s: &TcpStream) {

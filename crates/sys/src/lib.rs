@@ -10,6 +10,8 @@
 //! comes from socket2 directly. All `unsafe` of the project lives here.
 
 pub mod kernel;
+pub mod nft;
+pub mod pm;
 pub mod sockopt;
 
 pub use kernel::{KernelError, TfoMode};

@@ -1,9 +1,226 @@
 //! `braid converter`: the RFC 8803 Transport Converter daemon.
 //!
-//! - [`config`]: file + flags → validated settings.
-//! - [`policy`]: which clients and destinations are allowed.
+//! - [`config`]: file + flags → validated [`config::Settings`].
+//! - [`policy`]: which clients and destinations are allowed; [`cookie`]: Convert cookies;
+//!   [`limits`]: what one client and all of them may cost.
+//! - [`listener`]: MPTCP + TFO listening sockets; [`conn`]: one connection from accept to
+//!   close; [`upstream`]: the TCP connect to the server and its error mapping; [`wire`]: the
+//!   codec calls the converter makes.
+//! - [`stats`]: Prometheus metrics.
 
 pub mod config;
+pub mod conn;
 pub mod cookie;
+pub mod limits;
+pub mod listener;
 pub mod policy;
+pub mod stats;
 pub mod upstream;
+pub mod wire;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use braid_sys::kernel::{self, TfoChange, TfoMode};
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::cli::ConverterArgs;
+use config::Settings;
+use conn::Shared;
+
+/// How often the converter re-reads its own interface addresses (refused as destinations).
+const OWN_ADDRESS_REFRESH: Duration = Duration::from_secs(10);
+
+pub fn main(args: ConverterArgs) -> anyhow::Result<()> {
+    let settings = Settings::load(&args)?;
+    if args.check_config {
+        println!("configuration OK\n{settings:#?}");
+        return Ok(());
+    }
+    crate::logging::init(settings.log_format);
+    raise_fd_limit();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(run(settings))
+}
+
+/// Each connection holds two sockets (four descriptors with splice pipes): the default soft
+/// limit of 1024 would cap a converter at a few hundred connections.
+fn raise_fd_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        if soft < hard && setrlimit(Resource::RLIMIT_NOFILE, hard, hard).is_err() {
+            tracing::warn!(soft, hard, "could not raise the open-file limit");
+        }
+    }
+}
+
+async fn check_kernel(s: &Settings) -> anyhow::Result<()> {
+    if s.tcp_only {
+        tracing::warn!("--tcp-only: listening with plain TCP; clients get no multipath");
+    } else {
+        kernel::check_mptcp().context("MPTCP is needed (or run with --tcp-only)")?;
+    }
+    match kernel::ensure_tfo(TfoMode::SERVER, "the server bit", s.set_sysctls)? {
+        TfoChange::Unchanged => {}
+        TfoChange::Set { from, to } => tracing::warn!(
+            from = format!("{from:#x}"),
+            to = format!("{to:#x}"),
+            "set net.ipv4.tcp_fastopen: the converter needs the server bit (0x2) to accept \
+             the Convert request in the SYN"
+        ),
+    }
+    if !s.tcp_only {
+        match braid_sys::pm::limits().await {
+            Ok(l) if l.subflows == 0 => tracing::warn!(
+                "MPTCP limits forbid extra subflows: clients cannot bond links; run \
+                 `ip mptcp limits set subflows 8 add_addr_accepted 8`"
+            ),
+            Ok(l) => tracing::info!(
+                subflows = l.subflows,
+                add_addr_accepted = l.add_addr_accepted,
+                "MPTCP path manager limits"
+            ),
+            Err(e) => tracing::warn!(error = %e, "could not read MPTCP limits"),
+        }
+    }
+    Ok(())
+}
+
+async fn run(settings: Settings) -> anyhow::Result<()> {
+    check_kernel(&settings).await?;
+
+    let mut listeners = Vec::new();
+    for addr in &settings.listen {
+        let std_listener = listener::bind(*addr, !settings.tcp_only, settings.tfo_queue)
+            .with_context(|| format!("listening on {addr}"))?;
+        listeners.push((*addr, TcpListener::from_std(std_listener)?));
+    }
+    let ports: Vec<u16> = settings.listen.iter().map(SocketAddr::port).collect();
+    let _window_fix = if settings.tfo_window_fix && !settings.tcp_only {
+        Some(crate::tfo_fix::install(&ports).context("installing the TFO SYN-window rule")?)
+    } else {
+        None
+    };
+
+    let stop = CancellationToken::new();
+    let shared = Arc::new(Shared {
+        policy: policy::Policy::new(&settings),
+        cookies: settings
+            .cookies
+            .then(|| cookie::CookieJar::new(settings.cookie_secret.clone())),
+        limits: limits::Limits::new(
+            settings.max_connections,
+            settings.max_connections_per_client,
+            settings.max_pending_handshakes,
+        ),
+        stats: stats::Stats::default(),
+        hard_stop: CancellationToken::new(),
+        settings,
+    });
+    shared.policy.set_own_addresses(policy::local_addresses());
+
+    let metrics_task = match shared.settings.metrics {
+        Some(addr) => {
+            let mut registry = Registry::default();
+            shared.stats.register(&mut registry);
+            Some(
+                crate::metrics::serve(addr, Arc::new(registry), stop.clone())
+                    .await
+                    .with_context(|| format!("serving metrics on {addr}"))?,
+            )
+        }
+        None => None,
+    };
+
+    let tracker = TaskTracker::new();
+    for (addr, l) in listeners {
+        tracing::info!(%addr, mptcp = !shared.settings.tcp_only, "listening");
+        tracker.spawn(accept_loop(
+            l,
+            shared.clone(),
+            stop.clone(),
+            tracker.clone(),
+        ));
+    }
+    {
+        let shared = shared.clone();
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(OWN_ADDRESS_REFRESH);
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tick.tick() => shared.policy.set_own_addresses(policy::local_addresses()),
+                }
+            }
+        });
+    }
+
+    wait_for_signal().await?;
+    tracing::info!(
+        active = shared.limits.active(),
+        deadline_secs = shared.settings.drain_timeout.as_secs(),
+        "stopping: no new connections, draining"
+    );
+    stop.cancel();
+    tracker.close();
+    if tokio::time::timeout(shared.settings.drain_timeout, tracker.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            active = shared.limits.active(),
+            "drain deadline passed: resetting the remaining connections"
+        );
+        shared.hard_stop.cancel();
+        tracker.wait().await;
+    }
+    if let Some(t) = metrics_task {
+        let _ = t.await;
+    }
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    stop: CancellationToken,
+    tracker: TaskTracker,
+) {
+    loop {
+        let accepted = tokio::select! {
+            _ = stop.cancelled() => return,
+            r = listener.accept() => r,
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                tracker.spawn(conn::serve(stream, peer, shared.clone()));
+            }
+            Err(e) => {
+                // Out of descriptors or memory: back off instead of spinning on the error.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+async fn wait_for_signal() -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    Ok(())
+}

@@ -1,0 +1,382 @@
+//! Shared pieces of braid's end-to-end tests: a real `braid converter` process in the lab's
+//! converter namespace, a checksum server in the server namespace, and kernel counters.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use braid_lab::{Netns, Output, Process, StandardConfig, StandardLab};
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+pub const CONVERTER_PORT: u16 = 5124;
+pub const HASH_PORT: u16 = 7000;
+
+/// Deterministic bytes: the same `(seed, offset)` always gives the same byte, so both ends can
+/// check a stream without holding it.
+pub fn pattern(seed: u64, offset: u64, out: &mut [u8]) {
+    for (i, b) in out.iter_mut().enumerate() {
+        let x = (offset + i as u64).wrapping_add(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        let x = (x ^ (x >> 29)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        *b = (x ^ (x >> 32)) as u8;
+    }
+}
+
+/// SHA-256 of `len` pattern bytes.
+pub fn pattern_sha256(seed: u64, len: u64) -> [u8; 32] {
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 16];
+    let mut off = 0;
+    while off < len {
+        let n = (len - off).min(buf.len() as u64) as usize;
+        pattern(seed, off, &mut buf[..n]);
+        h.update(&buf[..n]);
+        off += n as u64;
+    }
+    h.finalize().into()
+}
+
+/// The lab with a converter running in it.
+pub struct ConverterLab {
+    pub lab: StandardLab,
+    pub converter: Option<Process>,
+    pub log: PathBuf,
+}
+
+/// Flags every test converter gets: clients from the uplinks, destinations on the server link.
+pub fn default_converter_args() -> Vec<String> {
+    [
+        "--listen",
+        "[::]:5124",
+        "--allow-client",
+        "10.1.0.0/16",
+        "--allow-client",
+        "fd00:1::/32",
+        "--allow-dest",
+        "10.2.0.0/24",
+        "--allow-dest",
+        "fd00:2::/64",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+impl ConverterLab {
+    pub fn new(config: StandardConfig, args: &[String]) -> ConverterLab {
+        let lab = StandardLab::new(config).expect("lab");
+        let log = std::env::temp_dir().join(format!("{}-converter.log", lab.converter.name()));
+        let mut me = ConverterLab {
+            lab,
+            converter: None,
+            log,
+        };
+        me.start_converter(args);
+        me
+    }
+
+    pub fn start_converter(&mut self, args: &[String]) {
+        let bin = env!("CARGO_BIN_EXE_braid");
+        let p = self
+            .lab
+            .converter
+            .command(bin)
+            .arg("converter")
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stderr(Output::File(self.log.clone()))
+            .spawn()
+            .expect("spawn braid converter");
+        self.converter = Some(p);
+        wait_listening(
+            &self.lab.converter,
+            CONVERTER_PORT,
+            self.converter.as_mut().unwrap(),
+            &self.log,
+        );
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn converter_addr_v4(&self) -> SocketAddr {
+        (self.lab.converter_v4(), CONVERTER_PORT).into()
+    }
+
+    pub fn converter_addr_v6(&self) -> SocketAddr {
+        (self.lab.converter_v6(), CONVERTER_PORT).into()
+    }
+}
+
+impl Drop for ConverterLab {
+    fn drop(&mut self) {
+        if let Some(mut p) = self.converter.take() {
+            let _ = p.stop();
+        }
+        if std::thread::panicking() {
+            eprintln!(
+                "--- converter log ({}):\n{}",
+                self.log.display(),
+                self.log_text()
+            );
+        }
+        let _ = std::fs::remove_file(&self.log);
+    }
+}
+
+/// Waits until something listens on `port` in `ns` (checked with `ss`, so no test connection
+/// is made to the daemon), or panics with the daemon's log if it exits first.
+pub fn wait_listening(ns: &Netns, port: u16, p: &mut Process, log: &PathBuf) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let out = ns
+            .run(["ss", "-Hltn", &format!("sport = :{port}")])
+            .unwrap_or_default();
+        if !out.trim().is_empty() {
+            return;
+        }
+        if !p.is_running() || Instant::now() > deadline {
+            panic!(
+                "daemon not listening on :{port}; log:\n{}",
+                std::fs::read_to_string(log).unwrap_or_default()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Absolute values of the kernel's SNMP/netstat counters in a namespace (`nstat -asz`).
+pub fn counters(ns: &Netns) -> HashMap<String, u64> {
+    let out = ns.run(["nstat", "-asz"]).expect("nstat");
+    out.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let mut it = l.split_whitespace();
+            Some((it.next()?.to_string(), it.next()?.parse().ok()?))
+        })
+        .collect()
+}
+
+pub fn counter(ns: &Netns, name: &str) -> u64 {
+    counters(ns).get(name).copied().unwrap_or(0)
+}
+
+/// A server in the server namespace that speaks the tests' "hash" protocol on `[::]:port`:
+/// the client sends `n` (u64, big-endian, bytes it wants back) and `seed` (u64), then any
+/// data, then FIN. The server sends `n` pattern bytes of `seed` concurrently and, after the
+/// client's FIN, the SHA-256 of everything it received after the 16-byte header, then FIN.
+/// Every byte is checked both ways and half-close is exercised on every connection.
+pub struct HashServer {
+    thread: Option<braid_lab::NsThread<()>>,
+    stop: tokio_util::sync::CancellationToken,
+}
+
+impl HashServer {
+    pub fn start(ns: &Netns, port: u16) -> HashServer {
+        let stop = tokio_util::sync::CancellationToken::new();
+        let stop2 = stop.clone();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let thread = ns
+            .thread(move || {
+                let rt = tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(2)
+                    .enable_all()
+                    .build()
+                    .unwrap();
+                rt.block_on(async move {
+                    let sock =
+                        socket2::Socket::new(socket2::Domain::IPV6, socket2::Type::STREAM, None)
+                            .unwrap();
+                    sock.set_only_v6(false).unwrap();
+                    sock.set_reuse_address(true).unwrap();
+                    let addr: SocketAddr = (std::net::Ipv6Addr::UNSPECIFIED, port).into();
+                    sock.bind(&addr.into()).unwrap();
+                    sock.listen(4096).unwrap();
+                    sock.set_nonblocking(true).unwrap();
+                    let l = tokio::net::TcpListener::from_std(sock.into()).unwrap();
+                    tx.send(()).unwrap();
+                    loop {
+                        tokio::select! {
+                            _ = stop2.cancelled() => return,
+                            r = l.accept() => {
+                                if let Ok((s, _)) = r {
+                                    tokio::spawn(serve_hash(s));
+                                }
+                            }
+                        }
+                    }
+                });
+            })
+            .expect("server thread");
+        rx.recv_timeout(Duration::from_secs(5))
+            .expect("server listening");
+        HashServer {
+            thread: Some(thread),
+            stop,
+        }
+    }
+}
+
+impl Drop for HashServer {
+    fn drop(&mut self) {
+        self.stop.cancel();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+async fn serve_hash(s: tokio::net::TcpStream) {
+    let (mut r, mut w) = s.into_split();
+    let mut hdr = [0u8; 16];
+    if r.read_exact(&mut hdr).await.is_err() {
+        return;
+    }
+    let n = u64::from_be_bytes(hdr[..8].try_into().unwrap());
+    let seed = u64::from_be_bytes(hdr[8..].try_into().unwrap());
+    let sender = tokio::spawn(async move {
+        let mut buf = vec![0u8; 1 << 16];
+        let mut off = 0u64;
+        while off < n {
+            let k = (n - off).min(buf.len() as u64) as usize;
+            pattern(seed, off, &mut buf[..k]);
+            if w.write_all(&buf[..k]).await.is_err() {
+                return None;
+            }
+            off += k as u64;
+        }
+        Some(w)
+    });
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 16];
+    loop {
+        match r.read(&mut buf).await {
+            Ok(0) => break,
+            Ok(k) => h.update(&buf[..k]),
+            Err(_) => return,
+        }
+    }
+    let digest: [u8; 32] = h.finalize().into();
+    if let Ok(Some(mut w)) = sender.await {
+        let _ = w.write_all(&digest).await;
+        let _ = w.shutdown().await;
+    }
+}
+
+/// Runs async code on a tokio runtime whose threads live in `ns` (sockets they open belong
+/// to it).
+pub fn in_ns<F, Fut, T>(ns: &Netns, f: F) -> T
+where
+    F: FnOnce() -> Fut + Send,
+    Fut: std::future::Future<Output = T>,
+    T: Send,
+{
+    ns.enter(|| {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(f())
+    })
+    .expect("enter namespace")
+}
+
+/// The client half of the hash protocol over an established (converted) stream: asks for
+/// `down` bytes of `down_seed`, sends `up` bytes of `up_seed` (of which `already_sent` went
+/// with the request as early data, header included), half-closes, and checks every byte that
+/// comes back plus the server's digest of what it received.
+pub async fn hash_exchange(
+    stream: tokio::net::TcpStream,
+    leftover: Vec<u8>,
+    up: u64,
+    up_seed: u64,
+    already_sent: u64,
+    down: u64,
+    down_seed: u64,
+) -> Result<(), String> {
+    let (mut r, mut w) = stream.into_split();
+    let writer = async move {
+        let mut buf = vec![0u8; 1 << 16];
+        // The header and the first bytes may have gone as early data with the request.
+        let mut off = already_sent.saturating_sub(16);
+        if already_sent == 0 {
+            let mut hdr = [0u8; 16];
+            hdr[..8].copy_from_slice(&down.to_be_bytes());
+            hdr[8..].copy_from_slice(&down_seed.to_be_bytes());
+            w.write_all(&hdr)
+                .await
+                .map_err(|e| format!("write header: {e}"))?;
+        }
+        while off < up {
+            let k = (up - off).min(buf.len() as u64) as usize;
+            pattern(up_seed, off, &mut buf[..k]);
+            w.write_all(&buf[..k])
+                .await
+                .map_err(|e| format!("write at {off}: {e}"))?;
+            off += k as u64;
+        }
+        w.shutdown().await.map_err(|e| format!("shutdown: {e}"))?;
+        Ok::<_, String>(w)
+    };
+    let reader = async move {
+        let mut got = 0u64;
+        let mut expect = vec![0u8; 1 << 16];
+        let mut tail: Vec<u8> = Vec::new();
+        let mut buf = vec![0u8; 1 << 16];
+        let mut pending = leftover;
+        loop {
+            let chunk: &[u8] = if !pending.is_empty() {
+                &pending
+            } else {
+                let n = r
+                    .read(&mut buf)
+                    .await
+                    .map_err(|e| format!("read at {got}: {e}"))?;
+                if n == 0 {
+                    break;
+                }
+                &buf[..n]
+            };
+            // Bytes up to `down` are pattern; anything after is the digest.
+            let data_len = ((down - got.min(down)) as usize).min(chunk.len());
+            let (data, rest) = chunk.split_at(data_len);
+            pattern(down_seed, got, &mut expect[..data.len()]);
+            if data != &expect[..data.len()] {
+                return Err(format!("downloaded bytes differ near offset {got}"));
+            }
+            got += data.len() as u64;
+            tail.extend_from_slice(rest);
+            pending.clear();
+        }
+        if got != down {
+            return Err(format!("downloaded {got} of {down} bytes"));
+        }
+        Ok::<_, String>(tail)
+    };
+    let (w, tail) = tokio::join!(writer, reader);
+    let _w = w?;
+    let tail = tail?;
+    let want = pattern_sha256(up_seed, up);
+    if tail.len() != 32 || tail[..] != want[..] {
+        return Err(format!(
+            "server's digest of the upload does not match ({} bytes of digest)",
+            tail.len()
+        ));
+    }
+    Ok(())
+}
+
+/// Header + the first `k` bytes of the upload, to send as early data with the request.
+pub fn early_data(down: u64, down_seed: u64, up_seed: u64, k: usize) -> Vec<u8> {
+    let mut v = Vec::with_capacity(16 + k);
+    v.extend_from_slice(&down.to_be_bytes());
+    v.extend_from_slice(&down_seed.to_be_bytes());
+    let mut p = vec![0u8; k];
+    pattern(up_seed, 0, &mut p);
+    v.extend_from_slice(&p);
+    v
+}
