@@ -633,13 +633,13 @@ pub fn encode(tlvs: &[Tlv<'_>]) -> Result<Vec<u8>, TooLong> {
 /// A client's Connect request, with a cookie if the converter handed one out.
 /// Cookies longer than fit in a message are cut (a converter's cookie is never that long).
 pub fn encode_connect_request(dest: SocketAddr, cookie: Option<&[u8]>) -> Vec<u8> {
-    let connect = Tlv::Connect { dest, options: &[] };
     let max_cookie = MAX_MESSAGE_LEN - HEADER_LEN - CONNECT_BASE_LEN - 4;
-    let tlvs: &[Tlv<'_>] = &match cookie {
-        Some(c) => vec![connect, Tlv::Cookie(&c[..c.len().min(max_cookie)])],
-        None => vec![connect],
-    };
-    encode(tlvs).unwrap_or_default()
+    let tlvs = [
+        Tlv::Connect { dest, options: &[] },
+        Tlv::Cookie(cookie.map_or(&[][..], |c| &c[..c.len().min(max_cookie)])),
+    ];
+    let n = if cookie.is_some() { 2 } else { 1 };
+    encode(&tlvs[..n]).unwrap_or_default()
 }
 
 /// An Error reply; `value` is cut to [`MAX_ERROR_VALUE`] bytes so the reply always fits.

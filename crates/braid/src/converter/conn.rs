@@ -36,6 +36,8 @@ pub struct Shared {
 /// Largest read while waiting for the request. The request is at most 1020 bytes; whatever
 /// the client sent after it in the same read is application data, kept and forwarded.
 const HANDSHAKE_READ: usize = 16 * 1024;
+/// Longest wait for the client's handshake ACK before writing a reply anyway.
+const HANDSHAKE_ACK: Duration = Duration::from_secs(3);
 /// How long to wait for an Error reply to leave before resetting (convert-spec §5.4).
 const ERROR_FLUSH: Duration = Duration::from_secs(2);
 
@@ -389,10 +391,31 @@ async fn read_request(client: &TcpStream) -> Result<(Request, Vec<u8>), ReadErro
     }
 }
 
-/// Writes the Convert reply and makes sure it leaves now. If the client's handshake ACK has
-/// not arrived yet, the kernel would hold the reply until the client sends again (KERNEL.md,
-/// "Reply stuck"); setting TCP_NODELAY after the write pushes it out.
+/// Writes the Convert reply so that it leaves now.
+///
+/// With TCP Fast Open the converter holds the client's socket from its SYN on and often has
+/// the reply ready before the client's handshake ACK arrives (always, when the client's RTT
+/// exceeds the upstream connect). Bytes an MPTCP socket queues before the handshake completes
+/// are not sent when it does: they wait until the client sends again, and a client waiting for
+/// the reply (SOCKS-style) hangs (KERNEL.md, "Reply stuck"; setting TCP_NODELAY after the write
+/// pushes only if the handshake is already complete, so it does not help here). So: wait until
+/// MPTCP_INFO shows the peer's key — the handshake is complete — then write. A prompt ACK
+/// costs one getsockopt; a late one costs the short polls below, bounded by `HANDSHAKE_ACK`.
 async fn write_reply(client: &TcpStream, reply: &[u8]) -> io::Result<()> {
+    let deadline = tokio::time::Instant::now() + HANDSHAKE_ACK;
+    let mut pause = Duration::from_micros(500);
+    loop {
+        match mptcp_info(client) {
+            Ok(info) if !info.remote_key_received() && !info.fell_back() => {}
+            // Complete, fallen back to TCP, or not MPTCP at all: nothing to wait for.
+            _ => break,
+        }
+        if tokio::time::Instant::now() >= deadline {
+            break;
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_millis(20));
+    }
     relay::write_all(client, reply).await?;
     client.set_nodelay(true)
 }

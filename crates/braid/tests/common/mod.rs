@@ -127,15 +127,20 @@ impl Drop for ConverterLab {
     }
 }
 
-/// Waits until something listens on `port` in `ns` (checked with `ss`, so no test connection
-/// is made to the daemon), or panics with the daemon's log if it exits first.
+/// Waits until this daemon says it listens on `port` (its log) and the kernel agrees (`ss`),
+/// without making a test connection; panics with the log if the daemon exits first. The log
+/// is the authority because a closed MPTCP listener can linger in `ss` for a moment.
 pub fn wait_listening(ns: &Netns, port: u16, p: &mut Process, log: &PathBuf) {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
+        let said = std::fs::read_to_string(log)
+            .unwrap_or_default()
+            .lines()
+            .any(|l| l.contains("listening") && l.contains(&format!(":{port}")));
         let out = ns
             .run(["ss", "-Hltn", &format!("sport = :{port}")])
             .unwrap_or_default();
-        if !out.trim().is_empty() {
+        if said && !out.trim().is_empty() {
             return;
         }
         if !p.is_running() || Instant::now() > deadline {
