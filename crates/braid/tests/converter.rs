@@ -564,3 +564,91 @@ fn a_thousand_concurrent_connections() {
         failures.first()
     );
 }
+
+#[test]
+fn metrics_and_json_logs_report_each_connection() {
+    let mut args = default_converter_args();
+    for a in ["--metrics", "127.0.0.1:9124", "--log-format", "json"] {
+        args.push(a.into());
+    }
+    let cl = ConverterLab::new(StandardConfig::default(), &args);
+    let _srv = HashServer::start(&cl.lab.server, HASH_PORT);
+    let (conv, dest) = (cl.converter_addr_v4(), server_v4(&cl, HASH_PORT));
+    let r = in_ns(&cl.lab.gateway, || async move {
+        converted_exchange(conv, dest, 1000, 2000, 100, &ClientOptions::default()).await
+    });
+    assert_eq!(r, Ok(true));
+    let _ = raw_exchange(&cl, vec![1, 1, 0x22, 0x64]);
+    std::thread::sleep(Duration::from_millis(200));
+    let body = cl
+        .lab
+        .converter
+        .run(["curl", "-sf", "http://127.0.0.1:9124/metrics"])
+        .expect("metrics endpoint");
+    for want in [
+        "braid_converter_connections_total{outcome=\"closed\"} 1",
+        "braid_converter_connections_total{outcome=\"malformed\"} 1",
+        "braid_converter_errors_total{code=\"1\"} 1",
+        "braid_converter_bytes_total{direction=\"up\"} 1016",
+        "braid_converter_bytes_total{direction=\"down\"} 2032",
+        "braid_converter_active_connections 0",
+    ] {
+        assert!(body.contains(want), "missing {want:?} in:\n{body}");
+    }
+    let closed: Vec<String> = cl
+        .log_text()
+        .lines()
+        .filter(|l| l.contains("\"connection closed\""))
+        .map(String::from)
+        .collect();
+    assert_eq!(closed.len(), 2, "{closed:?}");
+    for key in [
+        "\"client\"",
+        "\"dest\"",
+        "\"up\"",
+        "\"down\"",
+        "\"duration_ms\"",
+        "\"subflows\"",
+        "\"tcp_fallback\"",
+        "\"outcome\"",
+    ] {
+        assert!(closed[0].contains(key), "{key} missing in {}", closed[0]);
+    }
+}
+
+#[test]
+fn check_config_names_the_bad_key() {
+    let bin = env!("CARGO_BIN_EXE_braid");
+    let dir = std::env::temp_dir();
+    let bad = dir.join(format!("braid-bad-{}.toml", std::process::id()));
+    std::fs::write(&bad, "allow_client = [\"10.0.0.0/8\", \"300.1.1.1\"]\n").unwrap();
+    let out = std::process::Command::new(bin)
+        .args(["converter", "--check-config", "--config"])
+        .arg(&bad)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("allow_client[1]") && err.contains("300.1.1.1"),
+        "{err}"
+    );
+
+    std::fs::write(
+        &bad,
+        "allow_client = [\"10.0.0.0/8\"]\nlisten = [\"[::]:6000\"]\n",
+    )
+    .unwrap();
+    let out = std::process::Command::new(bin)
+        .args(["converter", "--check-config", "--config"])
+        .arg(&bad)
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_file(&bad);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("configuration OK"));
+}
