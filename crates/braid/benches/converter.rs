@@ -1,0 +1,374 @@
+//! Converter throughput benchmark (a benchmark: it prints figures and asserts nothing).
+//!
+//! On the unshaped standard lab (client namespace unused; gateway ⇉ 2 veths ⇉ converter →
+//! server), in interleaved rounds, bulk transfers gateway → server ("up") and server → gateway
+//! ("down") over four paths:
+//! - `forward`: plain TCP, the converter namespace only forwards IP (baseline a);
+//! - `mptcp`: MPTCP end to end, both ends MPTCP, converter namespace forwarding (baseline b,
+//!   the real limit for a converter);
+//! - `copy`, `splice`: through `braid converter` with that relay engine.
+//!
+//! For every congestion control, number of parallel flows and direction it reports the median
+//! rate, the converter's ratio to (a) and (b), the relay's CPU-seconds per GiB (the converter
+//! process's utime + stime) and the whole machine's.
+//!
+//! Run: `cargo bench -p braid --bench converter` (as root). Environment knobs:
+//! `BRAID_BENCH_ROUNDS` (3), `BRAID_BENCH_SECS` (2), `BRAID_BENCH_FLOWS` ("1,4,16"),
+//! `BRAID_BENCH_CC` ("reno,bbr").
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::time::{Duration, Instant};
+
+use braid::client::{self, ClientOptions};
+use braid_lab::{Netns, Process, StandardConfig, StandardLab};
+use socket2::{Domain, Protocol, Socket, Type};
+
+const TCP_SINK: u16 = 8001;
+const TCP_SOURCE: u16 = 8002;
+const MPTCP_SINK: u16 = 8101;
+const MPTCP_SOURCE: u16 = 8102;
+const CONV_COPY: u16 = 5124;
+const CONV_SPLICE: u16 = 5125;
+const CHUNK: usize = 256 * 1024;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Path {
+    Forward,
+    Mptcp,
+    Copy,
+    Splice,
+}
+
+const PATHS: [Path; 4] = [Path::Forward, Path::Mptcp, Path::Copy, Path::Splice];
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Dir {
+    Up,
+    Down,
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+struct Sample {
+    gbit: f64,
+    relay_cpu_per_gib: f64,
+    machine_cpu_per_gib: f64,
+}
+
+fn env_or<T: std::str::FromStr>(key: &str, default: T) -> T {
+    std::env::var(key).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+fn main() {
+    let rounds: usize = env_or("BRAID_BENCH_ROUNDS", 3);
+    let secs: f64 = env_or("BRAID_BENCH_SECS", 2.0);
+    let flows: Vec<usize> = env_or("BRAID_BENCH_FLOWS", "1,4,16".to_string())
+        .split(',')
+        .filter_map(|s| s.trim().parse().ok())
+        .collect();
+    let ccs: Vec<String> = env_or("BRAID_BENCH_CC", "reno,bbr".to_string())
+        .split(',')
+        .map(|s| s.trim().to_string())
+        .collect();
+    println!(
+        "# braid converter benchmark: {rounds} interleaved rounds of {secs} s, flows {flows:?}, \
+         congestion control {ccs:?}, 2 unshaped veth uplinks, {} cores",
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    );
+    println!();
+    println!(
+        "| cc | flows | dir | (a) forward Gbit/s | (b) MPTCP e2e | copy | splice | copy/(a) | \
+         copy/(b) | splice/(b) | relay CPU-s/GiB copy / splice | machine CPU-s/GiB fwd / copy |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
+    for cc in &ccs {
+        bench_cc(cc, rounds, secs, &flows);
+    }
+}
+
+fn bench_cc(cc: &str, rounds: usize, secs: f64, flow_set: &[usize]) {
+    let lab = StandardLab::new(StandardConfig {
+        uplinks: 2,
+        rates: None,
+        congestion_control: Some(cc.to_string()),
+        ..StandardConfig::default()
+    })
+    .expect("lab");
+    lab.server.mptcp_limits(2, 2).expect("server MPTCP limits");
+    let stop = Arc::new(AtomicBool::new(false));
+    let _servers: Vec<_> = [
+        (TCP_SINK, false, false),
+        (TCP_SOURCE, false, true),
+        (MPTCP_SINK, true, false),
+        (MPTCP_SOURCE, true, true),
+    ]
+    .into_iter()
+    .map(|(port, mptcp, source)| serve(&lab.server, port, mptcp, source, stop.clone()))
+    .collect();
+    let mut copy = start_converter(&lab, CONV_COPY, "copy", cc);
+    let mut splice = start_converter(&lab, CONV_SPLICE, "splice", cc);
+
+    // results[flows][dir][path] = samples
+    let mut results = vec![vec![vec![Vec::<Sample>::new(); 4]; 2]; flow_set.len()];
+    for _ in 0..rounds {
+        for (fi, &flows) in flow_set.iter().enumerate() {
+            for (di, dir) in [Dir::Up, Dir::Down].into_iter().enumerate() {
+                for (pi, path) in PATHS.into_iter().enumerate() {
+                    let relay_pid = match path {
+                        Path::Copy => Some(copy.pid()),
+                        Path::Splice => Some(splice.pid()),
+                        _ => None,
+                    };
+                    let s = measure(&lab, path, dir, flows, secs, relay_pid);
+                    results[fi][di][pi].push(s);
+                }
+            }
+        }
+    }
+    for (fi, &flows) in flow_set.iter().enumerate() {
+        for (di, dir) in ["up", "down"].into_iter().enumerate() {
+            let med = |pi: usize| median(&results[fi][di][pi]);
+            let (a, b, c, s) = (med(0), med(1), med(2), med(3));
+            println!(
+                "| {cc} | {flows} | {dir} | {:.1} | {:.1} | {:.1} | {:.1} | {:.2} | {:.2} | {:.2} | \
+                 {:.2} / {:.2} | {:.2} / {:.2} |",
+                a.gbit,
+                b.gbit,
+                c.gbit,
+                s.gbit,
+                c.gbit / a.gbit,
+                c.gbit / b.gbit,
+                s.gbit / b.gbit,
+                c.relay_cpu_per_gib,
+                s.relay_cpu_per_gib,
+                a.machine_cpu_per_gib,
+                c.machine_cpu_per_gib,
+            );
+        }
+    }
+    stop.store(true, Relaxed);
+    let _ = copy.stop();
+    let _ = splice.stop();
+}
+
+/// Per-field medians (each field sorted on its own).
+fn median(samples: &[Sample]) -> Sample {
+    let pick = |f: fn(&Sample) -> f64| {
+        let mut v: Vec<f64> = samples.iter().map(f).filter(|x| x.is_finite()).collect();
+        v.sort_by(|a, b| a.total_cmp(b));
+        v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+    };
+    Sample {
+        gbit: pick(|s| s.gbit),
+        relay_cpu_per_gib: pick(|s| s.relay_cpu_per_gib),
+        machine_cpu_per_gib: pick(|s| s.machine_cpu_per_gib),
+    }
+}
+
+fn start_converter(lab: &StandardLab, port: u16, engine: &str, cc: &str) -> Process {
+    let bin = env!("CARGO_BIN_EXE_braid");
+    let p = lab
+        .converter
+        .command(bin)
+        .args([
+            "converter",
+            "--listen",
+            &format!("[::]:{port}"),
+            "--allow-client",
+            "10.1.0.0/16",
+            "--allow-dest",
+            "10.2.0.0/24",
+            "--relay-engine",
+            engine,
+            "--congestion-control",
+            cc,
+        ])
+        .env("RUST_LOG", "warn")
+        .spawn()
+        .expect("braid converter");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while lab
+        .converter
+        .run(["ss", "-Hltn", &format!("sport = :{port}")])
+        .unwrap_or_default()
+        .trim()
+        .is_empty()
+    {
+        assert!(Instant::now() < deadline, "converter on :{port} did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    p
+}
+
+/// A listener in `ns` that either swallows (sink) or sends (source) on every connection.
+fn serve(ns: &Netns, port: u16, mptcp: bool, source: bool, stop: Arc<AtomicBool>) -> impl Drop {
+    let listener = ns
+        .enter(move || {
+            let proto = if mptcp { Protocol::MPTCP } else { Protocol::TCP };
+            let s = Socket::new(Domain::IPV6, Type::STREAM, Some(proto))?;
+            s.set_only_v6(false)?;
+            s.set_reuse_address(true)?;
+            s.bind(&SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, port)).into())?;
+            s.listen(1024)?;
+            s.set_nonblocking(true)?;
+            std::io::Result::Ok(std::net::TcpListener::from(s))
+        })
+        .expect("enter")
+        .expect("listen");
+    let handle = std::thread::spawn(move || {
+        while !stop.load(Relaxed) {
+            match listener.accept() {
+                Ok((c, _)) => {
+                    let _ = c.set_nonblocking(false);
+                    std::thread::spawn(move || pump(c, source));
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(5)),
+            }
+        }
+    });
+    struct Server(Option<std::thread::JoinHandle<()>>);
+    impl Drop for Server {
+        fn drop(&mut self) {
+            // The thread ends at the next accept poll after `stop`.
+            let _ = self.0.take();
+        }
+    }
+    Server(Some(handle))
+}
+
+fn pump(mut c: TcpStream, source: bool) {
+    let mut buf = vec![0u8; CHUNK];
+    if source {
+        while c.write_all(&buf).is_ok() {}
+    } else {
+        while matches!(c.read(&mut buf), Ok(n) if n > 0) {}
+    }
+}
+
+fn proc_cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may contain spaces) start after ") ".
+    let rest = stat.rsplit_once(") ").map_or("", |(_, r)| r);
+    let f: Vec<u64> = rest.split_whitespace().filter_map(|x| x.parse().ok()).collect();
+    // utime and stime are fields 14 and 15 of the line, i.e. 11 and 12 after the state.
+    f.get(10).copied().unwrap_or(0) + f.get(11).copied().unwrap_or(0)
+}
+
+fn machine_busy_ticks() -> u64 {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let line = stat.lines().next().unwrap_or_default();
+    let v: Vec<u64> = line.split_whitespace().skip(1).filter_map(|x| x.parse().ok()).collect();
+    let total: u64 = v.iter().sum();
+    // idle and iowait are the 4th and 5th numbers.
+    total - v.get(3).copied().unwrap_or(0) - v.get(4).copied().unwrap_or(0)
+}
+
+fn open_flow(lab: &StandardLab, path: Path, dir: Dir) -> TcpStream {
+    let server = lab.server_v4();
+    let (port_tcp, port_mptcp) = match dir {
+        Dir::Up => (TCP_SINK, MPTCP_SINK),
+        Dir::Down => (TCP_SOURCE, MPTCP_SOURCE),
+    };
+    match path {
+        Path::Forward | Path::Mptcp => {
+            let (port, proto) = if path == Path::Forward {
+                (port_tcp, Protocol::TCP)
+            } else {
+                (port_mptcp, Protocol::MPTCP)
+            };
+            lab.gateway
+                .enter(move || {
+                    let s = Socket::new(Domain::IPV4, Type::STREAM, Some(proto))?;
+                    s.connect(&SocketAddr::from((server, port)).into())?;
+                    std::io::Result::Ok(TcpStream::from(s))
+                })
+                .expect("enter")
+                .expect("connect")
+        }
+        Path::Copy | Path::Splice => {
+            let conv_port = if path == Path::Copy { CONV_COPY } else { CONV_SPLICE };
+            let conv: SocketAddr = (lab.converter_v4(), conv_port).into();
+            let dest: SocketAddr = (server, port_tcp).into();
+            lab.gateway
+                .enter(move || {
+                    let rt = tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                        .unwrap();
+                    let c = rt
+                        .block_on(client::connect(conv, dest, None, b"", &ClientOptions::default()))
+                        .expect("converted connection");
+                    let s = c.stream.into_std().unwrap();
+                    s.set_nonblocking(false).unwrap();
+                    s
+                })
+                .expect("enter")
+        }
+    }
+}
+
+fn measure(
+    lab: &StandardLab,
+    path: Path,
+    dir: Dir,
+    flows: usize,
+    secs: f64,
+    relay_pid: Option<u32>,
+) -> Sample {
+    let moved = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let threads: Vec<_> = (0..flows)
+        .map(|_| {
+            let mut s = open_flow(lab, path, dir);
+            let (moved, stop) = (moved.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let _ = s.set_read_timeout(Some(Duration::from_millis(200)));
+                let _ = s.set_write_timeout(Some(Duration::from_millis(200)));
+                let mut buf = vec![0u8; CHUNK];
+                while !stop.load(Relaxed) {
+                    let r = match dir {
+                        Dir::Up => s.write(&buf),
+                        Dir::Down => s.read(&mut buf),
+                    };
+                    match r {
+                        Ok(0) => break,
+                        Ok(n) => {
+                            moved.fetch_add(n as u64, Relaxed);
+                        }
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                        Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {}
+                        Err(_) => break,
+                    }
+                }
+                let _ = socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO));
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(500));
+    let (b0, t0) = (moved.load(Relaxed), Instant::now());
+    let r0 = relay_pid.map(proc_cpu_ticks);
+    let m0 = machine_busy_ticks();
+    std::thread::sleep(Duration::from_secs_f64(secs));
+    let (b1, dt) = (moved.load(Relaxed), t0.elapsed().as_secs_f64());
+    let r1 = relay_pid.map(proc_cpu_ticks);
+    let m1 = machine_busy_ticks();
+    stop.store(true, Relaxed);
+    for t in threads {
+        let _ = t.join();
+    }
+    // Let the server side notice the resets before the next measurement.
+    std::thread::sleep(Duration::from_millis(200));
+    let bytes = (b1 - b0) as f64;
+    let gib = bytes / (1u64 << 30) as f64;
+    let tick = 100.0; // USER_HZ
+    Sample {
+        gbit: bytes * 8.0 / dt / 1e9,
+        relay_cpu_per_gib: match (r0, r1) {
+            (Some(a), Some(b)) => (b - a) as f64 / tick / gib,
+            _ => f64::NAN,
+        },
+        machine_cpu_per_gib: (m1 - m0) as f64 / tick / gib,
+    }
+}
