@@ -58,7 +58,10 @@ struct Sample {
 }
 
 fn env_or<T: std::str::FromStr>(key: &str, default: T) -> T {
-    std::env::var(key).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+    std::env::var(key)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
 }
 
 fn main() {
@@ -196,7 +199,10 @@ fn start_converter(lab: &StandardLab, port: u16, engine: &str, cc: &str) -> Proc
         .trim()
         .is_empty()
     {
-        assert!(Instant::now() < deadline, "converter on :{port} did not start");
+        assert!(
+            Instant::now() < deadline,
+            "converter on :{port} did not start"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     p
@@ -206,7 +212,11 @@ fn start_converter(lab: &StandardLab, port: u16, engine: &str, cc: &str) -> Proc
 fn serve(ns: &Netns, port: u16, mptcp: bool, source: bool, stop: Arc<AtomicBool>) -> impl Drop {
     let listener = ns
         .enter(move || {
-            let proto = if mptcp { Protocol::MPTCP } else { Protocol::TCP };
+            let proto = if mptcp {
+                Protocol::MPTCP
+            } else {
+                Protocol::TCP
+            };
             let s = Socket::new(Domain::IPV6, Type::STREAM, Some(proto))?;
             s.set_only_v6(false)?;
             s.set_reuse_address(true)?;
@@ -251,7 +261,10 @@ fn proc_cpu_ticks(pid: u32) -> u64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     // Fields after the command name (which may contain spaces) start after ") ".
     let rest = stat.rsplit_once(") ").map_or("", |(_, r)| r);
-    let f: Vec<u64> = rest.split_whitespace().filter_map(|x| x.parse().ok()).collect();
+    let f: Vec<u64> = rest
+        .split_whitespace()
+        .filter_map(|x| x.parse().ok())
+        .collect();
     // utime and stime are fields 14 and 15 of the line, i.e. 11 and 12 after the state.
     f.get(10).copied().unwrap_or(0) + f.get(11).copied().unwrap_or(0)
 }
@@ -259,7 +272,11 @@ fn proc_cpu_ticks(pid: u32) -> u64 {
 fn machine_busy_ticks() -> u64 {
     let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
     let line = stat.lines().next().unwrap_or_default();
-    let v: Vec<u64> = line.split_whitespace().skip(1).filter_map(|x| x.parse().ok()).collect();
+    let v: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|x| x.parse().ok())
+        .collect();
     let total: u64 = v.iter().sum();
     // idle and iowait are the 4th and 5th numbers.
     total - v.get(3).copied().unwrap_or(0) - v.get(4).copied().unwrap_or(0)
@@ -288,7 +305,11 @@ fn open_flow(lab: &StandardLab, path: Path, dir: Dir) -> TcpStream {
                 .expect("connect")
         }
         Path::Copy | Path::Splice => {
-            let conv_port = if path == Path::Copy { CONV_COPY } else { CONV_SPLICE };
+            let conv_port = if path == Path::Copy {
+                CONV_COPY
+            } else {
+                CONV_SPLICE
+            };
             let conv: SocketAddr = (lab.converter_v4(), conv_port).into();
             let dest: SocketAddr = (server, port_tcp).into();
             lab.gateway
@@ -298,7 +319,13 @@ fn open_flow(lab: &StandardLab, path: Path, dir: Dir) -> TcpStream {
                         .build()
                         .unwrap();
                     let c = rt
-                        .block_on(client::connect(conv, dest, None, b"", &ClientOptions::default()))
+                        .block_on(client::connect(
+                            conv,
+                            dest,
+                            None,
+                            b"",
+                            &ClientOptions::default(),
+                        ))
                         .expect("converted connection");
                     let s = c.stream.into_std().unwrap();
                     s.set_nonblocking(false).unwrap();
