@@ -98,6 +98,26 @@ pub struct ConverterArgs {
     /// Congestion control for relayed sockets (e.g. reno, cubic, bbr) [default: the system's].
     #[arg(long, value_name = "NAME")]
     pub congestion_control: Option<String>,
+    /// Set the MPTCP subflow limit of this namespace (`ip mptcp limits`, 0-8) [default: keep
+    /// it, warn if 0].
+    #[arg(long, value_name = "N")]
+    pub mptcp_subflows: Option<u32>,
+    /// Set the MPTCP add_addr_accepted limit of this namespace (0-8) [default: keep it].
+    #[arg(long, value_name = "N")]
+    pub mptcp_add_addr_accepted: Option<u32>,
+    /// Announce this address to clients so they open subflows to it (repeatable; `ADDR` or
+    /// `ADDR:PORT`): bonding IPv4 with IPv6, or a unique address per converter behind a shared
+    /// one. Removed again at exit.
+    #[arg(long, value_name = "ADDR")]
+    pub signal: Vec<String>,
+    /// Refuse joins to the address clients first connected to (the C flag); clients join the
+    /// --signal addresses instead. For several converters behind one ECMP address.
+    #[arg(long)]
+    pub no_join_initial_addr: bool,
+    /// Carry the application data that came with the Convert request in the SYN to the
+    /// server too (TCP Fast Open toward servers that support it).
+    #[arg(long)]
+    pub upstream_fastopen: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

@@ -48,6 +48,10 @@ pub struct File {
     pub relay_buffer: Option<usize>,
     pub congestion_control: Option<String>,
     pub upstream_fastopen: Option<bool>,
+    pub mptcp_subflows: Option<u32>,
+    pub mptcp_add_addr_accepted: Option<u32>,
+    pub signal: Option<Vec<String>>,
+    pub join_initial_addr: Option<bool>,
 }
 
 /// Validated settings the converter runs with.
@@ -84,6 +88,13 @@ pub struct Settings {
     /// Congestion control for both sockets of a relayed connection; `None` keeps the system's.
     pub congestion_control: Option<String>,
     pub upstream_fastopen: bool,
+    /// MPTCP limits to set at start; `None` keeps the namespace's.
+    pub mptcp_subflows: Option<u32>,
+    pub mptcp_add_addr_accepted: Option<u32>,
+    /// Addresses announced to clients (port 0: the connection's port).
+    pub signal: Vec<SocketAddr>,
+    /// `net.mptcp.allow_join_initial_addr_port`; false sets the C flag.
+    pub join_initial_addr: bool,
 }
 
 impl Settings {
@@ -137,6 +148,21 @@ impl Settings {
         }
         if let Some(cc) = &a.congestion_control {
             f.congestion_control = Some(cc.clone());
+        }
+        if a.mptcp_subflows.is_some() {
+            f.mptcp_subflows = a.mptcp_subflows;
+        }
+        if a.mptcp_add_addr_accepted.is_some() {
+            f.mptcp_add_addr_accepted = a.mptcp_add_addr_accepted;
+        }
+        if !a.signal.is_empty() {
+            f.signal = Some(a.signal.clone());
+        }
+        if a.no_join_initial_addr {
+            f.join_initial_addr = Some(false);
+        }
+        if a.upstream_fastopen {
+            f.upstream_fastopen = Some(true);
         }
         let err = |key: &str, reason: String| ConfigError::invalid(path, key, reason);
 
@@ -236,6 +262,32 @@ impl Settings {
                 ));
             }
         }
+        for (key, v) in [
+            ("mptcp_subflows", f.mptcp_subflows),
+            ("mptcp_add_addr_accepted", f.mptcp_add_addr_accepted),
+        ] {
+            if let Some(n) = v
+                && n > 8
+            {
+                return Err(err(key, format!("{n} is above the kernel's maximum of 8")));
+            }
+        }
+        let mut signal = Vec::new();
+        for (i, text) in f.signal.iter().flatten().enumerate() {
+            let key = format!("signal[{i}]");
+            let text = text.trim();
+            let addr = text
+                .parse::<SocketAddr>()
+                .or_else(|_| text.parse::<IpAddr>().map(|ip| SocketAddr::new(ip, 0)))
+                .map_err(|_| err(&key, format!("{text:?} is not an address or ADDR:PORT")))?;
+            if addr.ip().is_unspecified() || addr.ip().is_multicast() || addr.ip().is_loopback() {
+                return Err(err(
+                    &key,
+                    format!("{} cannot be announced to clients", addr.ip()),
+                ));
+            }
+            signal.push(addr);
+        }
         Ok(Settings {
             listen,
             allow_client,
@@ -267,6 +319,10 @@ impl Settings {
             },
             congestion_control: f.congestion_control,
             upstream_fastopen: f.upstream_fastopen.unwrap_or(false),
+            mptcp_subflows: f.mptcp_subflows,
+            mptcp_add_addr_accepted: f.mptcp_add_addr_accepted,
+            signal,
+            join_initial_addr: f.join_initial_addr.unwrap_or(true),
         })
     }
 }
@@ -336,6 +392,18 @@ mod tests {
             (
                 "allow_any_client = true\ncongestion_control = \"a b\"",
                 "congestion_control",
+            ),
+            (
+                "allow_any_client = true\nmptcp_subflows = 9",
+                "mptcp_subflows",
+            ),
+            (
+                "allow_any_client = true\nsignal = [\"10.0.0.1\", \"nope\"]",
+                "signal[1]",
+            ),
+            (
+                "allow_any_client = true\nsignal = [\"[::]:5\"]",
+                "signal[0]",
             ),
         ];
         for (text, key) in cases {

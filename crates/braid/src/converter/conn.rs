@@ -250,9 +250,10 @@ async fn converse(
     let opts = UpstreamOptions {
         connect_timeout: s.connect_timeout,
         congestion_control: s.congestion_control.clone(),
+        fastopen: s.upstream_fastopen,
     };
-    let server = match upstream::connect(dest, &opts).await {
-        Ok(server) => server,
+    let (server, sent_in_syn) = match upstream::connect(dest, &opts, &early_data).await {
+        Ok(connected) => connected,
         Err(e) => {
             let (code, value) = e.convert_error();
             let value = if code == 65 { s.backoff_secs } else { value };
@@ -275,8 +276,8 @@ async fn converse(
             ..Closed::early("client_gone", e.to_string())
         };
     }
-    if !early_data.is_empty() {
-        if let Err(e) = relay::write_all(&server, &early_data).await {
+    if early_data.len() > sent_in_syn {
+        if let Err(e) = relay::write_all(&server, &early_data[sent_in_syn..]).await {
             reset_on_close(client);
             return Closed {
                 dest: Some(dest),

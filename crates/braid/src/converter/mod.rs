@@ -13,6 +13,7 @@ pub mod conn;
 pub mod cookie;
 pub mod limits;
 pub mod listener;
+pub mod pathmgr;
 pub mod policy;
 pub mod stats;
 pub mod upstream;
@@ -77,26 +78,26 @@ async fn check_kernel(s: &Settings) -> anyhow::Result<()> {
              the Convert request in the SYN"
         ),
     }
-    if !s.tcp_only {
-        match braid_sys::pm::limits().await {
-            Ok(l) if l.subflows == 0 => tracing::warn!(
-                "MPTCP limits forbid extra subflows: clients cannot bond links; run \
-                 `ip mptcp limits set subflows 8 add_addr_accepted 8`"
-            ),
-            Ok(l) => tracing::info!(
-                subflows = l.subflows,
-                add_addr_accepted = l.add_addr_accepted,
-                "MPTCP path manager limits"
-            ),
-            Err(e) => tracing::warn!(error = %e, "could not read MPTCP limits"),
-        }
-    }
     Ok(())
 }
 
 async fn run(settings: Settings) -> anyhow::Result<()> {
     check_kernel(&settings).await?;
+    let endpoints = if settings.tcp_only {
+        pathmgr::Added::default()
+    } else {
+        pathmgr::setup(&settings).await?
+    };
+    // Announced addresses are withdrawn whether serving ended well or not.
+    let result = serve(settings).await;
+    pathmgr::cleanup(endpoints).await;
+    if result.is_ok() {
+        tracing::info!("stopped");
+    }
+    result
+}
 
+async fn serve(settings: Settings) -> anyhow::Result<()> {
     let mut listeners = Vec::new();
     for addr in &settings.listen {
         let std_listener = listener::bind(*addr, !settings.tcp_only, settings.tfo_queue)
@@ -186,7 +187,6 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
     if let Some(t) = metrics_task {
         let _ = t.await;
     }
-    tracing::info!("stopped");
     Ok(())
 }
 

@@ -66,11 +66,31 @@ impl std::fmt::Display for UpstreamError {
 pub struct UpstreamOptions {
     pub connect_timeout: Duration,
     pub congestion_control: Option<String>,
+    /// Send the first bytes in the SYN (TCP Fast Open) when there are any.
+    pub fastopen: bool,
 }
 
 /// Connects to `dest` over plain TCP (never MPTCP: a fallen-back MPTCP socket is slower, see
 /// KERNEL.md), both families, whatever family the client used.
-pub async fn connect(dest: SocketAddr, opts: &UpstreamOptions) -> Result<TcpStream, UpstreamError> {
+///
+/// With `opts.fastopen` and non-empty `early`, the early bytes ride in the SYN when the kernel
+/// holds a Fast Open cookie for the server (the first connection to a server fetches one).
+/// Returns the stream and how many bytes of `early` it already sent; the caller writes the rest.
+pub async fn connect(
+    dest: SocketAddr,
+    opts: &UpstreamOptions,
+    early: &[u8],
+) -> Result<(TcpStream, usize), UpstreamError> {
+    if opts.fastopen && !early.is_empty() {
+        return connect_fastopen(dest, opts, early).await;
+    }
+    plain_connect(dest, opts).await.map(|s| (s, 0))
+}
+
+async fn plain_connect(
+    dest: SocketAddr,
+    opts: &UpstreamOptions,
+) -> Result<TcpStream, UpstreamError> {
     let socket = match dest {
         SocketAddr::V4(_) => TcpSocket::new_v4(),
         SocketAddr::V6(_) => TcpSocket::new_v6(),
@@ -91,6 +111,53 @@ pub async fn connect(dest: SocketAddr, opts: &UpstreamOptions) -> Result<TcpStre
         Ok(Ok(stream)) => Ok(stream),
         Ok(Err(e)) => Err(classify(e, errq.as_ref().and_then(take_icmp_error))),
     }
+}
+
+/// The Fast Open path, done by hand: tokio's `connect` treats the deferred connect of
+/// `TCP_FASTOPEN_CONNECT` as already established, so it would report success before the server
+/// answered and the refusal/unreachable mapping would be lost.
+async fn connect_fastopen(
+    dest: SocketAddr,
+    opts: &UpstreamOptions,
+    early: &[u8],
+) -> Result<(TcpStream, usize), UpstreamError> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(dest), Type::STREAM, Some(Protocol::TCP))
+        .map_err(UpstreamError::Local)?;
+    socket.set_nonblocking(true).map_err(UpstreamError::Local)?;
+    if let Some(cc) = &opts.congestion_control {
+        let _ = socket.set_tcp_congestion(cc.as_bytes());
+    }
+    let _ = set_recv_icmp_errors(&socket, dest.is_ipv6());
+    braid_sys::sockopt::set_tcp_fastopen_connect(&socket).map_err(UpstreamError::Local)?;
+    let errq: Option<OwnedFd> = socket.as_fd().try_clone_to_owned().ok();
+    let fail = |e: io::Error| classify(e, errq.as_ref().and_then(take_icmp_error));
+    // Ok: the kernel holds a cookie and deferred the SYN until the first write, which then
+    // carries the data. EINPROGRESS: no cookie yet, a plain SYN asking for one is out.
+    let sent = match socket.connect(&dest.into()) {
+        Ok(()) => match socket.send(early) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
+            Err(e) => return Err(fail(e)),
+        },
+        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => 0,
+        Err(e) => return Err(fail(e)),
+    };
+    // Registered now, in SYN_SENT: the first write-readiness is the handshake's end.
+    let stream = TcpStream::from_std(socket.into()).map_err(UpstreamError::Local)?;
+    match tokio::time::timeout(opts.connect_timeout, stream.writable()).await {
+        Err(_) => return Err(UpstreamError::Timeout),
+        Ok(Err(e)) => return Err(fail(e)),
+        Ok(Ok(())) => {}
+    }
+    if let Some(e) = stream.take_error().map_err(UpstreamError::Local)? {
+        return Err(fail(e));
+    }
+    // A socket that is writable without an error may still have been reset at once.
+    if let Err(e) = stream.peer_addr() {
+        return Err(fail(e));
+    }
+    Ok((stream, sent))
 }
 
 fn classify(e: io::Error, icmp: Option<IcmpError>) -> UpstreamError {
@@ -123,10 +190,11 @@ fn classify(e: io::Error, icmp: Option<IcmpError>) -> UpstreamError {
 mod tests {
     use super::*;
 
-    fn opts() -> UpstreamOptions {
+    fn opts(fastopen: bool) -> UpstreamOptions {
         UpstreamOptions {
             connect_timeout: Duration::from_secs(2),
             congestion_control: Some("reno".into()),
+            fastopen,
         }
     }
 
@@ -138,18 +206,26 @@ mod tests {
             .local_addr()
             .unwrap()
             .port();
-        let e = connect(([127, 0, 0, 1], port).into(), &opts())
-            .await
-            .unwrap_err();
-        assert!(matches!(e, UpstreamError::Refused), "{e}");
-        assert_eq!(e.convert_error(), (96, 0));
+        for fastopen in [false, true] {
+            let e = connect(([127, 0, 0, 1], port).into(), &opts(fastopen), b"early")
+                .await
+                .unwrap_err();
+            assert!(matches!(e, UpstreamError::Refused), "{e}");
+            assert_eq!(e.convert_error(), (96, 0));
+        }
     }
 
     #[tokio::test]
     async fn open_port_connects() {
         let l = tokio::net::TcpListener::bind("[::1]:0").await.unwrap();
-        let s = connect(l.local_addr().unwrap(), &opts()).await.unwrap();
-        assert_eq!(s.peer_addr().unwrap(), l.local_addr().unwrap());
+        for fastopen in [false, true] {
+            let (s, sent) = connect(l.local_addr().unwrap(), &opts(fastopen), b"early")
+                .await
+                .unwrap();
+            assert_eq!(s.peer_addr().unwrap(), l.local_addr().unwrap());
+            // The listener has no Fast Open: nothing can have gone in the SYN.
+            assert_eq!(sent, 0);
+        }
     }
 
     #[test]

@@ -66,7 +66,11 @@ pub fn default_converter_args() -> Vec<String> {
 
 impl ConverterLab {
     pub fn new(config: StandardConfig, args: &[String]) -> ConverterLab {
-        let lab = StandardLab::new(config).expect("lab");
+        Self::from_lab(StandardLab::new(config).expect("lab"), args)
+    }
+
+    /// A converter in a lab the test has already adjusted.
+    pub fn from_lab(lab: StandardLab, args: &[String]) -> ConverterLab {
         let log = std::env::temp_dir().join(format!("{}-converter.log", lab.converter.name()));
         let mut me = ConverterLab {
             lab,
@@ -181,6 +185,15 @@ pub struct HashServer {
 
 impl HashServer {
     pub fn start(ns: &Netns, port: u16) -> HashServer {
+        Self::start_with(ns, port, false)
+    }
+
+    /// A server whose listener accepts data in the SYN (TCP Fast Open, with cookies).
+    pub fn start_fastopen(ns: &Netns, port: u16) -> HashServer {
+        Self::start_with(ns, port, true)
+    }
+
+    fn start_with(ns: &Netns, port: u16, fastopen: bool) -> HashServer {
         let stop = tokio_util::sync::CancellationToken::new();
         let stop2 = stop.clone();
         let (tx, rx) = std::sync::mpsc::channel();
@@ -199,6 +212,9 @@ impl HashServer {
                     sock.set_reuse_address(true).unwrap();
                     let addr: SocketAddr = (std::net::Ipv6Addr::UNSPECIFIED, port).into();
                     sock.bind(&addr.into()).unwrap();
+                    if fastopen {
+                        braid_sys::sockopt::set_tcp_fastopen(&sock, 128).unwrap();
+                    }
                     sock.listen(4096).unwrap();
                     sock.set_nonblocking(true).unwrap();
                     let l = tokio::net::TcpListener::from_std(sock.into()).unwrap();
