@@ -14,7 +14,8 @@
 //!
 //! Run: `cargo bench -p braid --bench converter` (as root). Environment knobs:
 //! `BRAID_BENCH_ROUNDS` (3), `BRAID_BENCH_SECS` (2), `BRAID_BENCH_FLOWS` ("1,4,16"),
-//! `BRAID_BENCH_CC` ("reno,bbr").
+//! `BRAID_BENCH_CC` ("reno,bbr"), `BRAID_BENCH_RELAY_CC` (the converter's own sockets; default:
+//! the namespaces' congestion control).
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -110,8 +111,10 @@ fn bench_cc(cc: &str, rounds: usize, secs: f64, flow_set: &[usize]) {
     .into_iter()
     .map(|(port, mptcp, source)| serve(&lab.server, port, mptcp, source, stop.clone()))
     .collect();
-    let mut copy = start_converter(&lab, CONV_COPY, "copy", cc);
-    let mut splice = start_converter(&lab, CONV_SPLICE, "splice", cc);
+    // The relay's own sockets may use another congestion control than the hosts around it.
+    let relay_cc: String = env_or("BRAID_BENCH_RELAY_CC", cc.to_string());
+    let mut copy = start_converter(&lab, CONV_COPY, "copy", &relay_cc);
+    let mut splice = start_converter(&lab, CONV_SPLICE, "splice", &relay_cc);
 
     // results[flows][dir][path] = samples
     let mut results = vec![vec![vec![Vec::<Sample>::new(); 4]; 2]; flow_set.len()];

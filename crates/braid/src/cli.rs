@@ -139,7 +139,7 @@ pub struct GatewayArgs {
     /// Capture LAN TCP connections transparently.
     #[arg(long, value_enum)]
     pub transparent: Option<TransparentMode>,
-    /// Local port the transparent capture delivers connections to.
+    /// Local port the transparent capture delivers connections to [default: 5180].
     #[arg(long, value_name = "PORT")]
     pub transparent_port: Option<u16>,
     /// Destination prefix to capture (repeatable; default: everything not bypassed).
@@ -148,6 +148,18 @@ pub struct GatewayArgs {
     /// Destination prefix that goes direct, never captured (repeatable).
     #[arg(long, value_name = "PREFIX")]
     pub bypass: Vec<String>,
+    /// Source prefix whose connections are captured (repeatable; default: any source).
+    #[arg(long, value_name = "PREFIX")]
+    pub capture_source: Vec<String>,
+    /// Destination port that goes direct, never captured (repeatable).
+    #[arg(long, value_name = "PORT")]
+    pub bypass_port: Vec<u16>,
+    /// Also capture this machine's own outgoing connections (not only forwarded ones).
+    #[arg(long)]
+    pub capture_output: bool,
+    /// SOCKS5 username:password (repeatable); without any, SOCKS5 needs no authentication.
+    #[arg(long, value_name = "USER:PASSWORD")]
+    pub socks5_user: Vec<String>,
     /// Serve Prometheus metrics over HTTP on this address.
     #[arg(long, value_name = "ADDR:PORT")]
     pub metrics: Option<SocketAddr>,
@@ -157,6 +169,9 @@ pub struct GatewayArgs {
     /// Log line format [default: text].
     #[arg(long, value_enum)]
     pub log_format: Option<LogFormat>,
+    /// Validate the configuration, print the effective settings and exit.
+    #[arg(long)]
+    pub check_config: bool,
 }
 
 #[derive(Debug, Args)]

@@ -14,7 +14,9 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use braid_proto::convert;
-use braid_sys::sockopt::{is_mptcp, mptcp_socket, set_tcp_fastopen_connect};
+use braid_sys::sockopt::{
+    is_mptcp, mptcp_socket, set_tcp_fastopen_connect, set_tcp_fastopen_no_cookie,
+};
 use socket2::{Domain, SockRef, Socket, Type};
 use tokio::net::TcpStream;
 
@@ -119,8 +121,11 @@ async fn exchange(
     let s = open_socket(converter, opts).map_err(ClientError::Unreachable)?;
     let stream = if opts.fast_open {
         // With TCP_FASTOPEN_CONNECT, connect() returns at once and the first write goes out
-        // in the SYN.
+        // in the SYN. RFC 8803 clients never hold a TFO cookie for the converter: ask for
+        // cookie-less Fast Open on this socket, so the host needs only the client bit (0x1)
+        // of net.ipv4.tcp_fastopen, not the machine-wide 0x4.
         set_tcp_fastopen_connect(&s).map_err(ClientError::Unreachable)?;
+        set_tcp_fastopen_no_cookie(&s).map_err(ClientError::Unreachable)?;
         match s.connect(&converter.into()) {
             Ok(()) => {}
             Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}

@@ -12,6 +12,7 @@
 pub mod kernel;
 pub mod nft;
 pub mod pm;
+pub mod route;
 pub mod sockopt;
 
 pub use kernel::{KernelError, TfoMode};

@@ -67,6 +67,18 @@ pub mod base {
 
 /// Verdicts.
 pub const NF_ACCEPT: u32 = 1;
+/// `return`: leave this chain; in a base chain, the chain's policy (accept) applies.
+pub const NFT_RETURN: u32 = -5i32 as u32;
+
+/// `fib` lookups.
+pub mod fib {
+    /// NFT_FIB_RESULT_ADDRTYPE: the route type (RTN_*) of the looked-up address.
+    pub const RESULT_ADDRTYPE: u32 = 3;
+    /// NFTA_FIB_F_DADDR: look up the destination address.
+    pub const F_DADDR: u32 = 1 << 1;
+    /// RTN_LOCAL: the address is one of this host's.
+    pub const RTN_LOCAL: u32 = 2;
+}
 
 /// One nftables expression, as the kernel sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -124,6 +136,10 @@ pub enum Expr {
     Tproxy { family: Family, port_reg: u32 },
     /// `redir to :port-in-reg`.
     Redirect { port_reg: u32 },
+    /// `reg != data`.
+    CmpNeq { sreg: u32, data: Vec<u8> },
+    /// `fib FLAGS RESULT => reg`, e.g. `fib daddr type` (the result is a host-order u32).
+    Fib { dreg: u32, result: u32, flags: u32 },
 }
 
 /// `meta` keys used by braid.
@@ -265,6 +281,18 @@ impl Expr {
             Expr::Redirect { port_reg } => {
                 a.u32(1, *port_reg).u32(2, *port_reg);
                 "redir"
+            }
+            Expr::CmpNeq { sreg, data } => {
+                a.u32(1, *sreg).u32(2, 1).data(3, data); // NFT_CMP_NEQ
+                "cmp"
+            }
+            Expr::Fib {
+                dreg,
+                result,
+                flags,
+            } => {
+                a.u32(1, *dreg).u32(2, *result).u32(3, *flags);
+                "fib"
             }
         };
         let mut e = Attrs::default();

@@ -1,0 +1,369 @@
+//! Converter connection benchmark (prints figures, asserts nothing):
+//! - new connections per second, short request/response (16 bytes up, 100 bytes down, server
+//!   closes), through `braid converter` with the request riding in the SYN, against the same
+//!   exchange over plain TCP with the converter namespace forwarding IP (baseline);
+//! - memory per idle connection with many converted connections open: the converter's RSS and
+//!   the kernel's slab and TCP buffer memory (whole machine: both ends, the converter's MPTCP
+//!   socket with its two subflows and its upstream TCP socket).
+//!
+//! Run: `cargo bench -p braid --bench conns` (as root). Knobs: `BRAID_BENCH_ROUNDS` (3),
+//! `BRAID_BENCH_SECS` (3), `BRAID_BENCH_CONCURRENCY` (64), `BRAID_BENCH_IDLE` (10000).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::{Duration, Instant};
+
+use braid::client::{self, ClientOptions};
+use braid_lab::{Netns, StandardConfig, StandardLab};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const RR_PORT: u16 = 8201;
+const IDLE_PORT: u16 = 8202;
+const CONV_PORT: u16 = 5124;
+const RESPONSE: usize = 100;
+
+fn env_or<T: std::str::FromStr>(key: &str, default: T) -> T {
+    std::env::var(key)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn main() {
+    let rounds: usize = env_or("BRAID_BENCH_ROUNDS", 3);
+    let secs: f64 = env_or("BRAID_BENCH_SECS", 3.0);
+    let concurrency: usize = env_or("BRAID_BENCH_CONCURRENCY", 64);
+    let idle: usize = env_or("BRAID_BENCH_IDLE", 10_000);
+    raise_fd_limit();
+
+    let lab = StandardLab::new(StandardConfig::default()).expect("lab");
+    for ns in [&lab.gateway, &lab.converter, &lab.server] {
+        // Tens of thousands of short connections per run: room for ports and TIME_WAIT.
+        ns.sysctl("net.ipv4.ip_local_port_range", "1024 65535")
+            .unwrap();
+        ns.sysctl("net.ipv4.tcp_tw_reuse", 1).unwrap();
+        ns.sysctl("net.core.somaxconn", 8192).unwrap();
+        ns.sysctl("net.ipv4.tcp_max_syn_backlog", 8192).unwrap();
+    }
+    let _servers = start_servers(&lab.server);
+    let bin = env!("CARGO_BIN_EXE_braid");
+    // One gateway address opens all the idle connections: lift the per-client limit.
+    let config =
+        std::env::temp_dir().join(format!("braid-conns-bench-{}.toml", std::process::id()));
+    std::fs::write(
+        &config,
+        format!(
+            "listen = [\"[::]:{CONV_PORT}\"]\nallow_client = [\"10.1.0.0/16\"]\n\
+             allow_dest = [\"10.2.0.0/24\"]\nmax_connections_per_client = 100000\n"
+        ),
+    )
+    .unwrap();
+    let mut converter = lab
+        .converter
+        .command(bin)
+        .arg("converter")
+        .arg("--config")
+        .arg(&config)
+        // The operator's default level: one log line per connection is part of the cost.
+        .env("RUST_LOG", "info")
+        .spawn()
+        .expect("braid converter");
+    wait_listening(&lab.converter, CONV_PORT);
+    let conv: SocketAddr = (lab.converter_v4(), CONV_PORT).into();
+    let rr_dest: SocketAddr = (lab.server_v4(), RR_PORT).into();
+
+    println!(
+        "# braid connection benchmark: {rounds} interleaved rounds of {secs} s, {concurrency} \
+         concurrent clients, {} cores",
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    );
+    let (mut fwd, mut conv_rates) = (Vec::new(), Vec::new());
+    for _ in 0..rounds {
+        fwd.push(rate(&lab.gateway, None, rr_dest, concurrency, secs));
+        conv_rates.push(rate(&lab.gateway, Some(conv), rr_dest, concurrency, secs));
+    }
+    let (f, c) = (median(fwd), median(conv_rates));
+    println!();
+    println!("| new connections/s | plain TCP, forwarded | through braid converter | ratio |");
+    println!("|---|---|---|---|");
+    println!(
+        "| 16 B request, 100 B response | {f:.0} | {c:.0} | {:.2} |",
+        c / f
+    );
+
+    // Idle connections: open them, let the subflows settle, then measure.
+    std::thread::sleep(Duration::from_secs(2));
+    let rss0 = rss_kib(converter.pid());
+    let slab0 = slab_bytes();
+    let tcp0 = tcp_mem_bytes();
+    let idle_dest: SocketAddr = (lab.server_v4(), IDLE_PORT).into();
+    let held = hold_idle(&lab.gateway, conv, idle_dest, idle);
+    std::thread::sleep(Duration::from_secs(3));
+    let opened = held.count;
+    let rss1 = rss_kib(converter.pid());
+    let slab1 = slab_bytes();
+    let tcp1 = tcp_mem_bytes();
+    let subflows = lab
+        .converter
+        .run([
+            "ss",
+            "-Htn",
+            "state",
+            "established",
+            &format!("sport = :{CONV_PORT}"),
+        ])
+        .unwrap_or_default()
+        .lines()
+        .count();
+    let per = |d: i64| d as f64 / opened.max(1) as f64;
+    println!();
+    println!(
+        "| {opened} idle converted connections ({subflows} subflows at the converter) | per connection |"
+    );
+    println!("|---|---|");
+    println!(
+        "| converter RSS | {:.1} KiB |",
+        per((rss1 as i64 - rss0 as i64) * 1024) / 1024.0
+    );
+    println!(
+        "| kernel slab, whole machine (all four ends) | {:.1} KiB |",
+        per(slab1 as i64 - slab0 as i64) / 1024.0
+    );
+    println!(
+        "| kernel TCP buffer memory, whole machine | {:.1} KiB |",
+        per(tcp1 as i64 - tcp0 as i64) / 1024.0
+    );
+    drop(held);
+    let _ = converter.stop();
+    let _ = std::fs::remove_file(&config);
+}
+
+/// Completed request/response exchanges per second, `concurrency` at a time, either straight
+/// to `dest` or through the converter at `via`.
+fn rate(
+    ns: &Netns,
+    via: Option<SocketAddr>,
+    dest: SocketAddr,
+    concurrency: usize,
+    secs: f64,
+) -> f64 {
+    let done = Arc::new(AtomicU64::new(0));
+    let failed = Arc::new(AtomicU64::new(0));
+    let deadline = Instant::now() + Duration::from_secs_f64(secs);
+    let (d2, f2) = (done.clone(), failed.clone());
+    let started = Instant::now();
+    ns.enter(move || {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let mut tasks = Vec::new();
+            for _ in 0..concurrency {
+                let (done, failed) = (d2.clone(), f2.clone());
+                tasks.push(tokio::spawn(async move {
+                    while Instant::now() < deadline {
+                        match exchange(via, dest).await {
+                            Ok(()) => done.fetch_add(1, Relaxed),
+                            Err(_) => failed.fetch_add(1, Relaxed),
+                        };
+                    }
+                }));
+            }
+            for t in tasks {
+                let _ = t.await;
+            }
+        })
+    })
+    .expect("enter");
+    let elapsed = started.elapsed().as_secs_f64();
+    let failed = failed.load(Relaxed);
+    if failed > 0 {
+        eprintln!("note: {failed} failed exchanges via {via:?}");
+    }
+    done.load(Relaxed) as f64 / elapsed
+}
+
+async fn exchange(via: Option<SocketAddr>, dest: SocketAddr) -> std::io::Result<()> {
+    let request = [7u8; 16];
+    let (mut stream, mut got) = match via {
+        None => {
+            let mut s = tokio::net::TcpStream::connect(dest).await?;
+            s.write_all(&request).await?;
+            (s, 0)
+        }
+        Some(conv) => {
+            let c = client::connect(conv, dest, None, &request, &ClientOptions::default())
+                .await
+                .map_err(std::io::Error::other)?;
+            (c.stream, c.leftover.len())
+        }
+    };
+    // The client never closes first: TIME_WAIT stays on the server side, off the client's ports.
+    let mut buf = [0u8; 256];
+    loop {
+        match stream.read(&mut buf).await? {
+            0 => break,
+            n => got += n,
+        }
+    }
+    if got == RESPONSE {
+        Ok(())
+    } else {
+        Err(std::io::Error::other(format!("short response: {got}")))
+    }
+}
+
+struct Held {
+    count: usize,
+    _rt: tokio::runtime::Runtime,
+    _streams: Vec<tokio::net::TcpStream>,
+}
+
+fn hold_idle(ns: &Netns, conv: SocketAddr, dest: SocketAddr, n: usize) -> Held {
+    ns.enter(move || {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let streams = rt.block_on(async move {
+            let sem = Arc::new(tokio::sync::Semaphore::new(200));
+            let mut tasks = Vec::with_capacity(n);
+            for _ in 0..n {
+                let permit = sem.clone().acquire_owned().await.unwrap();
+                tasks.push(tokio::spawn(async move {
+                    let r = client::connect(conv, dest, None, b"", &ClientOptions::default()).await;
+                    drop(permit);
+                    r.ok().map(|c| c.stream)
+                }));
+            }
+            let mut out = Vec::with_capacity(n);
+            for t in tasks {
+                if let Ok(Some(s)) = t.await {
+                    out.push(s);
+                }
+            }
+            out
+        });
+        Held {
+            count: streams.len(),
+            _rt: rt,
+            _streams: streams,
+        }
+    })
+    .expect("enter")
+}
+
+/// The request/response server and the idle server, on a runtime whose threads live in `ns`.
+fn start_servers(ns: &Netns) -> impl Drop {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let thread = ns
+        .thread(move || {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                let rr = tokio::net::TcpListener::bind(("0.0.0.0", RR_PORT))
+                    .await
+                    .unwrap();
+                let idle = tokio::net::TcpListener::bind(("0.0.0.0", IDLE_PORT))
+                    .await
+                    .unwrap();
+                tx.send(()).unwrap();
+                tokio::spawn(async move {
+                    while let Ok((mut s, _)) = idle.accept().await {
+                        tokio::spawn(async move {
+                            let mut b = [0u8; 64];
+                            while matches!(s.read(&mut b).await, Ok(n) if n > 0) {}
+                        });
+                    }
+                });
+                while let Ok((mut s, _)) = rr.accept().await {
+                    tokio::spawn(async move {
+                        let mut req = [0u8; 16];
+                        if s.read_exact(&mut req).await.is_ok() {
+                            let _ = s.write_all(&[1u8; RESPONSE]).await;
+                        }
+                    });
+                }
+            });
+        })
+        .expect("server thread");
+    rx.recv_timeout(Duration::from_secs(5)).expect("servers up");
+    // The thread runs until the process exits (a benchmark is one process).
+    struct Detached(Option<braid_lab::NsThread<()>>);
+    impl Drop for Detached {
+        fn drop(&mut self) {
+            std::mem::forget(self.0.take());
+        }
+    }
+    Detached(Some(thread))
+}
+
+fn wait_listening(ns: &Netns, port: u16) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while ns
+        .run(["ss", "-Hltn", &format!("sport = :{port}")])
+        .unwrap_or_default()
+        .trim()
+        .is_empty()
+    {
+        assert!(Instant::now() < deadline, "converter did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
+fn raise_fd_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    if let Ok((_, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
+    }
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Bytes in all slab caches (`num_objs × objsize` summed), machine-wide.
+fn slab_bytes() -> u64 {
+    std::fs::read_to_string("/proc/slabinfo")
+        .unwrap_or_default()
+        .lines()
+        .skip(2)
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let objs: u64 = f.get(2)?.parse().ok()?;
+            let size: u64 = f.get(3)?.parse().ok()?;
+            Some(objs * size)
+        })
+        .sum()
+}
+
+/// `TCP: ... mem N` of /proc/net/sockstat: pages charged to TCP sockets, machine-wide.
+fn tcp_mem_bytes() -> u64 {
+    std::fs::read_to_string("/proc/net/sockstat")
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("TCP:"))
+        .and_then(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let i = f.iter().position(|x| *x == "mem")?;
+            f.get(i + 1)?.parse::<u64>().ok()
+        })
+        .map_or(0, |pages| pages * 4096)
+}
