@@ -35,6 +35,9 @@ pub struct ClientOptions {
     pub timeout: Duration,
     /// Congestion control for the socket.
     pub congestion_control: Option<String>,
+    /// `SO_MARK` for the socket (the gateway marks its own sockets so that its output capture
+    /// leaves them alone).
+    pub mark: Option<u32>,
 }
 
 impl Default for ClientOptions {
@@ -46,6 +49,7 @@ impl Default for ClientOptions {
             bind: None,
             timeout: Duration::from_secs(10),
             congestion_control: None,
+            mark: None,
         }
     }
 }
@@ -106,6 +110,9 @@ fn open_socket(converter: SocketAddr, opts: &ClientOptions) -> io::Result<Socket
     }
     if let Some(cc) = &opts.congestion_control {
         let _ = s.set_tcp_congestion(cc.as_bytes());
+    }
+    if let Some(mark) = opts.mark {
+        s.set_mark(mark)?;
     }
     if let Some(src) = opts.bind {
         s.bind(&src.into())?;

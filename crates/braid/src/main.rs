@@ -9,7 +9,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Converter(args) => braid::converter::main(args),
-        Command::Gateway(_) => return not_yet("gateway", 4),
+        Command::Gateway(args) => braid::gateway::main(args),
         Command::Demo(_) => return not_yet("demo", 4),
     };
     match result {

@@ -54,7 +54,7 @@ pub fn main(args: ConverterArgs) -> anyhow::Result<()> {
 
 /// Each connection holds two sockets (four descriptors with splice pipes): the default soft
 /// limit of 1024 would cap a converter at a few hundred connections.
-fn raise_fd_limit() {
+pub(crate) fn raise_fd_limit() {
     use nix::sys::resource::{Resource, getrlimit, setrlimit};
     if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
         if soft < hard && setrlimit(Resource::RLIMIT_NOFILE, hard, hard).is_err() {
@@ -214,7 +214,7 @@ async fn accept_loop(
     }
 }
 
-async fn wait_for_signal() -> anyhow::Result<()> {
+pub(crate) async fn wait_for_signal() -> anyhow::Result<()> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;

@@ -401,3 +401,137 @@ pub fn early_data(down: u64, down_seed: u64, up_seed: u64, k: usize) -> Vec<u8> 
     v.extend_from_slice(&p);
     v
 }
+
+/// nginx (Debian's) serving `/file` of `size` pattern bytes on port 80, IPv4 and IPv6, from a
+/// private directory; stopped and removed on drop.
+pub struct Nginx {
+    process: Process,
+    dir: PathBuf,
+    pub sha256: [u8; 32],
+}
+
+impl Nginx {
+    pub fn start(ns: &Netns, size: u64) -> Nginx {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("{}-nginx", ns.name()));
+        let www = dir.join("www");
+        std::fs::create_dir_all(&www).unwrap();
+        // nginx workers run as nobody: everything they read must be world-readable.
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::set_permissions(&www, std::fs::Permissions::from_mode(0o755)).unwrap();
+        {
+            use std::io::Write;
+            let mut f = std::io::BufWriter::new(std::fs::File::create(www.join("file")).unwrap());
+            let mut buf = vec![0u8; 1 << 20];
+            let mut off = 0;
+            while off < size {
+                let k = (size - off).min(buf.len() as u64) as usize;
+                pattern(42, off, &mut buf[..k]);
+                f.write_all(&buf[..k]).unwrap();
+                off += k as u64;
+            }
+        }
+        std::fs::set_permissions(www.join("file"), std::fs::Permissions::from_mode(0o644)).unwrap();
+        let d = dir.display();
+        let conf = format!(
+            "worker_processes 1;\npid {d}/nginx.pid;\nerror_log {d}/error.log;\n\
+             events {{ worker_connections 1024; }}\n\
+             http {{\n access_log off;\n client_body_temp_path {d}/body;\n proxy_temp_path {d}/proxy;\n\
+             fastcgi_temp_path {d}/fastcgi;\n uwsgi_temp_path {d}/uwsgi;\n scgi_temp_path {d}/scgi;\n\
+             sendfile on;\n server {{ listen 80; listen [::]:80; root {d}/www; }}\n}}\n"
+        );
+        std::fs::write(dir.join("nginx.conf"), conf).unwrap();
+        let process = ns
+            .command("nginx")
+            .args(["-c", &format!("{d}/nginx.conf"), "-g", "daemon off;"])
+            .spawn()
+            .expect("nginx (Debian package nginx-light)");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while ns
+            .run(["ss", "-Hltn", "sport = :80"])
+            .unwrap_or_default()
+            .trim()
+            .is_empty()
+        {
+            assert!(
+                Instant::now() < deadline,
+                "nginx did not start: {}",
+                std::fs::read_to_string(dir.join("error.log")).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Nginx {
+            process,
+            sha256: pattern_sha256(42, size),
+            dir,
+        }
+    }
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        let _ = self.process.stop();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A `braid gateway` process in the lab's gateway namespace, logging to a file.
+pub struct Gateway {
+    pub process: Option<Process>,
+    pub log: PathBuf,
+}
+
+impl Gateway {
+    pub fn start(ns: &Netns, args: &[String]) -> Gateway {
+        let log = std::env::temp_dir().join(format!("{}-gateway.log", ns.name()));
+        let _ = std::fs::remove_file(&log);
+        let mut g = Gateway { process: None, log };
+        g.restart(ns, args);
+        g
+    }
+
+    /// Starts the process (again), waiting until it says it is running.
+    pub fn restart(&mut self, ns: &Netns, args: &[String]) {
+        let bin = env!("CARGO_BIN_EXE_braid");
+        let mut p = ns
+            .command(bin)
+            .arg("gateway")
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stderr(Output::File(self.log.clone()))
+            .spawn()
+            .expect("spawn braid gateway");
+        // The log file starts empty with every start.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let text = self.log_text();
+            if text.contains("gateway running") {
+                break;
+            }
+            if !p.is_running() || Instant::now() > deadline {
+                panic!("gateway did not start; log:\n{text}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.process = Some(p);
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        if let Some(mut p) = self.process.take() {
+            let _ = p.stop();
+        }
+        if std::thread::panicking() {
+            eprintln!(
+                "--- gateway log ({}):\n{}",
+                self.log.display(),
+                self.log_text()
+            );
+        }
+    }
+}

@@ -1,0 +1,419 @@
+//! Gateway configuration: the TOML file, the flags layered over it, and validation into
+//! [`Settings`] with errors that name the key.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::Path;
+use std::time::Duration;
+
+use ipnet::IpNet;
+use serde::Deserialize;
+
+use crate::cli::{GatewayArgs, LogFormat, TransparentMode};
+use crate::config::{ConfigError, parse_prefixes, read_toml};
+use crate::relay::{Engine, RelayConfig};
+
+/// Where transparent capture delivers connections when no port is given.
+pub const DEFAULT_TRANSPARENT_PORT: u16 = 5180;
+/// fwmark of packets the capture steers to the local listener (TPROXY) — and of braid's own
+/// sockets, which the output capture must leave alone. "BR" in ASCII, unlikely to collide.
+pub const DEFAULT_FWMARK: u32 = 0x4252;
+/// Routing table holding the `local default dev lo` route for TPROXY.
+pub const DEFAULT_ROUTE_TABLE: u32 = 5180;
+
+/// An uplink as listed in the file. Path management uses it in a later version; today the
+/// list is validated and logged so that configurations can already carry it.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UplinkFile {
+    pub interface: String,
+    pub backup: Option<bool>,
+}
+
+/// The file, as written. Every key is optional; defaults live in [`Settings`].
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct File {
+    pub converter: Option<Vec<SocketAddr>>,
+    pub socks5: Option<SocketAddr>,
+    pub socks5_users: Option<Vec<String>>,
+    pub transparent: Option<String>,
+    pub transparent_port: Option<u16>,
+    pub capture: Option<Vec<String>>,
+    pub bypass: Option<Vec<String>>,
+    pub capture_source: Option<Vec<String>>,
+    pub bypass_ports: Option<Vec<u16>>,
+    pub capture_output: Option<bool>,
+    pub fwmark: Option<u32>,
+    pub route_table: Option<u32>,
+    pub metrics: Option<SocketAddr>,
+    pub log_format: Option<String>,
+    pub connect_timeout_ms: Option<u64>,
+    pub default_backoff_secs: Option<u64>,
+    pub idle_timeout_secs: Option<u64>,
+    pub drain_timeout_secs: Option<u64>,
+    pub relay_engine: Option<String>,
+    pub relay_buffer: Option<usize>,
+    pub fast_open: Option<bool>,
+    pub congestion_control: Option<String>,
+    pub uplinks: Option<Vec<UplinkFile>>,
+}
+
+/// A SOCKS5 account (RFC 1929).
+#[derive(Clone, PartialEq, Eq)]
+pub struct SocksUser {
+    pub user: String,
+    pub password: String,
+}
+
+impl std::fmt::Debug for SocksUser {
+    // Passwords stay out of `--check-config` output and logs.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:***", self.user)
+    }
+}
+
+/// Validated settings the gateway runs with.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub converters: Vec<SocketAddr>,
+    pub socks5: Option<SocketAddr>,
+    pub socks5_users: Vec<SocksUser>,
+    pub transparent: Option<TransparentMode>,
+    pub transparent_port: u16,
+    /// Destinations captured; empty = all (both families).
+    pub capture: Vec<IpNet>,
+    pub bypass: Vec<IpNet>,
+    /// Sources captured; empty = any.
+    pub capture_source: Vec<IpNet>,
+    pub bypass_ports: Vec<u16>,
+    pub capture_output: bool,
+    pub fwmark: u32,
+    pub route_table: u32,
+    pub metrics: Option<SocketAddr>,
+    pub log_format: LogFormat,
+    pub connect_timeout: Duration,
+    /// How long a converter that failed without naming a back-off is avoided.
+    pub default_backoff: Duration,
+    pub drain_timeout: Duration,
+    pub relay: RelayConfig,
+    pub fast_open: bool,
+    pub congestion_control: Option<String>,
+    pub uplinks: Vec<(String, bool)>,
+}
+
+impl Settings {
+    pub fn load(args: &GatewayArgs) -> Result<Settings, ConfigError> {
+        let file = match &args.config {
+            Some(path) => read_toml::<File>(path)?,
+            None => File::default(),
+        };
+        Settings::from_parts(file, args, args.config.as_deref())
+    }
+
+    fn from_parts(
+        mut f: File,
+        a: &GatewayArgs,
+        path: Option<&Path>,
+    ) -> Result<Settings, ConfigError> {
+        if !a.converter.is_empty() {
+            f.converter = Some(a.converter.clone());
+        }
+        if a.socks5.is_some() {
+            f.socks5 = a.socks5;
+        }
+        if !a.socks5_user.is_empty() {
+            f.socks5_users = Some(a.socks5_user.clone());
+        }
+        if let Some(m) = a.transparent {
+            f.transparent = Some(
+                match m {
+                    TransparentMode::Tproxy => "tproxy",
+                    TransparentMode::Redirect => "redirect",
+                }
+                .into(),
+            );
+        }
+        if a.transparent_port.is_some() {
+            f.transparent_port = a.transparent_port;
+        }
+        if !a.capture.is_empty() {
+            f.capture = Some(a.capture.clone());
+        }
+        if !a.bypass.is_empty() {
+            f.bypass = Some(a.bypass.clone());
+        }
+        if !a.capture_source.is_empty() {
+            f.capture_source = Some(a.capture_source.clone());
+        }
+        if !a.bypass_port.is_empty() {
+            f.bypass_ports = Some(a.bypass_port.clone());
+        }
+        if a.capture_output {
+            f.capture_output = Some(true);
+        }
+        if a.metrics.is_some() {
+            f.metrics = a.metrics;
+        }
+        if let Some(l) = a.log_format {
+            f.log_format = Some(l.as_str().to_owned());
+        }
+        let err = |key: &str, reason: String| ConfigError::invalid(path, key, reason);
+
+        let converters = f.converter.unwrap_or_default();
+        if converters.is_empty() {
+            return Err(err(
+                "converter",
+                "empty: name at least one converter (--converter ADDR:PORT)".into(),
+            ));
+        }
+        for (i, c) in converters.iter().enumerate() {
+            if c.ip().is_unspecified() || c.ip().is_multicast() || c.port() == 0 {
+                return Err(err(
+                    &format!("converter[{i}]"),
+                    format!("{c} is not a converter's address"),
+                ));
+            }
+        }
+        let transparent = match f.transparent.as_deref() {
+            None | Some("off") => None,
+            Some("tproxy") => Some(TransparentMode::Tproxy),
+            Some("redirect") => Some(TransparentMode::Redirect),
+            Some(other) => {
+                return Err(err(
+                    "transparent",
+                    format!("{other:?} is not one of \"tproxy\", \"redirect\", \"off\""),
+                ));
+            }
+        };
+        if transparent.is_none() && f.socks5.is_none() {
+            return Err(err(
+                "transparent",
+                "nothing to capture: enable --transparent tproxy|redirect and/or --socks5 ADDR:PORT"
+                    .into(),
+            ));
+        }
+        let capture_output = f.capture_output.unwrap_or(false);
+        if capture_output && transparent.is_none() {
+            return Err(err(
+                "capture_output",
+                "needs transparent capture (--transparent tproxy|redirect)".into(),
+            ));
+        }
+        let transparent_port = f.transparent_port.unwrap_or(DEFAULT_TRANSPARENT_PORT);
+        if transparent_port == 0 {
+            return Err(err("transparent_port", "must not be 0".into()));
+        }
+        let mut socks5_users = Vec::new();
+        for (i, entry) in f.socks5_users.iter().flatten().enumerate() {
+            let key = format!("socks5_users[{i}]");
+            let (user, password) = entry
+                .split_once(':')
+                .ok_or_else(|| err(&key, "expected \"user:password\"".into()))?;
+            // RFC 1929: one length byte each, and an empty name cannot be sent.
+            if user.is_empty() || user.len() > 255 || password.len() > 255 {
+                return Err(err(
+                    &key,
+                    "user must be 1-255 bytes and password at most 255 bytes".into(),
+                ));
+            }
+            socks5_users.push(SocksUser {
+                user: user.into(),
+                password: password.into(),
+            });
+        }
+        if !socks5_users.is_empty() && f.socks5.is_none() {
+            return Err(err(
+                "socks5_users",
+                "accounts given but no SOCKS5 listener (--socks5 ADDR:PORT)".into(),
+            ));
+        }
+        let log_format = match f.log_format.as_deref() {
+            None | Some("text") => LogFormat::Text,
+            Some("json") => LogFormat::Json,
+            Some(other) => {
+                return Err(err(
+                    "log_format",
+                    format!("{other:?} is not one of \"text\", \"json\""),
+                ));
+            }
+        };
+        let engine = match f.relay_engine.as_deref() {
+            None => Engine::Copy,
+            Some(s) => s.parse().map_err(|e| err("relay_engine", e))?,
+        };
+        let relay_buffer = f.relay_buffer.unwrap_or(256 * 1024);
+        if !(4096..=(64 << 20)).contains(&relay_buffer) {
+            return Err(err(
+                "relay_buffer",
+                format!("{relay_buffer} is outside 4096..=67108864 bytes"),
+            ));
+        }
+        let connect_timeout = match f.connect_timeout_ms.unwrap_or(5_000) {
+            0 => return Err(err("connect_timeout_ms", "must be greater than 0".into())),
+            n => Duration::from_millis(n),
+        };
+        let idle_timeout = match f.idle_timeout_secs.unwrap_or(3600) {
+            0 => None,
+            n => Some(Duration::from_secs(n)),
+        };
+        let fwmark = f.fwmark.unwrap_or(DEFAULT_FWMARK);
+        if fwmark == 0 {
+            return Err(err("fwmark", "must not be 0".into()));
+        }
+        let route_table = f.route_table.unwrap_or(DEFAULT_ROUTE_TABLE);
+        // 253-255 are the kernel's default/main/local tables; 0 is "unspecified".
+        if route_table == 0 || (253..=255).contains(&route_table) {
+            return Err(err(
+                "route_table",
+                format!("{route_table} is reserved; pick another table number"),
+            ));
+        }
+        if let Some(cc) = &f.congestion_control
+            && (cc.is_empty()
+                || cc.len() > 15
+                || !cc.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_'))
+        {
+            return Err(err(
+                "congestion_control",
+                format!("{cc:?} is not a congestion control name (e.g. reno, cubic, bbr)"),
+            ));
+        }
+        let mut uplinks = Vec::new();
+        for (i, u) in f.uplinks.iter().flatten().enumerate() {
+            if u.interface.is_empty() || u.interface.len() > 15 {
+                return Err(err(
+                    &format!("uplinks[{i}].interface"),
+                    format!("{:?} is not an interface name", u.interface),
+                ));
+            }
+            uplinks.push((u.interface.clone(), u.backup.unwrap_or(false)));
+        }
+        let capture = parse_prefixes(path, "capture", f.capture.as_deref())?;
+        let bypass = parse_prefixes(path, "bypass", f.bypass.as_deref())?;
+        let capture_source = parse_prefixes(path, "capture_source", f.capture_source.as_deref())?;
+        Ok(Settings {
+            converters,
+            socks5: f.socks5,
+            socks5_users,
+            transparent,
+            transparent_port,
+            capture,
+            bypass,
+            capture_source,
+            bypass_ports: f.bypass_ports.unwrap_or_default(),
+            capture_output,
+            fwmark,
+            route_table,
+            metrics: f.metrics,
+            log_format,
+            connect_timeout,
+            default_backoff: Duration::from_secs(f.default_backoff_secs.unwrap_or(30)),
+            drain_timeout: Duration::from_secs(f.drain_timeout_secs.unwrap_or(10)),
+            relay: RelayConfig {
+                engine,
+                idle_timeout,
+                buffer: relay_buffer,
+            },
+            fast_open: f.fast_open.unwrap_or(true),
+            congestion_control: f.congestion_control,
+            uplinks,
+        })
+    }
+
+    /// Whether a destination address may be captured at all: converters are never captured
+    /// (that would loop), and neither are bypassed prefixes.
+    pub fn is_bypassed(&self, ip: IpAddr) -> bool {
+        self.converters.iter().any(|c| c.ip() == ip) || self.bypass.iter().any(|n| n.contains(&ip))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    fn args(extra: &[&str]) -> GatewayArgs {
+        let mut v = vec!["braid", "gateway"];
+        v.extend_from_slice(extra);
+        match crate::cli::Cli::parse_from(v).command {
+            crate::cli::Command::Gateway(a) => a,
+            _ => unreachable!(),
+        }
+    }
+
+    fn from_toml(toml_text: &str, extra: &[&str]) -> Result<Settings, ConfigError> {
+        let file: File = toml::from_str(toml_text).unwrap();
+        Settings::from_parts(file, &args(extra), Some(Path::new("g.toml")))
+    }
+
+    #[test]
+    fn a_minimal_gateway_is_valid() {
+        let s = from_toml(
+            "",
+            &["--converter", "192.0.2.1:5124", "--transparent", "tproxy"],
+        )
+        .unwrap();
+        assert_eq!(s.transparent, Some(TransparentMode::Tproxy));
+        assert_eq!(s.transparent_port, DEFAULT_TRANSPARENT_PORT);
+        assert!(s.is_bypassed("192.0.2.1".parse().unwrap()));
+        assert!(!s.is_bypassed("192.0.2.2".parse().unwrap()));
+    }
+
+    #[test]
+    fn flags_override_the_file() {
+        let s = from_toml(
+            "converter = [\"192.0.2.1:1\"]\nsocks5 = \"127.0.0.1:1080\"\n",
+            &["--converter", "192.0.2.2:2"],
+        )
+        .unwrap();
+        assert_eq!(s.converters, ["192.0.2.2:2".parse().unwrap()]);
+    }
+
+    #[test]
+    fn bad_values_name_their_key() {
+        let base = "converter = [\"192.0.2.1:5124\"]\nsocks5 = \"127.0.0.1:1080\"\n";
+        let cases = [
+            ("socks5 = \"127.0.0.1:1080\"", "converter"),
+            ("converter = [\"192.0.2.1:5124\"]", "transparent"),
+            (
+                "converter = [\"0.0.0.0:5124\"]\nsocks5 = \"127.0.0.1:1\"",
+                "converter[0]",
+            ),
+            (&format!("{base}transparent = \"magic\""), "transparent"),
+            (&format!("{base}capture = [\"10.0.0.1/8\"]"), "capture[0]"),
+            (&format!("{base}bypass = [\"x\"]"), "bypass[0]"),
+            (
+                &format!("{base}socks5_users = [\"nopass\"]"),
+                "socks5_users[0]",
+            ),
+            (&format!("{base}capture_output = true"), "capture_output"),
+            (&format!("{base}route_table = 254"), "route_table"),
+            (&format!("{base}fwmark = 0"), "fwmark"),
+            (
+                &format!("{base}uplinks = [{{ interface = \"\" }}]"),
+                "uplinks[0].interface",
+            ),
+            (&format!("{base}relay_engine = \"zero\""), "relay_engine"),
+        ];
+        for (text, key) in cases {
+            let e = from_toml(text, &[]).unwrap_err().to_string();
+            assert!(e.contains(&format!("`{key}`")), "{text:?} gave {e:?}");
+            assert!(e.contains("g.toml"), "{e}");
+        }
+    }
+
+    #[test]
+    fn passwords_are_not_printed() {
+        let s = from_toml(
+            "converter = [\"192.0.2.1:5124\"]\nsocks5 = \"127.0.0.1:1080\"\n\
+             socks5_users = [\"alice:s3cret\"]",
+            &[],
+        )
+        .unwrap();
+        let shown = format!("{s:?}");
+        assert!(
+            shown.contains("alice") && !shown.contains("s3cret"),
+            "{shown}"
+        );
+    }
+}

@@ -1,0 +1,318 @@
+//! `braid gateway`: the user-side daemon. It captures TCP connections — transparently with
+//! nftables TPROXY or REDIRECT, or through a SOCKS5 front — and carries each over MPTCP to a
+//! converter with the Convert protocol, the request and the application's first bytes in the
+//! SYN.
+//!
+//! - [`config`]: file + flags → validated settings;
+//! - [`capture`]: braid's own nftables table (and, for TPROXY, policy routing via
+//!   `braid_sys::route`), removed on exit and replaced after a crash;
+//! - [`converters`]: the ordered converter list with back-off and cookies;
+//! - [`conn`]: one captured connection, transparent or SOCKS5;
+//! - [`stats`]: Prometheus metrics.
+
+pub mod capture;
+pub mod config;
+pub mod conn;
+pub mod converters;
+pub mod stats;
+
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use braid_sys::kernel::{self, TfoChange, TfoMode};
+use prometheus_client::registry::Registry;
+use socket2::{Domain, SockRef, Socket, Type};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::cli::{GatewayArgs, TransparentMode};
+use crate::client::ClientOptions;
+use config::Settings;
+use conn::{Mode, Shared};
+
+pub fn main(args: GatewayArgs) -> anyhow::Result<()> {
+    let settings = Settings::load(&args)?;
+    if args.check_config {
+        println!("configuration OK\n{settings:#?}");
+        return Ok(());
+    }
+    crate::logging::init(settings.log_format);
+    crate::converter::raise_fd_limit();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(run(settings))
+}
+
+async fn check_kernel(s: &Settings) -> anyhow::Result<()> {
+    kernel::check_mptcp().context("the gateway carries connections over MPTCP")?;
+    if s.fast_open {
+        match kernel::ensure_tfo(TfoMode::CLIENT, "the client bit", true)? {
+            TfoChange::Unchanged => {}
+            TfoChange::Set { from, to } => tracing::warn!(
+                from = format!("{from:#x}"),
+                to = format!("{to:#x}"),
+                "set net.ipv4.tcp_fastopen: the gateway needs the client bit (0x1) to send the \
+                 Convert request in the SYN"
+            ),
+        }
+    }
+    let mut pm = braid_sys::pm::PathManager::new().context("opening the MPTCP path manager")?;
+    let limits = pm.limits().await.context("reading the MPTCP limits")?;
+    let subflow_endpoints = pm
+        .endpoints()
+        .await
+        .map(|eps| eps.iter().filter(|e| e.flags.subflow).count())
+        .unwrap_or(0);
+    if limits.subflows == 0 || subflow_endpoints == 0 {
+        tracing::warn!(
+            subflows = limits.subflows,
+            subflow_endpoints,
+            "connections will use one path only: add a `subflow` endpoint per extra uplink \
+             (`ip mptcp endpoint add ADDR dev IFACE subflow`) and raise the limit \
+             (`ip mptcp limits set subflows 8 add_addr_accepted 8`)"
+        );
+    }
+    if !s.uplinks.is_empty() {
+        tracing::info!(
+            uplinks = ?s.uplinks,
+            "uplinks listed; this version leaves their MPTCP endpoints to the system"
+        );
+    }
+    Ok(())
+}
+
+/// Listeners for transparent capture, one per family: with TPROXY the sockets are
+/// `IP_TRANSPARENT`, so the kernel hands them connections addressed to anywhere.
+fn transparent_listeners(mode: TransparentMode, port: u16) -> anyhow::Result<Vec<TcpListener>> {
+    let mut out = Vec::new();
+    for v6 in [false, true] {
+        let domain = if v6 { Domain::IPV6 } else { Domain::IPV4 };
+        let s = Socket::new(domain, Type::STREAM.nonblocking().cloexec(), None)?;
+        s.set_reuse_address(true)?;
+        if v6 {
+            s.set_only_v6(true)?;
+        }
+        if mode == TransparentMode::Tproxy {
+            if v6 {
+                s.set_ip_transparent_v6(true)
+            } else {
+                s.set_ip_transparent_v4(true)
+            }
+            .context("IP_TRANSPARENT needs CAP_NET_ADMIN (run as root)")?;
+        }
+        let addr: SocketAddr = if v6 {
+            (Ipv6Addr::UNSPECIFIED, port).into()
+        } else {
+            (Ipv4Addr::UNSPECIFIED, port).into()
+        };
+        if let Err(e) = s.bind(&addr.into()) {
+            if v6 && e.raw_os_error() == Some(libc::EADDRNOTAVAIL) {
+                tracing::warn!("no IPv6 here: capturing IPv4 only");
+                continue;
+            }
+            return Err(e).with_context(|| format!("binding the capture port {addr}"));
+        }
+        s.listen(4096)?;
+        out.push(TcpListener::from_std(s.into())?);
+    }
+    Ok(out)
+}
+
+async fn run(settings: Settings) -> anyhow::Result<()> {
+    check_kernel(&settings).await?;
+
+    let mut transparent = Vec::new();
+    if let Some(mode) = settings.transparent {
+        for l in transparent_listeners(mode, settings.transparent_port)? {
+            transparent.push((mode, l));
+        }
+    }
+    let socks = match settings.socks5 {
+        Some(addr) => Some(
+            TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("SOCKS5 listener on {addr}"))?,
+        ),
+        None => None,
+    };
+    let capture = match settings.transparent {
+        Some(mode) => Some(
+            capture::install(&settings, mode)
+                .context("installing the capture rules (nftables, policy routing)")?,
+        ),
+        None => None,
+    };
+
+    let client = ClientOptions {
+        fast_open: settings.fast_open,
+        timeout: settings.connect_timeout,
+        congestion_control: settings.congestion_control.clone(),
+        mark: settings
+            .capture_output
+            .then(|| capture::own_mark(settings.fwmark)),
+        ..ClientOptions::default()
+    };
+    let stop = CancellationToken::new();
+    let shared = Arc::new(Shared {
+        converters: converters::Converters::new(
+            settings.converters.clone(),
+            settings.default_backoff,
+        ),
+        client,
+        stats: stats::Stats::default(),
+        hard_stop: CancellationToken::new(),
+        settings,
+    });
+
+    let metrics_task = match shared.settings.metrics {
+        Some(addr) => {
+            let mut registry = Registry::default();
+            shared.stats.register(&mut registry);
+            Some(
+                crate::metrics::serve(addr, Arc::new(registry), stop.clone())
+                    .await
+                    .with_context(|| format!("serving metrics on {addr}"))?,
+            )
+        }
+        None => None,
+    };
+
+    let tracker = TaskTracker::new();
+    for (mode, l) in transparent {
+        tracing::info!(addr = %l.local_addr()?, ?mode, "listening (transparent capture)");
+        tracker.spawn(accept_transparent(
+            l,
+            mode,
+            shared.clone(),
+            stop.clone(),
+            tracker.clone(),
+        ));
+    }
+    if let Some(l) = socks {
+        tracing::info!(addr = %l.local_addr()?, "listening (SOCKS5)");
+        tracker.spawn(accept_socks(
+            l,
+            shared.clone(),
+            stop.clone(),
+            tracker.clone(),
+        ));
+    }
+    tracing::info!(converters = ?shared.settings.converters, "gateway running");
+
+    crate::converter::wait_for_signal().await?;
+    // New connections go direct from here on; running ones drain.
+    drop(capture);
+    tracing::info!(
+        active = shared.stats.active.get(),
+        "stopping: capture removed, draining"
+    );
+    stop.cancel();
+    tracker.close();
+    if tokio::time::timeout(shared.settings.drain_timeout, tracker.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!("drain deadline passed: resetting the remaining connections");
+        shared.hard_stop.cancel();
+        tracker.wait().await;
+    }
+    if let Some(t) = metrics_task {
+        let _ = t.await;
+    }
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn accept_transparent(
+    listener: TcpListener,
+    mode: TransparentMode,
+    shared: Arc<Shared>,
+    stop: CancellationToken,
+    tracker: TaskTracker,
+) {
+    loop {
+        let accepted = tokio::select! {
+            _ = stop.cancelled() => return,
+            r = listener.accept() => r,
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                let dest = match mode {
+                    // TPROXY keeps the original destination as the socket's local address.
+                    TransparentMode::Tproxy => stream.local_addr(),
+                    TransparentMode::Redirect => original_dst(&stream, peer),
+                };
+                let Ok(dest) = dest else {
+                    tracing::warn!(%peer, "captured connection without a destination");
+                    continue;
+                };
+                let m = match mode {
+                    TransparentMode::Tproxy => Mode::Tproxy,
+                    TransparentMode::Redirect => Mode::Redirect,
+                };
+                tracker.spawn(conn::serve_transparent(
+                    stream,
+                    unmap(peer),
+                    unmap(dest),
+                    m,
+                    shared.clone(),
+                ));
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+async fn accept_socks(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    stop: CancellationToken,
+    tracker: TaskTracker,
+) {
+    loop {
+        let accepted = tokio::select! {
+            _ = stop.cancelled() => return,
+            r = listener.accept() => r,
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                tracker.spawn(conn::serve_socks(stream, unmap(peer), shared.clone()));
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+/// `SO_ORIGINAL_DST`: where a REDIRECTed connection was going.
+fn original_dst(stream: &tokio::net::TcpStream, peer: SocketAddr) -> std::io::Result<SocketAddr> {
+    let s = SockRef::from(stream);
+    let addr = if peer.is_ipv4() {
+        s.original_dst_v4()?
+    } else {
+        s.original_dst_v6()?
+    };
+    addr.as_socket()
+        .ok_or_else(|| std::io::Error::other("original destination is not an IP address"))
+}
+
+/// IPv4-mapped IPv6 addresses as plain IPv4 (dual-stack sockets report them so).
+fn unmap(a: SocketAddr) -> SocketAddr {
+    match a {
+        SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
+            Some(v4) => SocketAddr::new(v4.into(), v6.port()),
+            None => a,
+        },
+        v4 => v4,
+    }
+}

@@ -1,0 +1,72 @@
+//! The gateway's Prometheus metrics. Labels are small closed sets (mode, outcome, direction),
+//! never addresses.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Captured {
+    /// `tproxy`, `redirect` or `socks5`.
+    pub mode: &'static str,
+    pub outcome: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Direction {
+    pub direction: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Converter {
+    pub converter: String,
+}
+
+#[derive(Debug, Default, Clone)]
+pub struct Stats {
+    /// Captured connections at close, by capture mode and outcome.
+    pub connections: Family<Captured, Counter>,
+    /// Bytes relayed: `up` is application → server, `down` server → application.
+    pub bytes: Family<Direction, Counter>,
+    /// Connections to a converter that ended up plain TCP (MPTCP stripped on the path).
+    pub fallback: Counter,
+    /// Times a converter was skipped or failed over, by converter address (a short,
+    /// operator-given list, so a bounded label).
+    pub converter_failures: Family<Converter, Counter>,
+    pub active: Gauge,
+}
+
+impl Stats {
+    pub fn register(&self, reg: &mut Registry) {
+        let r = reg.sub_registry_with_prefix("braid_gateway");
+        r.register(
+            "connections",
+            "Captured connections at close, by mode and outcome",
+            self.connections.clone(),
+        );
+        r.register("bytes", "Bytes relayed, by direction", self.bytes.clone());
+        r.register(
+            "mptcp_fallback",
+            "Connections to a converter that fell back to plain TCP",
+            self.fallback.clone(),
+        );
+        r.register(
+            "converter_failures",
+            "Converter connection attempts that failed, by converter",
+            self.converter_failures.clone(),
+        );
+        r.register(
+            "active_connections",
+            "Captured connections open now",
+            self.active.clone(),
+        );
+    }
+
+    pub fn closed(&self, mode: &'static str, outcome: &'static str) {
+        self.connections
+            .get_or_create(&Captured { mode, outcome })
+            .inc();
+    }
+}

@@ -1,0 +1,379 @@
+//! End-to-end behaviour of `braid gateway`: unmodified curl and iperf3 in the LAN client
+//! namespace, a real gateway and a real converter, nginx and iperf3 servers in the server
+//! namespace; two shaped uplinks between gateway and converter. Every download is checked by
+//! SHA-256.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use braid_lab::{Netns, Signal, StandardConfig, StandardLab};
+use common::*;
+
+const FILE_SIZE: u64 = 100 << 20;
+const SOCKS_PORT: u16 = 1080;
+
+fn shaped_lab() -> StandardLab {
+    StandardLab::new(StandardConfig {
+        uplinks: 2,
+        rates: Some(vec![200_000_000, 300_000_000]),
+        ..StandardConfig::default()
+    })
+    .expect("lab")
+}
+
+fn strings(v: &[&str]) -> Vec<String> {
+    v.iter().map(|s| s.to_string()).collect()
+}
+
+fn hex(d: &[u8]) -> String {
+    d.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// `curl URL | sha256sum` in `ns`; returns (exit ok, digest or stderr, seconds).
+fn curl_sha(ns: &Netns, extra: &[&str], url: &str) -> (bool, String, f64) {
+    let t = Instant::now();
+    let script = format!(
+        "set -o pipefail; curl -sS --max-time 60 {} '{url}' | sha256sum | cut -d' ' -f1",
+        extra.join(" ")
+    );
+    let out = ns.command("bash").args(["-c", &script]).output();
+    let secs = t.elapsed().as_secs_f64();
+    match out {
+        Ok(o) => (true, o.stdout.trim().to_string(), secs),
+        Err(e) => (false, e.to_string(), secs),
+    }
+}
+
+/// curl that is expected to fail: returns (exit code, stderr, seconds).
+fn curl_fail(ns: &Netns, extra: &[&str], url: &str) -> (i32, String, f64) {
+    let t = Instant::now();
+    let out = std::process::Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            ns.name(),
+            "curl",
+            "-sS",
+            "--max-time",
+            "20",
+        ])
+        .args(extra)
+        .arg(url)
+        .output()
+        .expect("curl");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+        t.elapsed().as_secs_f64(),
+    )
+}
+
+fn converter_args(cl_extra: &[&str]) -> Vec<String> {
+    let mut a = default_converter_args();
+    a.extend(cl_extra.iter().map(|s| s.to_string()));
+    a
+}
+
+fn wait_for_log(g: &Gateway, what: &str) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline {
+        if g.log_text().contains(what) {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    false
+}
+
+fn converter_saw_two_subflows(cl: &ConverterLab) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline {
+        if cl
+            .log_text()
+            .lines()
+            .any(|l| l.contains("connection closed") && l.contains("subflows=2"))
+        {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    false
+}
+
+fn no_capture_left(ns: &Netns) -> Result<(), String> {
+    let tables = ns.run(["nft", "list", "tables"]).unwrap_or_default();
+    if tables.contains("braid_gateway") {
+        return Err(format!("nft table left: {tables}"));
+    }
+    for v in ["-4", "-6"] {
+        let rules = ns.run(["ip", v, "rule", "show"]).unwrap_or_default();
+        if rules.contains("lookup 5180") {
+            return Err(format!("ip rule left: {rules}"));
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn tproxy_carries_curl_and_iperf3_over_two_subflows() {
+    let cl = ConverterLab::from_lab(shaped_lab(), &converter_args(&[]));
+    let nginx = Nginx::start(&cl.lab.server, FILE_SIZE);
+    let conv = cl.converter_addr_v4().to_string();
+    let gw = Gateway::start(
+        &cl.lab.gateway,
+        &strings(&["--converter", &conv, "--transparent", "tproxy"]),
+    );
+    let tfo0 = counter(&cl.lab.gateway, "TcpExtTCPFastOpenActive");
+
+    let url = format!("http://{}/file", cl.lab.server_v4());
+    let (ok, digest, secs) = curl_sha(&cl.lab.client, &[], &url);
+    assert!(ok, "curl failed: {digest}");
+    assert_eq!(digest, hex(&nginx.sha256), "downloaded file differs");
+    eprintln!(
+        "100 MiB in {secs:.2} s = {:.0} Mbit/s over uplinks of 200 + 300 Mbit/s",
+        FILE_SIZE as f64 * 8.0 / secs / 1e6
+    );
+    assert!(
+        wait_for_log(&gw, "mode=\"tproxy\""),
+        "gateway did not log the connection"
+    );
+    assert!(
+        converter_saw_two_subflows(&cl),
+        "the converted connection did not use both uplinks:\n{}",
+        cl.log_text()
+    );
+    assert!(
+        counter(&cl.lab.gateway, "TcpExtTCPFastOpenActive") > tfo0,
+        "the Convert request did not ride in the SYN (no TFO from the gateway)"
+    );
+
+    // iperf3 both ways, unmodified.
+    let mut srv = cl
+        .lab
+        .server
+        .command("iperf3")
+        .args(["-s", "-p", "5201"])
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    for reverse in [false, true] {
+        let mut args = vec!["-c", "10.2.0.2", "-p", "5201", "-t", "2", "-J"];
+        if reverse {
+            args.push("-R");
+        }
+        let out = cl.lab.client.command("iperf3").args(&args).output();
+        let out = out.expect("iperf3 through the gateway");
+        let bits: f64 = out
+            .stdout
+            .split("\"bits_per_second\":")
+            .last()
+            .and_then(|s| s.split([',', '}']).next())
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(0.0);
+        eprintln!("iperf3 reverse={reverse}: {:.0} Mbit/s", bits / 1e6);
+        assert!(
+            bits > 10e6,
+            "iperf3 reverse={reverse} moved almost nothing: {}",
+            out.stdout
+        );
+    }
+    let _ = srv.stop();
+    let n = gw.log_text().matches("mode=\"tproxy\"").count();
+    assert!(n >= 3, "iperf3 was not captured ({n} connections logged)");
+}
+
+#[test]
+fn redirect_mode_and_an_ipv6_client() {
+    let cl = ConverterLab::from_lab(shaped_lab(), &converter_args(&[]));
+    let nginx = Nginx::start(&cl.lab.server, 8 << 20);
+    let conv = cl.converter_addr_v4().to_string();
+    let _gw = Gateway::start(
+        &cl.lab.gateway,
+        &strings(&["--converter", &conv, "--transparent", "redirect"]),
+    );
+    for url in [
+        format!("http://{}/file", cl.lab.server_v4()),
+        format!("http://[{}]/file", cl.lab.server_v6()),
+    ] {
+        let (ok, digest, _) = curl_sha(&cl.lab.client, &["-g"], &url);
+        assert!(ok, "{url}: {digest}");
+        assert_eq!(digest, hex(&nginx.sha256), "{url}");
+    }
+    assert!(_gw.log_text().matches("mode=\"redirect\"").count() >= 2);
+}
+
+#[test]
+fn families_are_bridged_in_both_directions() {
+    let cl = ConverterLab::from_lab(shaped_lab(), &converter_args(&[]));
+    let nginx = Nginx::start(&cl.lab.server, 4 << 20);
+    // Gateway–converter over IPv6 only, servers over IPv4 (v4 → v6 → v4), and the reverse.
+    let conv_v6 = cl.converter_addr_v6().to_string();
+    let mut gw = Gateway::start(
+        &cl.lab.gateway,
+        &strings(&["--converter", &conv_v6, "--transparent", "tproxy"]),
+    );
+    let url = format!("http://{}/file", cl.lab.server_v4());
+    let (ok, digest, _) = curl_sha(&cl.lab.client, &[], &url);
+    assert!(
+        ok && digest == hex(&nginx.sha256),
+        "v4 over a v6 converter leg: {digest}"
+    );
+    assert!(
+        gw.log_text().contains(&format!("converter=\"{conv_v6}\""))
+            || gw.log_text().contains(&conv_v6)
+    );
+
+    let _ = gw.process.take().unwrap().stop();
+    let conv_v4 = cl.converter_addr_v4().to_string();
+    gw.restart(
+        &cl.lab.gateway,
+        &strings(&["--converter", &conv_v4, "--transparent", "tproxy"]),
+    );
+    let url = format!("http://[{}]/file", cl.lab.server_v6());
+    let (ok, digest, _) = curl_sha(&cl.lab.client, &["-g"], &url);
+    assert!(
+        ok && digest == hex(&nginx.sha256),
+        "v6 over a v4 converter leg: {digest}"
+    );
+}
+
+#[test]
+fn socks5_with_names_and_passwords() {
+    let cl = ConverterLab::from_lab(shaped_lab(), &converter_args(&[]));
+    let nginx = Nginx::start(&cl.lab.server, 8 << 20);
+    cl.lab
+        .gateway
+        .set_hosts(&[(cl.lab.server_v4().into(), "files.braid.test")])
+        .unwrap();
+    let conv = cl.converter_addr_v4().to_string();
+    let socks = format!("{}:{SOCKS_PORT}", cl.lab.gateway_lan_v4());
+    let _gw = Gateway::start(
+        &cl.lab.gateway,
+        &strings(&[
+            "--converter",
+            &conv,
+            "--socks5",
+            &socks,
+            "--socks5-user",
+            "alice:wonder",
+        ]),
+    );
+    // The name is resolved by the gateway (the client has no such name).
+    let proxy = format!("socks5h://alice:wonder@{socks}");
+    let (ok, digest, _) = curl_sha(
+        &cl.lab.client,
+        &["-x", &proxy],
+        "http://files.braid.test/file",
+    );
+    assert!(ok, "{digest}");
+    assert_eq!(digest, hex(&nginx.sha256));
+    // Wrong password: refused by the proxy, not a hang.
+    let bad = format!("socks5h://alice:nope@{socks}");
+    let (code, err, secs) = curl_fail(
+        &cl.lab.client,
+        &["-x", &bad],
+        "http://files.braid.test/file",
+    );
+    assert_ne!(code, 0, "{err}");
+    assert!(secs < 5.0, "took {secs} s");
+    // IPv4 address and IPv6 literal destinations through SOCKS5 too.
+    for url in [
+        format!("http://{}/file", cl.lab.server_v4()),
+        format!("http://[{}]/file", cl.lab.server_v6()),
+    ] {
+        let (ok, digest, _) = curl_sha(&cl.lab.client, &["-g", "-x", &proxy], &url);
+        assert!(ok && digest == hex(&nginx.sha256), "{url}: {digest}");
+    }
+}
+
+#[test]
+fn errors_reach_the_application_quickly() {
+    // The converter refuses one server address by policy; the other has a closed port.
+    let cl = ConverterLab::from_lab(
+        shaped_lab(),
+        &converter_args(&["--deny-dest", "10.2.0.2/32"]),
+    );
+    let conv = cl.converter_addr_v4().to_string();
+    let socks = format!("{}:{SOCKS_PORT}", cl.lab.gateway_lan_v4());
+    let _gw = Gateway::start(
+        &cl.lab.gateway,
+        &strings(&[
+            "--converter",
+            &conv,
+            "--transparent",
+            "tproxy",
+            "--socks5",
+            &socks,
+        ]),
+    );
+    let closed = format!("http://[{}]:9/", cl.lab.server_v6());
+    let denied = format!("http://{}/", cl.lab.server_v4());
+    let proxy = format!("socks5h://{socks}");
+
+    // SOCKS5: the reply code names the reason.
+    let (code, err, secs) = curl_fail(&cl.lab.client, &["-g", "-x", &proxy], &closed);
+    assert_ne!(code, 0);
+    assert!(secs < 3.0, "closed port took {secs} s: {err}");
+    assert!(
+        err.contains("(5)") || err.to_lowercase().contains("refused"),
+        "{err}"
+    );
+    let (code, err, secs) = curl_fail(&cl.lab.client, &["-x", &proxy], &denied);
+    assert_ne!(code, 0);
+    assert!(secs < 3.0, "denied took {secs} s: {err}");
+    assert!(
+        err.contains("(2)") || err.to_lowercase().contains("not allowed"),
+        "{err}"
+    );
+
+    eprintln!("socks5 denied: {err}");
+    // Transparent: the application's connection is reset at once, not left hanging.
+    for url in [&closed, &denied] {
+        let (code, err, secs) = curl_fail(&cl.lab.client, &["-g"], url);
+        eprintln!(
+            "transparent {url}: curl exit {code} after {secs:.2} s: {}",
+            err.trim()
+        );
+        assert_ne!(code, 0, "{url}");
+        assert!(secs < 3.0, "{url} took {secs} s: {err}");
+        assert!(
+            err.to_lowercase().contains("reset") || err.contains("Empty reply"),
+            "{url}: {err}"
+        );
+    }
+}
+
+#[test]
+fn rules_are_removed_after_sigterm_and_after_a_crash() {
+    let cl = ConverterLab::from_lab(shaped_lab(), &converter_args(&[]));
+    let conv = cl.converter_addr_v4().to_string();
+    let args = strings(&["--converter", &conv, "--transparent", "tproxy"]);
+    let mut gw = Gateway::start(&cl.lab.gateway, &args);
+    assert!(
+        cl.lab
+            .gateway
+            .run(["nft", "list", "tables"])
+            .unwrap()
+            .contains("braid_gateway")
+    );
+    let mut p = gw.process.take().unwrap();
+    p.signal(Signal::SIGTERM).unwrap();
+    assert!(p.wait_timeout(Duration::from_secs(15)).unwrap().is_some());
+    no_capture_left(&cl.lab.gateway).unwrap();
+
+    // A crash leaves the rules; the next start replaces them, its exit removes them.
+    gw.restart(&cl.lab.gateway, &args);
+    let _ = gw.process.take().unwrap().kill();
+    assert!(
+        no_capture_left(&cl.lab.gateway).is_err(),
+        "SIGKILL cannot clean up"
+    );
+    gw.restart(&cl.lab.gateway, &args);
+    let rules = cl.lab.gateway.run(["ip", "-4", "rule", "show"]).unwrap();
+    assert_eq!(rules.matches("lookup 5180").count(), 1, "{rules}");
+    let mut p = gw.process.take().unwrap();
+    p.signal(Signal::SIGTERM).unwrap();
+    assert!(p.wait_timeout(Duration::from_secs(15)).unwrap().is_some());
+    no_capture_left(&cl.lab.gateway).unwrap();
+}
