@@ -10,7 +10,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Converter(args) => braid::converter::main(args),
         Command::Gateway(args) => braid::gateway::main(args),
-        Command::Demo(_) => return not_yet("demo", 4),
+        Command::Demo(args) => braid::demo::main(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -20,13 +20,4 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
-}
-
-/// Subcommands whose daemon is not built yet say so plainly instead of pretending.
-fn not_yet(what: &str, issue: u32) -> ExitCode {
-    eprintln!(
-        "braid {what}: not yet implemented in this version (planned: issue {issue}); \
-         `braid {what} --help` shows the interface it will have"
-    );
-    ExitCode::from(2)
 }

@@ -377,3 +377,80 @@ fn rules_are_removed_after_sigterm_and_after_a_crash() {
     assert!(p.wait_timeout(Duration::from_secs(15)).unwrap().is_some());
     no_capture_left(&cl.lab.gateway).unwrap();
 }
+
+#[test]
+fn the_gateways_own_connections_are_captured_on_request() {
+    let cl = ConverterLab::from_lab(shaped_lab(), &converter_args(&[]));
+    let nginx = Nginx::start(&cl.lab.server, 8 << 20);
+    let conv = cl.converter_addr_v4().to_string();
+    for mode in ["tproxy", "redirect"] {
+        let gw = Gateway::start(
+            &cl.lab.gateway,
+            &strings(&[
+                "--converter",
+                &conv,
+                "--transparent",
+                mode,
+                "--capture-output",
+            ]),
+        );
+        // curl runs on the gateway machine itself.
+        let url = format!("http://{}/file", cl.lab.server_v4());
+        let (ok, digest, _) = curl_sha(&cl.lab.gateway, &[], &url);
+        assert!(ok && digest == hex(&nginx.sha256), "{mode}: {digest}");
+        assert!(
+            wait_for_log(&gw, &format!("mode=\"{mode}\"")),
+            "{mode}: the local connection was not captured:\n{}",
+            gw.log_text()
+        );
+        drop(gw);
+        no_capture_left(&cl.lab.gateway).unwrap();
+    }
+}
+
+#[test]
+fn the_demo_downloads_bonded_and_cleans_up() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_braid"))
+        .args(["demo", "--size", "8", "--rates", "40", "60"])
+        .output()
+        .expect("braid demo");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "demo failed: {text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("checksum: match"), "{text}");
+    // Both uplinks carried part of the download.
+    for i in 0..2 {
+        let line = text
+            .lines()
+            .find(|l| l.starts_with(&format!("uplink {i} (")))
+            .unwrap_or_else(|| panic!("no summary for uplink {i}: {text}"));
+        let mib: f64 = line
+            .split(": ")
+            .nth(1)
+            .and_then(|s| s.split(' ').next())
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0.0);
+        assert!(mib > 1.0, "uplink {i} carried {mib} MiB: {text}");
+    }
+    let left = std::process::Command::new("ip")
+        .args(["netns", "list"])
+        .output()
+        .unwrap();
+    let prefix = format!("blab-{}-", out_pid_hint(&text));
+    assert!(
+        !String::from_utf8_lossy(&left.stdout).contains(&prefix),
+        "the demo left namespaces behind"
+    );
+}
+
+/// The demo prints its namespaces' names (`blab-<pid>-...`); the pid part identifies them.
+fn out_pid_hint(text: &str) -> String {
+    text.split("blab-")
+        .nth(1)
+        .and_then(|s| s.split('-').next())
+        .unwrap_or("none")
+        .to_string()
+}

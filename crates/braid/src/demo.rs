@@ -1,0 +1,326 @@
+//! `braid demo`: the main job, shown on any Linux machine with MPTCP, as root. It builds the
+//! standard lab in network namespaces (LAN client, gateway with two shaped uplinks, converter,
+//! server), starts real `braid converter` and `braid gateway` processes (this very binary),
+//! downloads a file with curl from the LAN client through the transparent capture, prints the
+//! rate of each uplink every second and the total, checks the SHA-256, and removes everything,
+//! also on Ctrl-C.
+
+use std::io::{Read, Write};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use braid_lab::{Netns, Output, Process, StandardConfig, StandardLab};
+use sha2::{Digest, Sha256};
+
+use crate::cli::DemoArgs;
+
+const CONVERTER_PORT: u16 = 5124;
+const HTTP_PORT: u16 = 80;
+
+pub fn main(args: DemoArgs) -> anyhow::Result<()> {
+    if !nix::unistd::geteuid().is_root() {
+        bail!("braid demo builds network namespaces: run it as root (sudo ./scripts/demo)");
+    }
+    for tool in ["ip", "nft", "tc", "curl", "nstat"] {
+        if which(tool).is_none() {
+            bail!(
+                "`{tool}` is missing: install iproute2, nftables and curl (./scripts/demo does \
+                 it for you)"
+            );
+        }
+    }
+    braid_sys::kernel::check_mptcp().context("the demo needs MPTCP")?;
+    // Ctrl-C reaches curl and the daemons too (same process group), which ends the download;
+    // the flag makes the demo skip what is left and clean up instead of dying with its
+    // namespaces in place. Handlers (unlike a blocked mask) are not inherited across exec.
+    let stop = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(sig, stop.clone()).context("installing signal handlers")?;
+    }
+    let removed = braid_lab::sweep().unwrap_or_default();
+    if !removed.is_empty() {
+        println!(
+            "removed {} namespaces left by an interrupted run",
+            removed.len()
+        );
+    }
+    run(&args, &stop)
+}
+
+fn run(args: &DemoArgs, stop: &AtomicBool) -> anyhow::Result<()> {
+    let rates: Vec<u64> = args
+        .rates
+        .iter()
+        .map(|r| u64::from(*r) * 1_000_000)
+        .collect();
+    let size = u64::from(args.size) << 20;
+    println!(
+        "building the lab: LAN client — gateway ={}= converter — server",
+        rates
+            .iter()
+            .map(|r| format!(" {} Mbit/s ", r / 1_000_000))
+            .collect::<Vec<_>>()
+            .join("=")
+    );
+    let lab = StandardLab::new(StandardConfig {
+        uplinks: rates.len(),
+        rates: Some(rates.clone()),
+        ..StandardConfig::default()
+    })
+    .context("building the namespaced lab")?;
+    let exe = std::env::current_exe().context("finding the braid binary")?;
+    let logs = std::env::temp_dir().join(format!("braid-demo-{}", std::process::id()));
+    std::fs::create_dir_all(&logs)?;
+
+    let digest = serve_file(&lab.server, size)?;
+    let mut converter = spawn(
+        &lab.converter,
+        &exe,
+        &[
+            "converter",
+            "--listen",
+            &format!("[::]:{CONVERTER_PORT}"),
+            "--allow-client",
+            "10.1.0.0/16",
+            "--allow-client",
+            "fd00:1::/32",
+            "--allow-dest",
+            "10.2.0.0/24",
+            "--allow-dest",
+            "fd00:2::/64",
+        ],
+        logs.join("converter.log"),
+        "listening",
+    )?;
+    let converter_addr = format!("{}:{CONVERTER_PORT}", lab.converter_v4());
+    let mut gateway = spawn(
+        &lab.gateway,
+        &exe,
+        &[
+            "gateway",
+            "--converter",
+            &converter_addr,
+            "--transparent",
+            "tproxy",
+        ],
+        logs.join("gateway.log"),
+        "gateway running",
+    )?;
+    println!(
+        "braid converter runs in {}, braid gateway (TPROXY capture) in {}",
+        lab.converter.name(),
+        lab.gateway.name()
+    );
+
+    let url = format!("http://{}:{HTTP_PORT}/file", lab.server_v4());
+    println!("client: curl {url}  ({} MiB)\n", args.size);
+    let mut curl = lab
+        .client
+        .command("sh")
+        .args([
+            "-c",
+            &format!("curl -sS --max-time 600 '{url}' | sha256sum | cut -d' ' -f1"),
+        ])
+        .stdout(Output::Piped)
+        .spawn()
+        .context("starting curl in the client namespace")?;
+
+    let ifaces: Vec<String> = lab.uplinks.iter().map(|u| u.gateway_if.clone()).collect();
+    let started = Instant::now();
+    let first = uplink_bytes(&lab.gateway, &ifaces);
+    let mut last = first.clone();
+    let mut last_t = Instant::now();
+    let header: Vec<String> = (0..ifaces.len()).map(|i| format!("uplink {i}")).collect();
+    println!("  time  {}   total", header.join("   "));
+    while curl.try_wait()?.is_none() && !stop.load(Ordering::SeqCst) {
+        std::thread::sleep(Duration::from_millis(250));
+        if last_t.elapsed() < Duration::from_secs(1) {
+            continue;
+        }
+        let now = uplink_bytes(&lab.gateway, &ifaces);
+        let dt = last_t.elapsed().as_secs_f64();
+        let per: Vec<f64> = now
+            .iter()
+            .zip(&last)
+            .map(|(n, l)| (n - l) as f64 * 8.0 / dt / 1e6)
+            .collect();
+        println!(
+            "{:>5.0}s  {}   {:>5.1} Mbit/s",
+            started.elapsed().as_secs_f64(),
+            per.iter()
+                .map(|m| format!("{m:>5.1}  "))
+                .collect::<Vec<_>>()
+                .join(" "),
+            per.iter().sum::<f64>()
+        );
+        last = now;
+        last_t = Instant::now();
+    }
+    let secs = started.elapsed().as_secs_f64();
+    let total = uplink_bytes(&lab.gateway, &ifaces);
+    if stop.load(Ordering::SeqCst) {
+        let _ = curl.kill();
+    }
+    let mut got = String::new();
+    if let Some(mut out) = curl.take_stdout() {
+        let _ = out.read_to_string(&mut got);
+    }
+    let status = curl.wait()?;
+    let _ = gateway.stop();
+    let _ = converter.stop();
+    if stop.load(Ordering::SeqCst) {
+        println!("\ninterrupted: cleaning up");
+        return Ok(());
+    }
+    println!();
+    for (i, (t, f)) in total.iter().zip(&first).enumerate() {
+        println!(
+            "uplink {i} ({} Mbit/s): {:.1} MiB, {:.1} Mbit/s on average",
+            rates[i] / 1_000_000,
+            (t - f) as f64 / (1 << 20) as f64,
+            (t - f) as f64 * 8.0 / secs / 1e6
+        );
+    }
+    let rate = size as f64 * 8.0 / secs / 1e6;
+    println!(
+        "total: {} MiB in {secs:.1} s = {rate:.1} Mbit/s (the uplinks add up to {} Mbit/s)",
+        args.size,
+        rates.iter().sum::<u64>() / 1_000_000
+    );
+    let want: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+    let ok = status.success() && got.trim() == want;
+    println!(
+        "checksum: {}",
+        if ok {
+            format!("match (SHA-256 {want})")
+        } else {
+            format!("MISMATCH: expected {want}, got {:?}", got.trim())
+        }
+    );
+    println!("logs: {}", logs.display());
+    if !ok {
+        bail!("the download did not arrive intact");
+    }
+    Ok(())
+}
+
+/// Starts `braid ROLE ...` in `ns`, logging to `log`, and waits for `ready` in the log.
+fn spawn(
+    ns: &Netns,
+    exe: &PathBuf,
+    args: &[&str],
+    log: PathBuf,
+    ready: &str,
+) -> anyhow::Result<Process> {
+    let mut p = ns
+        .command(exe)
+        .args(args)
+        .env("RUST_LOG", "info")
+        .stderr(Output::File(log.clone()))
+        .spawn()
+        .with_context(|| format!("starting braid {}", args[0]))?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        if text.contains(ready) {
+            return Ok(p);
+        }
+        if !p.is_running() || Instant::now() > deadline {
+            bail!("braid {} did not start:\n{text}", args[0]);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A minimal HTTP server in the server namespace: `GET` anything, get `size` bytes. Returns
+/// the SHA-256 of the body. Its thread ends with the process.
+fn serve_file(ns: &Netns, size: u64) -> anyhow::Result<[u8; 32]> {
+    let mut block = vec![0u8; 1 << 20];
+    // Incompressible-looking but cheap bytes (xorshift).
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    for chunk in block.chunks_mut(8) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        chunk.copy_from_slice(&x.to_le_bytes()[..chunk.len()]);
+    }
+    let mut h = Sha256::new();
+    let mut left = size;
+    while left > 0 {
+        let k = left.min(block.len() as u64) as usize;
+        h.update(&block[..k]);
+        left -= k as u64;
+    }
+    let digest: [u8; 32] = h.finalize().into();
+    let block = Arc::new(block);
+    let (tx, rx) = std::sync::mpsc::channel();
+    let thread = ns.thread(move || {
+        let listener = match std::net::TcpListener::bind(("0.0.0.0", HTTP_PORT)) {
+            Ok(l) => l,
+            Err(e) => {
+                let _ = tx.send(Err(e));
+                return;
+            }
+        };
+        let _ = tx.send(Ok(()));
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { continue };
+            let block = block.clone();
+            std::thread::spawn(move || {
+                let mut req = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !req.windows(4).any(|w| w == b"\r\n\r\n") && req.len() < 16384 {
+                    match conn.read(&mut buf) {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => req.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let head = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Length: {size}\r\nContent-Type: \
+                     application/octet-stream\r\nConnection: close\r\n\r\n"
+                );
+                if conn.write_all(head.as_bytes()).is_err() {
+                    return;
+                }
+                let mut left = size;
+                while left > 0 {
+                    let k = left.min(block.len() as u64) as usize;
+                    if conn.write_all(&block[..k]).is_err() {
+                        return;
+                    }
+                    left -= k as u64;
+                }
+            });
+        }
+    })?;
+    // The server thread lives as long as the demo; detach it.
+    std::mem::forget(thread);
+    rx.recv_timeout(Duration::from_secs(5))
+        .context("file server did not start")?
+        .context("file server")?;
+    Ok(digest)
+}
+
+/// Received bytes of each uplink interface of the gateway (downloads arrive there).
+fn uplink_bytes(ns: &Netns, ifaces: &[String]) -> Vec<u64> {
+    ifaces
+        .iter()
+        .map(|i| {
+            ns.run(["cat", &format!("/sys/class/net/{i}/statistics/rx_bytes")])
+                .ok()
+                .and_then(|s| s.trim().parse().ok())
+                .unwrap_or(0)
+        })
+        .collect()
+}
+
+fn which(tool: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH")?
+        .to_str()?
+        .split(':')
+        .map(|d| PathBuf::from(d).join(tool))
+        .find(|p| p.is_file())
+}
