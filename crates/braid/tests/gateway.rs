@@ -190,7 +190,14 @@ fn redirect_mode_and_an_ipv6_client() {
     let conv = cl.converter_addr_v4().to_string();
     let _gw = Gateway::start(
         &cl.lab.gateway,
-        &strings(&["--converter", &conv, "--transparent", "redirect"]),
+        &strings(&[
+            "--converter",
+            &conv,
+            "--transparent",
+            "redirect",
+            "--metrics",
+            "127.0.0.1:9125",
+        ]),
     );
     for url in [
         format!("http://{}/file", cl.lab.server_v4()),
@@ -201,6 +208,19 @@ fn redirect_mode_and_an_ipv6_client() {
         assert_eq!(digest, hex(&nginx.sha256), "{url}");
     }
     assert!(_gw.log_text().matches("mode=\"redirect\"").count() >= 2);
+    let metrics = cl
+        .lab
+        .gateway
+        .run(["curl", "-sS", "http://127.0.0.1:9125/metrics"])
+        .unwrap();
+    assert!(
+        metrics.contains("braid_gateway_connections_total{mode=\"redirect\",outcome=\"closed\"} 2"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("braid_gateway_mptcp_fallback_total 0"),
+        "{metrics}"
+    );
 }
 
 #[test]

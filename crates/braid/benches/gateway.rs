@@ -1,0 +1,175 @@
+//! Gateway benchmark (prints figures, asserts nothing): unmodified iperf3 from the LAN client to
+//! the server on the unshaped lab, through `braid gateway` (TPROXY) and `braid converter`,
+//! against the same path with both middle namespaces simply forwarding IP. Both run in the same
+//! lab, interleaved: the gateway bypasses port 5202, so iperf3 to that port is forwarded plain
+//! while iperf3 to 5201 is captured and converted.
+//!
+//! Run: `cargo bench -p braid --bench gateway` (as root). Knobs: `BRAID_BENCH_ROUNDS` (3),
+//! `BRAID_BENCH_SECS` (3), `BRAID_BENCH_STREAMS` ("1,4"), `BRAID_BENCH_CC` ("reno").
+
+use std::time::{Duration, Instant};
+
+use braid_lab::{Netns, Output, Process, StandardConfig, StandardLab};
+
+const CAPTURED: u16 = 5201;
+const FORWARDED: u16 = 5202;
+
+fn env_or<T: std::str::FromStr>(key: &str, default: T) -> T {
+    std::env::var(key)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn main() {
+    let rounds: usize = env_or("BRAID_BENCH_ROUNDS", 3);
+    let secs: u32 = env_or("BRAID_BENCH_SECS", 3);
+    let streams: Vec<u32> = env_or("BRAID_BENCH_STREAMS", "1,4".to_string())
+        .split(',')
+        .filter_map(|s| s.trim().parse().ok())
+        .collect();
+    let cc: String = env_or("BRAID_BENCH_CC", "reno".to_string());
+    let lab = StandardLab::new(StandardConfig {
+        uplinks: 2,
+        rates: None,
+        congestion_control: Some(cc.clone()),
+        ..StandardConfig::default()
+    })
+    .expect("lab");
+    let bin = env!("CARGO_BIN_EXE_braid");
+    let mut converter = daemon(
+        &lab.converter,
+        bin,
+        &[
+            "converter",
+            "--listen",
+            "[::]:5124",
+            "--allow-client",
+            "10.1.0.0/16",
+            "--allow-dest",
+            "10.2.0.0/24",
+        ],
+        "listening",
+    );
+    let conv = format!("{}:5124", lab.converter_v4());
+    let mut gateway = daemon(
+        &lab.gateway,
+        bin,
+        &[
+            "gateway",
+            "--converter",
+            &conv,
+            "--transparent",
+            "tproxy",
+            "--bypass-port",
+            &FORWARDED.to_string(),
+        ],
+        "gateway running",
+    );
+    let mut servers: Vec<Process> = [CAPTURED, FORWARDED]
+        .iter()
+        .map(|p| {
+            lab.server
+                .command("iperf3")
+                .args(["-s", "-p", &p.to_string()])
+                .spawn()
+                .expect("iperf3 (Debian package iperf3)")
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(500));
+
+    println!(
+        "# braid gateway benchmark: iperf3 LAN client → server, {rounds} interleaved rounds of \
+         {secs} s, congestion control {cc}, 2 unshaped veth uplinks, {} cores",
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    );
+    println!();
+    println!("| streams | direction | forwarded Gbit/s | gateway + converter Gbit/s | ratio |");
+    println!("|---|---|---|---|---|");
+    for &n in &streams {
+        for reverse in [false, true] {
+            let (mut fwd, mut conv) = (Vec::new(), Vec::new());
+            for _ in 0..rounds {
+                fwd.push(iperf(&lab, FORWARDED, n, secs, reverse));
+                conv.push(iperf(&lab, CAPTURED, n, secs, reverse));
+            }
+            let (f, c) = (median(fwd), median(conv));
+            println!(
+                "| {n} | {} | {f:.2} | {c:.2} | {:.2} |",
+                if reverse {
+                    "server → client"
+                } else {
+                    "client → server"
+                },
+                c / f
+            );
+        }
+    }
+    for s in &mut servers {
+        let _ = s.stop();
+    }
+    let _ = gateway.stop();
+    let _ = converter.stop();
+}
+
+fn daemon(ns: &Netns, bin: &str, args: &[&str], ready: &str) -> Process {
+    let log = std::env::temp_dir().join(format!("{}-{}.log", ns.name(), args[0]));
+    let mut p = ns
+        .command(bin)
+        .args(args)
+        .env("RUST_LOG", "warn,braid=info")
+        .stderr(Output::File(log.clone()))
+        .spawn()
+        .expect("braid");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !std::fs::read_to_string(&log)
+        .unwrap_or_default()
+        .contains(ready)
+    {
+        assert!(
+            p.is_running() && Instant::now() < deadline,
+            "braid {} did not start",
+            args[0]
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    p
+}
+
+/// Gbit/s received, from iperf3's JSON (`end.sum_received`).
+fn iperf(lab: &StandardLab, port: u16, streams: u32, secs: u32, reverse: bool) -> f64 {
+    let server = lab.server_v4().to_string();
+    let mut args = vec![
+        "-c".to_string(),
+        server,
+        "-p".into(),
+        port.to_string(),
+        "-t".into(),
+        secs.to_string(),
+        "-P".into(),
+        streams.to_string(),
+        "-J".into(),
+    ];
+    if reverse {
+        args.push("-R".into());
+    }
+    let out = match lab.client.command("iperf3").args(&args).output() {
+        Ok(o) => o.stdout,
+        Err(e) => {
+            eprintln!("iperf3 failed: {e}");
+            return f64::NAN;
+        }
+    };
+    out.split("\"sum_received\":")
+        .nth(1)
+        .and_then(|s| s.split("\"bits_per_second\":").nth(1))
+        .and_then(|s| s.split([',', '}']).next())
+        .and_then(|s| s.trim().parse::<f64>().ok())
+        .map_or(f64::NAN, |b| b / 1e9)
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.retain(|x| x.is_finite());
+    v.sort_by(|a, b| a.total_cmp(b));
+    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+}
