@@ -474,3 +474,49 @@ fn out_pid_hint(text: &str) -> String {
         .unwrap_or("none")
         .to_string()
 }
+
+#[test]
+fn a_path_that_strips_mptcp_is_detected_and_still_works() {
+    let cl = ConverterLab::from_lab(shaped_lab(), &converter_args(&[]));
+    let nginx = Nginx::start(&cl.lab.server, 4 << 20);
+    // A middlebox in front of the converter removes the MPTCP option from every segment.
+    for cmd in [
+        "add table inet strip",
+        "add chain inet strip pre { type filter hook prerouting priority -150; }",
+        "add rule inet strip pre tcp dport 5124 reset tcp option mptcp",
+    ] {
+        cl.lab
+            .converter
+            .run(["sh", "-c", &format!("nft '{cmd}'")])
+            .unwrap();
+    }
+    let conv = cl.converter_addr_v4().to_string();
+    let gw = Gateway::start(
+        &cl.lab.gateway,
+        &strings(&[
+            "--converter",
+            &conv,
+            "--transparent",
+            "tproxy",
+            "--metrics",
+            "127.0.0.1:9125",
+        ]),
+    );
+    let url = format!("http://{}/file", cl.lab.server_v4());
+    let (ok, digest, _) = curl_sha(&cl.lab.client, &[], &url);
+    assert!(ok && digest == hex(&nginx.sha256), "{digest}");
+    assert!(
+        wait_for_log(&gw, "plain TCP"),
+        "the fallback was not reported:\n{}",
+        gw.log_text()
+    );
+    let metrics = cl
+        .lab
+        .gateway
+        .run(["curl", "-sS", "http://127.0.0.1:9125/metrics"])
+        .unwrap();
+    assert!(
+        metrics.contains("braid_gateway_mptcp_fallback_total 1"),
+        "{metrics}"
+    );
+}
