@@ -67,6 +67,7 @@ fn main() {
         .arg(&config)
         // The operator's default level: one log line per connection is part of the cost.
         .env("RUST_LOG", "info")
+        .stderr(braid_lab::Output::File(config.with_extension("log")))
         .spawn()
         .expect("braid converter");
     wait_listening(&lab.converter, CONV_PORT);
@@ -136,6 +137,19 @@ fn main() {
     );
     drop(held);
     let _ = converter.stop();
+    if opened < idle {
+        // Say why, from the converter's own account of the refused connections.
+        let log = std::fs::read_to_string(config.with_extension("log")).unwrap_or_default();
+        for l in log
+            .lines()
+            .filter(|l| l.contains("outcome=") && !l.contains("outcome=\"closed\""))
+            .filter(|l| l.contains(&format!(":{IDLE_PORT}")))
+            .take(3)
+        {
+            eprintln!("converter: {l}");
+        }
+    }
+    let _ = std::fs::remove_file(config.with_extension("log"));
     let _ = std::fs::remove_file(&config);
 }
 
@@ -237,14 +251,20 @@ fn hold_idle(ns: &Netns, conv: SocketAddr, dest: SocketAddr, n: usize) -> Held {
                 tasks.push(tokio::spawn(async move {
                     let r = client::connect(conv, dest, None, b"", &ClientOptions::default()).await;
                     drop(permit);
-                    r.ok().map(|c| c.stream)
+                    r.map(|c| c.stream).map_err(|e| e.to_string())
                 }));
             }
             let mut out = Vec::with_capacity(n);
+            let mut errors: std::collections::BTreeMap<String, usize> = Default::default();
             for t in tasks {
-                if let Ok(Some(s)) = t.await {
-                    out.push(s);
+                match t.await {
+                    Ok(Ok(s)) => out.push(s),
+                    Ok(Err(e)) => *errors.entry(e).or_default() += 1,
+                    Err(e) => *errors.entry(e.to_string()).or_default() += 1,
                 }
+            }
+            for (e, k) in errors {
+                eprintln!("note: {k} idle connections failed to open: {e}");
             }
             out
         });

@@ -256,7 +256,11 @@ async fn converse(
         Ok(connected) => connected,
         Err(e) => {
             let (code, value) = e.convert_error();
-            let value = if code == 65 { s.backoff_secs } else { value };
+            let value = if code == 64 || code == 65 {
+                s.backoff_secs
+            } else {
+                value
+            };
             send_error_and_reset(client, &wire::error_reply(code, &[value]), shared, code).await;
             return Closed {
                 dest: Some(dest),

@@ -44,7 +44,21 @@ pub fn main(args: ConverterArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     crate::logging::init(settings.log_format);
-    raise_fd_limit();
+    let mut settings = settings;
+    let fd_limit = raise_fd_limit();
+    // Running out of descriptors mid-connection helps nobody: cap the connection count so
+    // that the limit answers with Error 64 first.
+    let fits = fd_limit.saturating_sub(256) / fds_per_connection(&settings);
+    if (settings.max_connections as u64) > fits {
+        tracing::warn!(
+            fd_limit,
+            max_connections = settings.max_connections,
+            effective = fits,
+            "the open-file limit allows fewer connections than max_connections; raise it \
+             (systemd: LimitNOFILE=, shell: ulimit -n) to use the configured value"
+        );
+        settings.max_connections = fits.max(1) as usize;
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -54,12 +68,34 @@ pub fn main(args: ConverterArgs) -> anyhow::Result<()> {
 
 /// Each connection holds two sockets (four descriptors with splice pipes): the default soft
 /// limit of 1024 would cap a converter at a few hundred connections.
-pub(crate) fn raise_fd_limit() {
+///
+/// As root the hard limit is raised too, up to `fs.nr_open` (at most 2^20): a converter's
+/// capacity should be set by `max_connections`, not by a login shell's default. Returns the
+/// soft limit in effect.
+pub(crate) fn raise_fd_limit() -> u64 {
     use nix::sys::resource::{Resource, getrlimit, setrlimit};
-    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
-        if soft < hard && setrlimit(Resource::RLIMIT_NOFILE, hard, hard).is_err() {
-            tracing::warn!(soft, hard, "could not raise the open-file limit");
-        }
+    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
+        return 1024;
+    };
+    let ceiling: u64 = std::fs::read_to_string("/proc/sys/fs/nr_open")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(hard)
+        .min(1 << 20);
+    if ceiling > hard && setrlimit(Resource::RLIMIT_NOFILE, ceiling, ceiling).is_ok() {
+        return ceiling;
+    }
+    if soft < hard && setrlimit(Resource::RLIMIT_NOFILE, hard, hard).is_ok() {
+        return hard;
+    }
+    soft
+}
+
+/// Descriptors one relayed connection holds: two sockets, plus two pipes for splice.
+fn fds_per_connection(s: &Settings) -> u64 {
+    match s.relay.engine {
+        crate::relay::Engine::Copy => 2,
+        crate::relay::Engine::Splice => 6,
     }
 }
 

@@ -24,7 +24,10 @@ pub enum UpstreamError {
     Unreachable { code: u8, error: io::Error },
     /// No answer within the connect timeout.
     Timeout,
-    /// The converter itself could not try (out of ports, buffers, ...).
+    /// The converter itself is out of a resource (descriptors, memory, ports): Error 64,
+    /// which tells the client to back off or use another converter.
+    Exhausted(io::Error),
+    /// The converter itself could not try for another local reason.
     Local(io::Error),
 }
 
@@ -34,6 +37,7 @@ impl UpstreamError {
         match self {
             UpstreamError::Refused => (96, 0),
             UpstreamError::Unreachable { code, .. } => (97, *code),
+            UpstreamError::Exhausted(_) => (64, 0),
             UpstreamError::Timeout | UpstreamError::Local(_) => (65, 0),
         }
     }
@@ -44,6 +48,7 @@ impl UpstreamError {
             UpstreamError::Refused => "refused",
             UpstreamError::Unreachable { .. } => "unreachable",
             UpstreamError::Timeout => "timeout",
+            UpstreamError::Exhausted(_) => "resource_exhausted",
             UpstreamError::Local(_) => "local_error",
         }
     }
@@ -57,6 +62,7 @@ impl std::fmt::Display for UpstreamError {
                 write!(f, "destination unreachable (ICMP code {code}): {error}")
             }
             UpstreamError::Timeout => write!(f, "connect timed out"),
+            UpstreamError::Exhausted(e) => write!(f, "out of a local resource: {e}"),
             UpstreamError::Local(e) => write!(f, "local error: {e}"),
         }
     }
@@ -95,7 +101,7 @@ async fn plain_connect(
         SocketAddr::V4(_) => TcpSocket::new_v4(),
         SocketAddr::V6(_) => TcpSocket::new_v6(),
     }
-    .map_err(UpstreamError::Local)?;
+    .map_err(|e| classify(e, None))?;
     if let Some(cc) = &opts.congestion_control {
         // A congestion control the namespace does not allow is worth a log line, not a refusal.
         if let Err(e) = SockRef::from(&socket).set_tcp_congestion(cc.as_bytes()) {
@@ -123,7 +129,7 @@ async fn connect_fastopen(
 ) -> Result<(TcpStream, usize), UpstreamError> {
     use socket2::{Domain, Protocol, Socket, Type};
     let socket = Socket::new(Domain::for_address(dest), Type::STREAM, Some(Protocol::TCP))
-        .map_err(UpstreamError::Local)?;
+        .map_err(|e| classify(e, None))?;
     socket.set_nonblocking(true).map_err(UpstreamError::Local)?;
     if let Some(cc) = &opts.congestion_control {
         let _ = socket.set_tcp_congestion(cc.as_bytes());
@@ -182,6 +188,9 @@ fn classify(e: io::Error, icmp: Option<IcmpError>) -> UpstreamError {
             UpstreamError::Unreachable { code: 1, error: e }
         }
         Some(libc::ETIMEDOUT) => UpstreamError::Timeout,
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM | libc::EADDRNOTAVAIL) => {
+            UpstreamError::Exhausted(e)
+        }
         _ => UpstreamError::Local(e),
     }
 }
@@ -229,6 +238,16 @@ mod tests {
     }
 
     #[test]
+    fn running_out_of_local_resources_is_error_64() {
+        for errno in [libc::EMFILE, libc::ENFILE, libc::ENOBUFS, libc::EADDRNOTAVAIL] {
+            let e = classify(io::Error::from_raw_os_error(errno), None);
+            assert_eq!(e.convert_error(), (64, 0), "errno {errno}");
+        }
+        let e = classify(io::Error::from_raw_os_error(libc::EPERM), None);
+        assert_eq!(e.convert_error(), (65, 0));
+    }
+
+    #[test]
     fn icmp_codes_win_over_errno() {
         let port_unreach = IcmpError {
             v6: false,
@@ -249,7 +268,5 @@ mod tests {
         assert_eq!(e.convert_error(), (97, 1));
         let e = classify(io::Error::from_raw_os_error(libc::ENETUNREACH), None);
         assert_eq!(e.convert_error(), (97, 0));
-        let e = classify(io::Error::from_raw_os_error(libc::ENOBUFS), None);
-        assert_eq!(e.convert_error(), (65, 0));
     }
 }

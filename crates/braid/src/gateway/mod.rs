@@ -40,7 +40,7 @@ pub fn main(args: GatewayArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     crate::logging::init(settings.log_format);
-    crate::converter::raise_fd_limit();
+    let _ = crate::converter::raise_fd_limit();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
