@@ -15,7 +15,8 @@
 //! Run: `cargo bench -p braid --bench converter` (as root). Environment knobs:
 //! `BRAID_BENCH_ROUNDS` (3), `BRAID_BENCH_SECS` (2), `BRAID_BENCH_FLOWS` ("1,4,16"),
 //! `BRAID_BENCH_CC` ("reno,bbr"), `BRAID_BENCH_RELAY_CC` (the converter's own sockets; default:
-//! the namespaces' congestion control).
+//! the namespaces' congestion control), `BRAID_BENCH_NSTAT` (set: print the kernel counters of
+//! `WATCHED` per GiB for every measurement).
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -260,6 +261,63 @@ fn pump(mut c: TcpStream, source: bool) {
     }
 }
 
+/// Kernel counters worth reading when a path is slow (KERNEL.md: retransmissions, segments
+/// beyond the window, MPTCP-level retransmissions and duplicates).
+const WATCHED: &[&str] = &[
+    "TcpRetransSegs",
+    "TcpExtBeyondWindow",
+    "TcpExtTCPLossProbes",
+    "TcpExtTCPSackRecovery",
+    "TcpExtTCPTimeouts",
+    "TcpExtTCPRcvQDrop",
+    "TcpExtTCPZeroWindowDrop",
+    "TcpExtTCPOFOQueue",
+    "MPTcpExtDuplicateData",
+    "MPTcpExtMPTCPRetrans",
+    "MPTcpExtOFOQueue",
+    "MPTcpExtRcvPruned",
+    "MPTcpExtSubflowRecover",
+    "TcpExtTCPBacklogDrop",
+    "IpExtInNoRoutes",
+    // Not a netstat counter: packets dropped by the per-CPU input backlog, machine-wide
+    // (/proc/net/softnet_stat), added to every namespace's map.
+    "softnet_dropped",
+];
+
+fn counters(ns: &Netns) -> std::collections::HashMap<String, u64> {
+    let mut m: std::collections::HashMap<String, u64> = ns
+        .run(["nstat", "-asz"])
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| {
+            let mut it = l.split_whitespace();
+            Some((it.next()?.to_string(), it.next()?.parse().ok()?))
+        })
+        .collect();
+    let softnet: u64 = std::fs::read_to_string("/proc/net/softnet_stat")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| u64::from_str_radix(l.split_whitespace().nth(1)?, 16).ok())
+        .sum();
+    m.insert("softnet_dropped".into(), softnet);
+    m
+}
+
+fn deltas(
+    a: &std::collections::HashMap<String, u64>,
+    b: &std::collections::HashMap<String, u64>,
+    gib: f64,
+) -> String {
+    WATCHED
+        .iter()
+        .filter_map(|k| {
+            let d = b.get(*k)?.saturating_sub(*a.get(*k).unwrap_or(&0));
+            (d > 0).then(|| format!("{k}={:.0}", d as f64 / gib.max(1e-9)))
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
 fn proc_cpu_ticks(pid: u32) -> u64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     // Fields after the command name (which may contain spaces) start after ") ".
@@ -377,6 +435,8 @@ fn measure(
         })
         .collect();
     std::thread::sleep(Duration::from_millis(500));
+    let nstat = std::env::var_os("BRAID_BENCH_NSTAT").is_some();
+    let n0 = nstat.then(|| (counters(&lab.gateway), counters(&lab.converter)));
     let (b0, t0) = (moved.load(Relaxed), Instant::now());
     let r0 = relay_pid.map(proc_cpu_ticks);
     let m0 = machine_busy_ticks();
@@ -384,6 +444,15 @@ fn measure(
     let (b1, dt) = (moved.load(Relaxed), t0.elapsed().as_secs_f64());
     let r1 = relay_pid.map(proc_cpu_ticks);
     let m1 = machine_busy_ticks();
+    if let Some((g0, c0)) = n0 {
+        let gib = (moved.load(Relaxed) - b0) as f64 / (1u64 << 30) as f64;
+        let (g1, c1) = (counters(&lab.gateway), counters(&lab.converter));
+        println!(
+            "# nstat per GiB, {path:?} {dir:?} {flows} flow(s): gateway [{}] converter [{}]",
+            deltas(&g0, &g1, gib),
+            deltas(&c0, &c1, gib)
+        );
+    }
     stop.store(true, Relaxed);
     for t in threads {
         let _ = t.join();

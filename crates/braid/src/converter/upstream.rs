@@ -239,7 +239,12 @@ mod tests {
 
     #[test]
     fn running_out_of_local_resources_is_error_64() {
-        for errno in [libc::EMFILE, libc::ENFILE, libc::ENOBUFS, libc::EADDRNOTAVAIL] {
+        for errno in [
+            libc::EMFILE,
+            libc::ENFILE,
+            libc::ENOBUFS,
+            libc::EADDRNOTAVAIL,
+        ] {
             let e = classify(io::Error::from_raw_os_error(errno), None);
             assert_eq!(e.convert_error(), (64, 0), "errno {errno}");
         }
