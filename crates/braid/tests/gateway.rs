@@ -520,3 +520,56 @@ fn a_path_that_strips_mptcp_is_detected_and_still_works() {
         "{metrics}"
     );
 }
+
+#[test]
+fn cookies_are_fetched_and_a_dead_converter_is_skipped() {
+    // The converter requires cookies; the first converter in the gateway's list is dead.
+    let cfg = std::env::temp_dir().join(format!("braid-gw-cookie-{}.toml", std::process::id()));
+    std::fs::write(&cfg, "cookies = true\n").unwrap();
+    let cl = ConverterLab::from_lab(
+        shaped_lab(),
+        &converter_args(&["--config", &cfg.display().to_string()]),
+    );
+    let nginx = Nginx::start(&cl.lab.server, 1 << 20);
+    let dead = format!("{}:5999", cl.lab.converter_v4());
+    let live = cl.converter_addr_v4().to_string();
+    let gw = Gateway::start(
+        &cl.lab.gateway,
+        &strings(&[
+            "--converter",
+            &dead,
+            "--converter",
+            &live,
+            "--transparent",
+            "tproxy",
+            "--metrics",
+            "127.0.0.1:9125",
+        ]),
+    );
+    let url = format!("http://{}/file", cl.lab.server_v4());
+    for _ in 0..3 {
+        let (ok, digest, _) = curl_sha(&cl.lab.client, &[], &url);
+        assert!(
+            ok && digest == hex(&nginx.sha256),
+            "{digest}\n{}",
+            gw.log_text()
+        );
+    }
+    let metrics = cl
+        .lab
+        .gateway
+        .run(["curl", "-sS", "http://127.0.0.1:9125/metrics"])
+        .unwrap();
+    // The dead converter was tried once, then avoided for its back-off.
+    assert!(
+        metrics.contains(&format!(
+            "braid_gateway_converter_failures_total{{converter=\"{dead}\"}} 1"
+        )),
+        "{metrics}"
+    );
+    // One Error 3 handed out the cookie; the later requests carried it.
+    let log = cl.log_text();
+    assert_eq!(log.matches("missing_cookie").count(), 1, "{log}");
+    assert_eq!(log.matches("outcome=\"closed\"").count(), 3, "{log}");
+    let _ = std::fs::remove_file(&cfg);
+}

@@ -107,9 +107,10 @@ impl Converters {
                         self.lock().avoid_until.remove(&conv);
                         return Ok((c, conv));
                     }
-                    Err(ClientError::Refused { code: 3, value }) if !value.is_empty() => {
+                    // The value of Error 3 is a 0 byte, then the cookie (convert-spec.md §5).
+                    Err(ClientError::Refused { code: 3, value }) if value.len() > 1 => {
                         tracing::debug!(%conv, "converter asked for a cookie; retrying with it");
-                        self.lock().cookies.insert(conv, value);
+                        self.lock().cookies.insert(conv, value[1..].to_vec());
                     }
                     Err(ClientError::Refused { code, value }) if code == 64 || code == 65 => {
                         self.avoid(conv, value.first().copied());
