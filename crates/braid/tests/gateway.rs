@@ -573,3 +573,50 @@ fn cookies_are_fetched_and_a_dead_converter_is_skipped() {
     assert_eq!(log.matches("outcome=\"closed\"").count(), 3, "{log}");
     let _ = std::fs::remove_file(&cfg);
 }
+
+#[test]
+fn check_config_names_the_bad_key() {
+    let dir = std::env::temp_dir().join(format!("braid-gw-check-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let bad = dir.join("bad.toml");
+    std::fs::write(
+        &bad,
+        "converter = [\"192.0.2.1:5124\"]\ntransparent = \"tproxy\"\nbypass = [\"10.1.2.3/8\"]\n",
+    )
+    .unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_braid"))
+        .args(["gateway", "--check-config", "--config"])
+        .arg(&bad)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("bypass[0]") && err.contains("10.0.0.0/8"),
+        "{err}"
+    );
+
+    let good = dir.join("good.toml");
+    std::fs::write(
+        &good,
+        "converter = [\"192.0.2.1:5124\"]\nsocks5 = \"127.0.0.1:1080\"\n\
+         socks5_users = [\"alice:secret\"]\nuplinks = [{ interface = \"wan0\" }]\n",
+    )
+    .unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_braid"))
+        .args(["gateway", "--check-config", "--config"])
+        .arg(&good)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("configuration OK") && !text.contains("secret"),
+        "{text}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
