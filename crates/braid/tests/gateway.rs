@@ -620,3 +620,55 @@ fn check_config_names_the_bad_key() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn a_download_survives_the_loss_of_an_uplink() {
+    let lab = StandardLab::new(StandardConfig {
+        uplinks: 2,
+        rates: Some(vec![50_000_000, 50_000_000]),
+        rto_min_us: Some(20_000),
+        ..StandardConfig::default()
+    })
+    .expect("lab");
+    let cl = ConverterLab::from_lab(lab, &converter_args(&[]));
+    let nginx = Nginx::start(&cl.lab.server, 32 << 20);
+    let conv = cl.converter_addr_v4().to_string();
+    let _gw = Gateway::start(
+        &cl.lab.gateway,
+        &strings(&["--converter", &conv, "--transparent", "tproxy"]),
+    );
+    let url = format!("http://{}/file", cl.lab.server_v4());
+    let script =
+        format!("set -o pipefail; curl -sS --max-time 60 '{url}' | sha256sum | cut -d' ' -f1");
+    let mut curl = cl
+        .lab
+        .client
+        .command("bash")
+        .args(["-c", &script])
+        .stdout(braid_lab::Output::Piped)
+        .spawn()
+        .unwrap();
+    // Mid-download, the uplink that carries the connection's first subflow dies.
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(
+        curl.is_running(),
+        "the download finished too early to test anything"
+    );
+    cl.lab.uplinks[0].link.down().unwrap();
+    let t = Instant::now();
+    let status = curl.wait_timeout(Duration::from_secs(60)).unwrap();
+    let digest = curl.stop_and_read_stdout().unwrap_or_default();
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "curl failed after the uplink loss"
+    );
+    assert_eq!(
+        digest.trim(),
+        hex(&nginx.sha256),
+        "bytes lost or changed across the failover"
+    );
+    eprintln!(
+        "finished {:.1} s after the uplink went down",
+        t.elapsed().as_secs_f64()
+    );
+}
