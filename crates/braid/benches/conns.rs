@@ -7,7 +7,8 @@
 //!   socket with its two subflows and its upstream TCP socket).
 //!
 //! Run: `cargo bench -p braid --bench conns` (as root). Knobs: `BRAID_BENCH_ROUNDS` (3),
-//! `BRAID_BENCH_SECS` (3), `BRAID_BENCH_CONCURRENCY` (64), `BRAID_BENCH_IDLE` (10000).
+//! `BRAID_BENCH_SECS` (3), `BRAID_BENCH_CONCURRENCY` (64), `BRAID_BENCH_IDLE` (10000),
+//! `BRAID_BENCH_CONVERTERS` (2: converter processes sharing the idle connections).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -30,7 +31,12 @@ fn env_or<T: std::str::FromStr>(key: &str, default: T) -> T {
         .unwrap_or(default)
 }
 
+const SERVE_ENV: &str = "BRAID_BENCH_CONNS_SERVER";
+
 fn main() {
+    if std::env::var_os(SERVE_ENV).is_some() {
+        serve_forever();
+    }
     let rounds: usize = env_or("BRAID_BENCH_ROUNDS", 3);
     let secs: f64 = env_or("BRAID_BENCH_SECS", 3.0);
     let concurrency: usize = env_or("BRAID_BENCH_CONCURRENCY", 64);
@@ -46,32 +52,48 @@ fn main() {
         ns.sysctl("net.core.somaxconn", 8192).unwrap();
         ns.sysctl("net.ipv4.tcp_max_syn_backlog", 8192).unwrap();
     }
-    let _servers = start_servers(&lab.server);
+    let mut servers = start_servers(&lab.server);
     let bin = env!("CARGO_BIN_EXE_braid");
-    // One gateway address opens all the idle connections: lift the per-client limit.
-    let config =
-        std::env::temp_dir().join(format!("braid-conns-bench-{}.toml", std::process::id()));
-    std::fs::write(
-        &config,
-        format!(
-            "listen = [\"[::]:{CONV_PORT}\"]\nallow_client = [\"10.1.0.0/16\"]\n\
-             allow_dest = [\"10.2.0.0/24\"]\nmax_connections_per_client = 100000\n"
-        ),
-    )
-    .unwrap();
-    let mut converter = lab
-        .converter
-        .command(bin)
-        .arg("converter")
-        .arg("--config")
-        .arg(&config)
-        // The operator's default level: one log line per connection is part of the cost.
-        .env("RUST_LOG", "info")
-        .stderr(braid_lab::Output::File(config.with_extension("log")))
-        .spawn()
-        .expect("braid converter");
-    wait_listening(&lab.converter, CONV_PORT);
-    let conv: SocketAddr = (lab.converter_v4(), CONV_PORT).into();
+    // Each converter process holds 2 descriptors per connection; where the hard open-file
+    // limit cannot be raised (20,000 in this project's containers) one process tops out below
+    // 10,000 connections, so the idle connections are spread over several processes.
+    let processes: u16 = env_or("BRAID_BENCH_CONVERTERS", 2);
+    let mut converters = Vec::new();
+    let mut configs = Vec::new();
+    for i in 0..processes.max(1) {
+        let port = CONV_PORT + i;
+        // One gateway address opens all the idle connections: lift the per-client limit.
+        let config = std::env::temp_dir().join(format!(
+            "braid-conns-bench-{}-{port}.toml",
+            std::process::id()
+        ));
+        std::fs::write(
+            &config,
+            format!(
+                "listen = [\"[::]:{port}\"]\nallow_client = [\"10.1.0.0/16\"]\n\
+                 allow_dest = [\"10.2.0.0/24\"]\nmax_connections_per_client = 100000\n"
+            ),
+        )
+        .unwrap();
+        let p = lab
+            .converter
+            .command(bin)
+            .arg("converter")
+            .arg("--config")
+            .arg(&config)
+            // The operator's default level: one log line per connection is part of the cost.
+            .env("RUST_LOG", "info")
+            .stderr(braid_lab::Output::File(config.with_extension("log")))
+            .spawn()
+            .expect("braid converter");
+        wait_listening(&lab.converter, port);
+        converters.push(p);
+        configs.push(config);
+    }
+    let convs: Vec<SocketAddr> = (0..processes.max(1))
+        .map(|i| (lab.converter_v4(), CONV_PORT + i).into())
+        .collect();
+    let conv = convs[0];
     let rr_dest: SocketAddr = (lab.server_v4(), RR_PORT).into();
 
     println!(
@@ -95,32 +117,42 @@ fn main() {
 
     // Idle connections: open them, let the subflows settle, then measure.
     std::thread::sleep(Duration::from_secs(2));
-    let rss0 = rss_kib(converter.pid());
+    let rss = |ps: &Vec<braid_lab::Process>| ps.iter().map(|p| rss_kib(p.pid())).sum::<u64>();
+    let rss0 = rss(&converters);
     let slab0 = slab_bytes();
     let tcp0 = tcp_mem_bytes();
     let idle_dest: SocketAddr = (lab.server_v4(), IDLE_PORT).into();
-    let held = hold_idle(&lab.gateway, conv, idle_dest, idle);
+    let held = hold_idle(&lab.gateway, convs.clone(), idle_dest, idle);
     std::thread::sleep(Duration::from_secs(3));
     let opened = held.count;
-    let rss1 = rss_kib(converter.pid());
+    let rss1 = rss(&converters);
     let slab1 = slab_bytes();
     let tcp1 = tcp_mem_bytes();
-    let subflows = lab
+    // Counted here rather than with an ss port filter, which sometimes matched nothing.
+    let ports: Vec<String> = (0..processes.max(1))
+        .map(|i| format!(":{}", CONV_PORT + i))
+        .collect();
+    let ss = lab
         .converter
-        .run([
-            "ss",
-            "-Htn",
-            "state",
-            "established",
-            &format!("sport = :{CONV_PORT}"),
-        ])
-        .unwrap_or_default()
+        .run(["ss", "-Htn", "state", "established"])
+        .unwrap_or_else(|e| {
+            eprintln!("note: ss failed: {e}");
+            String::new()
+        });
+    let subflows = ss
         .lines()
+        .filter(|l| {
+            l.split_whitespace()
+                .nth(2)
+                .is_some_and(|local| ports.iter().any(|p| local.ends_with(p.as_str())))
+        })
         .count();
     let per = |d: i64| d as f64 / opened.max(1) as f64;
     println!();
     println!(
-        "| {opened} idle converted connections ({subflows} subflows at the converter) | per connection |"
+        "| {opened} idle converted connections ({subflows} subflows at the converter, {} \
+         converter processes) | per connection |",
+        converters.len()
     );
     println!("|---|---|");
     println!(
@@ -136,21 +168,26 @@ fn main() {
         per(tcp1 as i64 - tcp0 as i64) / 1024.0
     );
     drop(held);
-    let _ = converter.stop();
-    if opened < idle {
-        // Say why, from the converter's own account of the refused connections.
-        let log = std::fs::read_to_string(config.with_extension("log")).unwrap_or_default();
-        for l in log
-            .lines()
-            .filter(|l| l.contains("outcome=") && !l.contains("outcome=\"closed\""))
-            .filter(|l| l.contains(&format!(":{IDLE_PORT}")))
-            .take(3)
-        {
-            eprintln!("converter: {l}");
-        }
+    for mut p in converters {
+        let _ = p.stop();
     }
-    let _ = std::fs::remove_file(config.with_extension("log"));
-    let _ = std::fs::remove_file(&config);
+    let _ = servers.kill();
+    for config in configs {
+        if opened < idle {
+            // Say why, from the converter's own account of the refused connections.
+            let log = std::fs::read_to_string(config.with_extension("log")).unwrap_or_default();
+            for l in log
+                .lines()
+                .filter(|l| l.contains("outcome=") && !l.contains("outcome=\"closed\""))
+                .filter(|l| l.contains(&format!(":{IDLE_PORT}")))
+                .take(3)
+            {
+                eprintln!("converter: {l}");
+            }
+        }
+        let _ = std::fs::remove_file(config.with_extension("log"));
+        let _ = std::fs::remove_file(&config);
+    }
 }
 
 /// Completed request/response exchanges per second, `concurrency` at a time, either straight
@@ -236,7 +273,8 @@ struct Held {
     _streams: Vec<tokio::net::TcpStream>,
 }
 
-fn hold_idle(ns: &Netns, conv: SocketAddr, dest: SocketAddr, n: usize) -> Held {
+/// Opens `n` converted connections, round-robin over `convs`, and keeps them open.
+fn hold_idle(ns: &Netns, convs: Vec<SocketAddr>, dest: SocketAddr, n: usize) -> Held {
     ns.enter(move || {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -244,9 +282,10 @@ fn hold_idle(ns: &Netns, conv: SocketAddr, dest: SocketAddr, n: usize) -> Held {
             .build()
             .unwrap();
         let streams = rt.block_on(async move {
-            let sem = Arc::new(tokio::sync::Semaphore::new(200));
+            let sem = Arc::new(tokio::sync::Semaphore::new(64));
             let mut tasks = Vec::with_capacity(n);
-            for _ in 0..n {
+            for i in 0..n {
+                let conv = convs[i % convs.len()];
                 let permit = sem.clone().acquire_owned().await.unwrap();
                 tasks.push(tokio::spawn(async move {
                     let r = client::connect(conv, dest, None, b"", &ClientOptions::default()).await;
@@ -278,32 +317,49 @@ fn hold_idle(ns: &Netns, conv: SocketAddr, dest: SocketAddr, n: usize) -> Held {
 }
 
 /// The request/response server and the idle server, on a runtime whose threads live in `ns`.
-fn start_servers(ns: &Netns) -> impl Drop {
-    let (tx, rx) = std::sync::mpsc::channel();
-    let thread = ns
-        .thread(move || {
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async move {
-                let rr = tokio::net::TcpListener::bind(("0.0.0.0", RR_PORT))
-                    .await
-                    .unwrap();
-                let idle = tokio::net::TcpListener::bind(("0.0.0.0", IDLE_PORT))
-                    .await
-                    .unwrap();
-                tx.send(()).unwrap();
-                tokio::spawn(async move {
-                    while let Ok((mut s, _)) = idle.accept().await {
+/// The request/response and idle servers run in a child process (this benchmark binary again,
+/// in the server namespace): holding 10,000 connections at each end inside one process would
+/// exceed the hard open-file limit of 20,000 seen here.
+fn start_servers(ns: &Netns) -> braid_lab::Process {
+    let exe = std::env::current_exe().expect("benchmark binary");
+    let p = ns
+        .command(exe)
+        .env(SERVE_ENV, "1")
+        .spawn()
+        .expect("server process");
+    wait_listening(ns, IDLE_PORT);
+    wait_listening(ns, RR_PORT);
+    p
+}
+
+/// Body of the server child process: serves until killed. Accept errors (out of descriptors)
+/// back off instead of ending the loop, which would reset every queued connection.
+fn serve_forever() -> ! {
+    raise_fd_limit();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async move {
+        let rr = listen(RR_PORT);
+        let idle = listen(IDLE_PORT);
+        tokio::spawn(async move {
+            loop {
+                match idle.accept().await {
+                    Ok((mut s, _)) => {
                         tokio::spawn(async move {
                             let mut b = [0u8; 64];
                             while matches!(s.read(&mut b).await, Ok(n) if n > 0) {}
                         });
                     }
-                });
-                while let Ok((mut s, _)) = rr.accept().await {
+                    Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+                }
+            }
+        });
+        loop {
+            match rr.accept().await {
+                Ok((mut s, _)) => {
                     tokio::spawn(async move {
                         let mut req = [0u8; 16];
                         if s.read_exact(&mut req).await.is_ok() {
@@ -311,18 +367,22 @@ fn start_servers(ns: &Netns) -> impl Drop {
                         }
                     });
                 }
-            });
-        })
-        .expect("server thread");
-    rx.recv_timeout(Duration::from_secs(5)).expect("servers up");
-    // The thread runs until the process exits (a benchmark is one process).
-    struct Detached(Option<braid_lab::NsThread<()>>);
-    impl Drop for Detached {
-        fn drop(&mut self) {
-            std::mem::forget(self.0.take());
+                Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+            }
         }
-    }
-    Detached(Some(thread))
+    })
+}
+
+/// A listener with a deep accept queue (tokio's `bind` uses 1024): bursts of hundreds of
+/// connects must not be dropped by the benchmark's own server.
+fn listen(port: u16) -> tokio::net::TcpListener {
+    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    s.set_reuse_address(true).unwrap();
+    s.bind(&SocketAddr::from(([0, 0, 0, 0], port)).into())
+        .unwrap();
+    s.listen(8192).unwrap();
+    s.set_nonblocking(true).unwrap();
+    tokio::net::TcpListener::from_std(s.into()).unwrap()
 }
 
 fn wait_listening(ns: &Netns, port: u16) {

@@ -182,7 +182,9 @@ fn classify(e: io::Error, icmp: Option<IcmpError>) -> UpstreamError {
         }
     }
     match e.raw_os_error() {
-        Some(libc::ECONNREFUSED) => UpstreamError::Refused,
+        // A reset that arrives just after the handshake (a server shedding load) is still the
+        // server's reset: 96, not a converter failure.
+        Some(libc::ECONNREFUSED | libc::ECONNRESET) => UpstreamError::Refused,
         Some(libc::ENETUNREACH) => UpstreamError::Unreachable { code: 0, error: e },
         Some(libc::EHOSTUNREACH | libc::EHOSTDOWN) => {
             UpstreamError::Unreachable { code: 1, error: e }
@@ -250,6 +252,8 @@ mod tests {
         }
         let e = classify(io::Error::from_raw_os_error(libc::EPERM), None);
         assert_eq!(e.convert_error(), (65, 0));
+        let e = classify(io::Error::from_raw_os_error(libc::ECONNRESET), None);
+        assert_eq!(e.convert_error(), (96, 0));
     }
 
     #[test]
