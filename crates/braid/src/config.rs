@@ -2,9 +2,13 @@
 //! every message names the file, the key and the reason.
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use ipnet::IpNet;
 use serde::de::DeserializeOwned;
+
+use crate::cli::LogFormat;
+use crate::relay::{Engine, RelayConfig};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -83,5 +87,69 @@ pub fn parse_prefix(s: &str) -> Result<IpNet, String> {
         Err(_) => Err(format!(
             "{s:?} is not an IP prefix (like 192.0.2.0/24 or 2001:db8::/32) or address"
         )),
+    }
+}
+
+/// `log_format`: `text` (default) or `json`.
+pub fn log_format(path: Option<&Path>, v: Option<&str>) -> Result<LogFormat, ConfigError> {
+    match v {
+        None | Some("text") => Ok(LogFormat::Text),
+        Some("json") => Ok(LogFormat::Json),
+        Some(other) => Err(ConfigError::invalid(
+            path,
+            "log_format",
+            format!("{other:?} is not one of \"text\", \"json\""),
+        )),
+    }
+}
+
+/// `relay_engine`, `relay_buffer` and `idle_timeout_secs` (0: never) as one relay setting.
+pub fn relay_config(
+    path: Option<&Path>,
+    engine: Option<&str>,
+    buffer: Option<usize>,
+    idle_timeout_secs: Option<u64>,
+) -> Result<RelayConfig, ConfigError> {
+    let engine = match engine {
+        None => Engine::Copy,
+        Some(s) => s
+            .parse()
+            .map_err(|e| ConfigError::invalid(path, "relay_engine", e))?,
+    };
+    let buffer = buffer.unwrap_or(256 * 1024);
+    if !(4096..=(64 << 20)).contains(&buffer) {
+        return Err(ConfigError::invalid(
+            path,
+            "relay_buffer",
+            format!("{buffer} is outside 4096..=67108864 bytes"),
+        ));
+    }
+    let idle_timeout = match idle_timeout_secs.unwrap_or(3600) {
+        0 => None,
+        n => Some(Duration::from_secs(n)),
+    };
+    Ok(RelayConfig {
+        engine,
+        idle_timeout,
+        buffer,
+    })
+}
+
+/// `congestion_control`: a kernel name (checked for shape here; whether the namespace allows
+/// it is only known when a socket asks).
+pub fn congestion_control(path: Option<&Path>, v: Option<&str>) -> Result<(), ConfigError> {
+    match v {
+        Some(cc)
+            if cc.is_empty()
+                || cc.len() > 15
+                || !cc.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') =>
+        {
+            Err(ConfigError::invalid(
+                path,
+                "congestion_control",
+                format!("{cc:?} is not a congestion control name (e.g. reno, cubic, bbr)"),
+            ))
+        }
+        _ => Ok(()),
     }
 }

@@ -14,6 +14,7 @@ pub mod cli;
 pub mod client;
 pub mod config;
 pub mod converter;
+pub mod daemon;
 pub mod demo;
 pub mod gateway;
 pub mod logging;

@@ -14,6 +14,23 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+/// Serves a registry filled by `register` on `addr`, if metrics are configured; the task ends
+/// when `stop` is cancelled.
+pub async fn serve_stats(
+    addr: Option<SocketAddr>,
+    register: impl FnOnce(&mut Registry),
+    stop: &CancellationToken,
+) -> anyhow::Result<Option<tokio::task::JoinHandle<()>>> {
+    use anyhow::Context;
+    let Some(addr) = addr else { return Ok(None) };
+    let mut registry = Registry::default();
+    register(&mut registry);
+    let task = serve(addr, Arc::new(registry), stop.clone())
+        .await
+        .with_context(|| format!("serving metrics on {addr}"))?;
+    Ok(Some(task))
+}
+
 /// Binds the metrics listener now (so a bad address fails at start) and serves it until
 /// `stop` is cancelled.
 pub async fn serve(

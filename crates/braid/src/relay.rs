@@ -99,6 +99,24 @@ pub enum Outcome {
     Idle,
 }
 
+impl Outcome {
+    /// Label for logs and metrics (`closed`, `idle_timeout`, `reset_by_client`,
+    /// `reset_by_server`) and the error's text, if any.
+    pub fn describe(&self) -> (&'static str, String) {
+        match self {
+            Outcome::Closed => ("closed", String::new()),
+            Outcome::Idle => ("idle_timeout", String::new()),
+            Outcome::Reset { side, error } => (
+                match side {
+                    Side::A => "reset_by_client",
+                    Side::B => "reset_by_server",
+                },
+                error.to_string(),
+            ),
+        }
+    }
+}
+
 #[derive(Debug)]
 pub struct Relayed {
     /// Bytes moved from A to B.

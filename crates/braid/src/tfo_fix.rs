@@ -12,7 +12,7 @@
 
 use std::io;
 
-use braid_sys::nft::{self, BaseChain, Batch, Expr, Family, Hook, REG_1, base, meta, priority};
+use braid_sys::nft::{self, BaseChain, Batch, Expr, Family, Hook, REG_1, base, matches, priority};
 
 /// nftables table that holds the rule for `port`.
 pub fn table_name(port: u16) -> String {
@@ -67,99 +67,70 @@ impl Drop for TfoWindowFix {
 /// `tcp dport PORT tcp flags & (syn|ack) == syn tcp option mptcp subtype 0
 ///  tcp option window count SCALE tcp window set tcp window >> SCALE`
 fn rule(port: u16, scale: u8) -> Vec<Expr> {
-    vec![
-        Expr::Meta {
-            key: meta::L4PROTO,
-            dreg: REG_1,
-        },
-        Expr::CmpEq {
-            sreg: REG_1,
-            data: vec![libc::IPPROTO_TCP as u8],
-        },
-        // Destination port.
-        Expr::Payload {
-            base: base::TRANSPORT,
-            offset: 2,
-            len: 2,
-            dreg: REG_1,
-        },
-        Expr::CmpEq {
-            sreg: REG_1,
-            data: port.to_be_bytes().to_vec(),
-        },
-        // Flags: SYN without ACK.
-        Expr::Payload {
-            base: base::TRANSPORT,
-            offset: 13,
-            len: 1,
-            dreg: REG_1,
-        },
-        Expr::Bitwise {
-            reg: REG_1,
-            mask: vec![0x12],
-            xor: vec![0],
-        },
-        Expr::CmpEq {
-            sreg: REG_1,
-            data: vec![0x02],
-        },
-        // MPTCP option (kind 30), subtype MP_CAPABLE (high nibble of its third byte is 0).
-        Expr::TcpOption {
-            kind: 30,
-            offset: 2,
-            len: 1,
-            dreg: REG_1,
-        },
-        Expr::Bitwise {
-            reg: REG_1,
-            mask: vec![0xf0],
-            xor: vec![0],
-        },
-        Expr::CmpEq {
-            sreg: REG_1,
-            data: vec![0],
-        },
-        // Window scale option (kind 3): its shift count.
-        Expr::TcpOption {
-            kind: 3,
-            offset: 2,
-            len: 1,
-            dreg: REG_1,
-        },
-        Expr::CmpEq {
-            sreg: REG_1,
-            data: vec![scale],
-        },
-        // window = window >> scale, with the TCP checksum (offset 16) updated.
-        Expr::Payload {
-            base: base::TRANSPORT,
-            offset: 14,
-            len: 2,
-            dreg: REG_1,
-        },
-        Expr::ByteOrder {
-            reg: REG_1,
-            to_host: true,
-            len: 2,
-            size: 2,
-        },
-        Expr::ShiftRight {
-            reg: REG_1,
-            len: 2,
-            bits: u32::from(scale),
-        },
-        Expr::ByteOrder {
-            reg: REG_1,
-            to_host: false,
-            len: 2,
-            size: 2,
-        },
-        Expr::PayloadWrite {
-            base: base::TRANSPORT,
-            offset: 14,
-            len: 2,
-            sreg: REG_1,
-            csum_offset: Some(16),
-        },
+    [
+        matches::tcp(),
+        matches::tcp_dport(port),
+        matches::syn_only(),
+        vec![
+            // MPTCP option (kind 30), subtype MP_CAPABLE (high nibble of its third byte is 0).
+            Expr::TcpOption {
+                kind: 30,
+                offset: 2,
+                len: 1,
+                dreg: REG_1,
+            },
+            Expr::Bitwise {
+                reg: REG_1,
+                mask: vec![0xf0],
+                xor: vec![0],
+            },
+            Expr::CmpEq {
+                sreg: REG_1,
+                data: vec![0],
+            },
+            // Window scale option (kind 3): its shift count.
+            Expr::TcpOption {
+                kind: 3,
+                offset: 2,
+                len: 1,
+                dreg: REG_1,
+            },
+            Expr::CmpEq {
+                sreg: REG_1,
+                data: vec![scale],
+            },
+            // window = window >> scale, with the TCP checksum (offset 16) updated.
+            Expr::Payload {
+                base: base::TRANSPORT,
+                offset: 14,
+                len: 2,
+                dreg: REG_1,
+            },
+            Expr::ByteOrder {
+                reg: REG_1,
+                to_host: true,
+                len: 2,
+                size: 2,
+            },
+            Expr::ShiftRight {
+                reg: REG_1,
+                len: 2,
+                bits: u32::from(scale),
+            },
+            Expr::ByteOrder {
+                reg: REG_1,
+                to_host: false,
+                len: 2,
+                size: 2,
+            },
+            Expr::PayloadWrite {
+                base: base::TRANSPORT,
+                offset: 14,
+                len: 2,
+                sreg: REG_1,
+                csum_offset: Some(16),
+            },
+        ],
     ]
+    .concat()
 }

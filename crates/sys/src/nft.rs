@@ -80,6 +80,83 @@ pub mod fib {
     pub const RTN_LOCAL: u32 = 2;
 }
 
+/// Common matches, as expression sequences to concatenate into a rule. All use `REG_1`.
+pub mod matches {
+    use super::{Expr, Family, REG_1, base, meta};
+
+    /// `reg1 == data`.
+    pub fn eq(data: Vec<u8>) -> Expr {
+        Expr::CmpEq { sreg: REG_1, data }
+    }
+
+    /// `meta nfproto FAMILY` (in an inet table, before address matches or tproxy).
+    pub fn nfproto(family: Family) -> Vec<Expr> {
+        vec![
+            Expr::Meta {
+                key: meta::NFPROTO,
+                dreg: REG_1,
+            },
+            eq(vec![family as u8]),
+        ]
+    }
+
+    /// `meta l4proto tcp`.
+    pub fn tcp() -> Vec<Expr> {
+        vec![
+            Expr::Meta {
+                key: meta::L4PROTO,
+                dreg: REG_1,
+            },
+            eq(vec![libc::IPPROTO_TCP as u8]),
+        ]
+    }
+
+    /// `tcp dport PORT` (after [`tcp`]).
+    pub fn tcp_dport(port: u16) -> Vec<Expr> {
+        vec![
+            Expr::Payload {
+                base: base::TRANSPORT,
+                offset: 2,
+                len: 2,
+                dreg: REG_1,
+            },
+            eq(port.to_be_bytes().to_vec()),
+        ]
+    }
+
+    /// `tcp flags & (syn|ack) == syn`: a connection's first packet.
+    pub fn syn_only() -> Vec<Expr> {
+        vec![
+            Expr::Payload {
+                base: base::TRANSPORT,
+                offset: 13,
+                len: 1,
+                dreg: REG_1,
+            },
+            Expr::Bitwise {
+                reg: REG_1,
+                mask: vec![0x12],
+                xor: vec![0],
+            },
+            eq(vec![0x02]),
+        ]
+    }
+
+    /// `meta mark set MARK`.
+    pub fn set_mark(mark: u32) -> Vec<Expr> {
+        vec![
+            Expr::Immediate {
+                dreg: REG_1,
+                data: mark.to_ne_bytes().to_vec(),
+            },
+            Expr::MetaSet {
+                key: meta::MARK,
+                sreg: REG_1,
+            },
+        ]
+    }
+}
+
 /// One nftables expression, as the kernel sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Expr {

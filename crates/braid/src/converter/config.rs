@@ -10,8 +10,10 @@ use ipnet::IpNet;
 use serde::Deserialize;
 
 use crate::cli::{ConverterArgs, LogFormat};
-use crate::config::{ConfigError, parse_prefixes, read_toml};
-use crate::relay::{Engine, RelayConfig};
+use crate::config::{
+    ConfigError, congestion_control, log_format, parse_prefixes, read_toml, relay_config,
+};
+use crate::relay::RelayConfig;
 
 /// The converter's port when none is given. RFC 8803 assigns none; this one is braid's.
 pub const DEFAULT_PORT: u16 = 5124;
@@ -186,27 +188,14 @@ impl Settings {
                     .into(),
             ));
         }
-        let log_format = match f.log_format.as_deref() {
-            None | Some("text") => LogFormat::Text,
-            Some("json") => LogFormat::Json,
-            Some(other) => {
-                return Err(err(
-                    "log_format",
-                    format!("{other:?} is not one of \"text\", \"json\""),
-                ));
-            }
-        };
-        let engine = match f.relay_engine.as_deref() {
-            None => Engine::Copy,
-            Some(s) => s.parse().map_err(|e| err("relay_engine", e))?,
-        };
-        let relay_buffer = f.relay_buffer.unwrap_or(256 * 1024);
-        if !(4096..=(64 << 20)).contains(&relay_buffer) {
-            return Err(err(
-                "relay_buffer",
-                format!("{relay_buffer} is outside 4096..=67108864 bytes"),
-            ));
-        }
+        let log_format = log_format(path, f.log_format.as_deref())?;
+        let relay = relay_config(
+            path,
+            f.relay_engine.as_deref(),
+            f.relay_buffer,
+            f.idle_timeout_secs,
+        )?;
+        congestion_control(path, f.congestion_control.as_deref())?;
         let ms = |key: &str, v: Option<u64>, default: u64| -> Result<Duration, ConfigError> {
             match v.unwrap_or(default) {
                 0 => Err(err(key, "must be greater than 0".into())),
@@ -215,10 +204,6 @@ impl Settings {
         };
         let handshake_timeout = ms("handshake_timeout_ms", f.handshake_timeout_ms, 5_000)?;
         let connect_timeout = ms("connect_timeout_ms", f.connect_timeout_ms, 10_000)?;
-        let idle_timeout = match f.idle_timeout_secs.unwrap_or(3600) {
-            0 => None,
-            n => Some(Duration::from_secs(n)),
-        };
         let drain_timeout = Duration::from_secs(f.drain_timeout_secs.unwrap_or(30));
         let positive = |key: &str, v: Option<usize>, default: usize| match v.unwrap_or(default) {
             0 => Err(err(key, "must be greater than 0".into())),
@@ -251,17 +236,6 @@ impl Settings {
                 Some(bytes)
             }
         };
-        if let Some(cc) = &f.congestion_control {
-            if cc.is_empty()
-                || cc.len() > 15
-                || !cc.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
-            {
-                return Err(err(
-                    "congestion_control",
-                    format!("{cc:?} is not a congestion control name (e.g. reno, cubic, bbr)"),
-                ));
-            }
-        }
         for (key, v) in [
             ("mptcp_subflows", f.mptcp_subflows),
             ("mptcp_add_addr_accepted", f.mptcp_add_addr_accepted),
@@ -312,11 +286,7 @@ impl Settings {
             backoff_secs: f.backoff_secs.unwrap_or(0),
             cookies: f.cookies.unwrap_or(false),
             cookie_secret,
-            relay: RelayConfig {
-                engine,
-                idle_timeout,
-                buffer: relay_buffer,
-            },
+            relay,
             congestion_control: f.congestion_control,
             upstream_fastopen: f.upstream_fastopen.unwrap_or(false),
             mptcp_subflows: f.mptcp_subflows,

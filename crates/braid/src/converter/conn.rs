@@ -19,7 +19,7 @@ use super::policy::{DestVerdict, Policy};
 use super::stats::{Direction, Reason, Stats};
 use super::upstream::{self, UpstreamOptions};
 use super::wire::{self, Request};
-use crate::relay::{self, Outcome, reset_on_close};
+use crate::relay::{self, reset_on_close};
 
 /// Everything a connection task needs, shared by all of them.
 #[derive(Debug)]
@@ -327,17 +327,7 @@ async fn converse(
         .bytes
         .get_or_create(&Direction { direction: "down" })
         .inc_by(down);
-    let (label, detail) = match relayed.outcome {
-        Outcome::Closed => ("closed", String::new()),
-        Outcome::Idle => ("idle_timeout", String::new()),
-        Outcome::Reset { side, error } => (
-            match side {
-                relay::Side::A => "reset_by_client",
-                relay::Side::B => "reset_by_server",
-            },
-            error.to_string(),
-        ),
-    };
+    let (label, detail) = relayed.outcome.describe();
     Closed {
         dest: Some(dest),
         up,

@@ -25,7 +25,6 @@ use std::time::Duration;
 
 use anyhow::Context;
 use braid_sys::kernel::{self, TfoChange, TfoMode};
-use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -45,7 +44,7 @@ pub fn main(args: ConverterArgs) -> anyhow::Result<()> {
     }
     crate::logging::init(settings.log_format);
     let mut settings = settings;
-    let fd_limit = raise_fd_limit();
+    let fd_limit = crate::daemon::raise_fd_limit();
     // Running out of descriptors mid-connection helps nobody: cap the connection count so
     // that the limit answers with Error 64 first.
     let fits = fd_limit.saturating_sub(256) / fds_per_connection(&settings);
@@ -64,31 +63,6 @@ pub fn main(args: ConverterArgs) -> anyhow::Result<()> {
         .build()
         .context("starting the async runtime")?;
     runtime.block_on(run(settings))
-}
-
-/// Each connection holds two sockets (four descriptors with splice pipes): the default soft
-/// limit of 1024 would cap a converter at a few hundred connections.
-///
-/// As root the hard limit is raised too, up to `fs.nr_open` (at most 2^20): a converter's
-/// capacity should be set by `max_connections`, not by a login shell's default. Returns the
-/// soft limit in effect.
-pub(crate) fn raise_fd_limit() -> u64 {
-    use nix::sys::resource::{Resource, getrlimit, setrlimit};
-    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
-        return 1024;
-    };
-    let ceiling: u64 = std::fs::read_to_string("/proc/sys/fs/nr_open")
-        .ok()
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(hard)
-        .min(1 << 20);
-    if ceiling > hard && setrlimit(Resource::RLIMIT_NOFILE, ceiling, ceiling).is_ok() {
-        return ceiling;
-    }
-    if soft < hard && setrlimit(Resource::RLIMIT_NOFILE, hard, hard).is_ok() {
-        return hard;
-    }
-    soft
 }
 
 /// Descriptors one relayed connection holds: two sockets, plus two pipes for splice.
@@ -164,27 +138,19 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
     });
     shared.policy.set_own_addresses(policy::local_addresses());
 
-    let metrics_task = match shared.settings.metrics {
-        Some(addr) => {
-            let mut registry = Registry::default();
-            shared.stats.register(&mut registry);
-            Some(
-                crate::metrics::serve(addr, Arc::new(registry), stop.clone())
-                    .await
-                    .with_context(|| format!("serving metrics on {addr}"))?,
-            )
-        }
-        None => None,
-    };
+    let metrics_task =
+        crate::metrics::serve_stats(shared.settings.metrics, |r| shared.stats.register(r), &stop)
+            .await?;
 
     let tracker = TaskTracker::new();
     for (addr, l) in listeners {
         tracing::info!(%addr, mptcp = !shared.settings.tcp_only, "listening");
-        tracker.spawn(accept_loop(
+        let shared = shared.clone();
+        tracker.spawn(crate::daemon::accept_loop(
             l,
-            shared.clone(),
             stop.clone(),
             tracker.clone(),
+            move |stream, peer| conn::serve(stream, peer, shared.clone()),
         ));
     }
     {
@@ -201,62 +167,21 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
         });
     }
 
-    wait_for_signal().await?;
+    crate::daemon::wait_for_signal().await?;
     tracing::info!(
         active = shared.limits.active(),
         deadline_secs = shared.settings.drain_timeout.as_secs(),
         "stopping: no new connections, draining"
     );
-    stop.cancel();
-    tracker.close();
-    if tokio::time::timeout(shared.settings.drain_timeout, tracker.wait())
-        .await
-        .is_err()
-    {
-        tracing::warn!(
-            active = shared.limits.active(),
-            "drain deadline passed: resetting the remaining connections"
-        );
-        shared.hard_stop.cancel();
-        tracker.wait().await;
-    }
+    crate::daemon::drain(
+        &stop,
+        &tracker,
+        shared.settings.drain_timeout,
+        &shared.hard_stop,
+    )
+    .await;
     if let Some(t) = metrics_task {
         let _ = t.await;
-    }
-    Ok(())
-}
-
-async fn accept_loop(
-    listener: TcpListener,
-    shared: Arc<Shared>,
-    stop: CancellationToken,
-    tracker: TaskTracker,
-) {
-    loop {
-        let accepted = tokio::select! {
-            _ = stop.cancelled() => return,
-            r = listener.accept() => r,
-        };
-        match accepted {
-            Ok((stream, peer)) => {
-                tracker.spawn(conn::serve(stream, peer, shared.clone()));
-            }
-            Err(e) => {
-                // Out of descriptors or memory: back off instead of spinning on the error.
-                tracing::warn!(error = %e, "accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        }
-    }
-}
-
-pub(crate) async fn wait_for_signal() -> anyhow::Result<()> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
     }
     Ok(())
 }

@@ -12,6 +12,7 @@
 use std::io;
 use std::net::IpAddr;
 
+use braid_sys::nft::matches::{eq, nfproto, set_mark, syn_only, tcp, tcp_dport};
 use braid_sys::nft::{
     self, BaseChain, Batch, Expr, Family, Hook, NF_ACCEPT, NFT_RETURN, REG_1, base, fib, meta,
     priority,
@@ -87,7 +88,7 @@ pub fn install(s: &Settings, mode: TransparentMode) -> io::Result<Capture> {
                 &[
                     tcp(),
                     vec![Expr::SocketTransparent { dreg: REG_1 }],
-                    cmp(vec![1]),
+                    vec![eq(vec![1])],
                     set_mark(s.fwmark),
                     vec![Expr::Verdict(NF_ACCEPT)],
                 ]
@@ -105,6 +106,10 @@ pub fn install(s: &Settings, mode: TransparentMode) -> io::Result<Capture> {
                         &[
                             nfproto(family),
                             tcp(),
+                            // Only a connection's first packet is captured by address; its
+                            // later packets find the transparent socket (rule above). Without
+                            // this, replies of forwarded connections that were not captured
+                            // (bypassed, or inbound) would be taken as well.
                             syn_only(),
                             m.exprs(family),
                             set_mark(s.fwmark),
@@ -216,7 +221,7 @@ fn add_exclusions(batch: &mut Batch, chain: &str, s: &Settings, output: bool) {
                     key: meta::MARK,
                     dreg: REG_1,
                 }],
-                cmp(own_mark(s.fwmark).to_ne_bytes().to_vec()),
+                vec![eq(own_mark(s.fwmark).to_ne_bytes().to_vec())],
                 vec![ret.clone()],
             ]
             .concat(),
@@ -233,7 +238,7 @@ fn add_exclusions(batch: &mut Batch, chain: &str, s: &Settings, output: bool) {
                 result: fib::RESULT_ADDRTYPE,
                 flags: fib::F_DADDR,
             }],
-            cmp(fib::RTN_LOCAL.to_ne_bytes().to_vec()),
+            vec![eq(fib::RTN_LOCAL.to_ne_bytes().to_vec())],
             vec![ret.clone()],
         ]
         .concat(),
@@ -257,18 +262,7 @@ fn add_exclusions(batch: &mut Batch, chain: &str, s: &Settings, output: bool) {
         batch.add_rule(
             TABLE,
             chain,
-            &[
-                tcp(),
-                vec![Expr::Payload {
-                    base: base::TRANSPORT,
-                    offset: 2,
-                    len: 2,
-                    dreg: REG_1,
-                }],
-                cmp(port.to_be_bytes().to_vec()),
-                vec![ret.clone()],
-            ]
-            .concat(),
+            &[tcp(), tcp_dport(*port), vec![ret.clone()]].concat(),
         );
     }
 }
@@ -383,65 +377,4 @@ fn prefix_match(net: IpNet, side: Side) -> Vec<Expr> {
         data: network,
     });
     v
-}
-
-fn nfproto(family: Family) -> Vec<Expr> {
-    vec![
-        Expr::Meta {
-            key: meta::NFPROTO,
-            dreg: REG_1,
-        },
-        cmp_expr(vec![family as u8]),
-    ]
-}
-
-fn tcp() -> Vec<Expr> {
-    vec![
-        Expr::Meta {
-            key: meta::L4PROTO,
-            dreg: REG_1,
-        },
-        cmp_expr(vec![libc::IPPROTO_TCP as u8]),
-    ]
-}
-
-/// `tcp flags & (syn|ack) == syn`: only a connection's first packet is captured by address;
-/// its later packets find the transparent socket. Without this, replies of forwarded
-/// connections that were not captured (bypassed, or inbound) would be taken as well.
-fn syn_only() -> Vec<Expr> {
-    vec![
-        Expr::Payload {
-            base: base::TRANSPORT,
-            offset: 13,
-            len: 1,
-            dreg: REG_1,
-        },
-        Expr::Bitwise {
-            reg: REG_1,
-            mask: vec![0x12],
-            xor: vec![0],
-        },
-        cmp_expr(vec![0x02]),
-    ]
-}
-
-fn cmp_expr(data: Vec<u8>) -> Expr {
-    Expr::CmpEq { sreg: REG_1, data }
-}
-
-fn cmp(data: Vec<u8>) -> Vec<Expr> {
-    vec![cmp_expr(data)]
-}
-
-fn set_mark(mark: u32) -> Vec<Expr> {
-    vec![
-        Expr::Immediate {
-            dreg: REG_1,
-            data: mark.to_ne_bytes().to_vec(),
-        },
-        Expr::MetaSet {
-            key: meta::MARK,
-            sreg: REG_1,
-        },
-    ]
 }

@@ -9,8 +9,10 @@ use ipnet::IpNet;
 use serde::Deserialize;
 
 use crate::cli::{GatewayArgs, LogFormat, TransparentMode};
-use crate::config::{ConfigError, parse_prefixes, read_toml};
-use crate::relay::{Engine, RelayConfig};
+use crate::config::{
+    ConfigError, congestion_control, log_format, parse_prefixes, read_toml, relay_config,
+};
+use crate::relay::RelayConfig;
 
 /// Where transparent capture delivers connections when no port is given.
 pub const DEFAULT_TRANSPARENT_PORT: u16 = 5180;
@@ -227,34 +229,17 @@ impl Settings {
                 "accounts given but no SOCKS5 listener (--socks5 ADDR:PORT)".into(),
             ));
         }
-        let log_format = match f.log_format.as_deref() {
-            None | Some("text") => LogFormat::Text,
-            Some("json") => LogFormat::Json,
-            Some(other) => {
-                return Err(err(
-                    "log_format",
-                    format!("{other:?} is not one of \"text\", \"json\""),
-                ));
-            }
-        };
-        let engine = match f.relay_engine.as_deref() {
-            None => Engine::Copy,
-            Some(s) => s.parse().map_err(|e| err("relay_engine", e))?,
-        };
-        let relay_buffer = f.relay_buffer.unwrap_or(256 * 1024);
-        if !(4096..=(64 << 20)).contains(&relay_buffer) {
-            return Err(err(
-                "relay_buffer",
-                format!("{relay_buffer} is outside 4096..=67108864 bytes"),
-            ));
-        }
+        let log_format = log_format(path, f.log_format.as_deref())?;
+        let relay = relay_config(
+            path,
+            f.relay_engine.as_deref(),
+            f.relay_buffer,
+            f.idle_timeout_secs,
+        )?;
+        congestion_control(path, f.congestion_control.as_deref())?;
         let connect_timeout = match f.connect_timeout_ms.unwrap_or(5_000) {
             0 => return Err(err("connect_timeout_ms", "must be greater than 0".into())),
             n => Duration::from_millis(n),
-        };
-        let idle_timeout = match f.idle_timeout_secs.unwrap_or(3600) {
-            0 => None,
-            n => Some(Duration::from_secs(n)),
         };
         let fwmark = f.fwmark.unwrap_or(DEFAULT_FWMARK);
         if fwmark == 0 {
@@ -266,16 +251,6 @@ impl Settings {
             return Err(err(
                 "route_table",
                 format!("{route_table} is reserved; pick another table number"),
-            ));
-        }
-        if let Some(cc) = &f.congestion_control
-            && (cc.is_empty()
-                || cc.len() > 15
-                || !cc.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_'))
-        {
-            return Err(err(
-                "congestion_control",
-                format!("{cc:?} is not a congestion control name (e.g. reno, cubic, bbr)"),
             ));
         }
         let mut uplinks = Vec::new();
@@ -309,11 +284,7 @@ impl Settings {
             connect_timeout,
             default_backoff: Duration::from_secs(f.default_backoff_secs.unwrap_or(30)),
             drain_timeout: Duration::from_secs(f.drain_timeout_secs.unwrap_or(10)),
-            relay: RelayConfig {
-                engine,
-                idle_timeout,
-                buffer: relay_buffer,
-            },
+            relay,
             fast_open: f.fast_open.unwrap_or(true),
             congestion_control: f.congestion_control,
             uplinks,

@@ -16,7 +16,7 @@ use super::config::Settings;
 use super::converters::{ConvertFailure, Converters};
 use super::stats::{Direction, Stats};
 use crate::client::ClientOptions;
-use crate::relay::{self, Outcome};
+use crate::relay;
 
 /// What every connection task shares.
 #[derive(Debug)]
@@ -51,6 +51,117 @@ impl Mode {
     }
 }
 
+/// The account of one captured connection, logged and counted once when it ends.
+struct Record {
+    mode: Mode,
+    peer: SocketAddr,
+    dest: SocketAddr,
+    converter: Option<SocketAddr>,
+    mptcp: bool,
+    started: Instant,
+    up: u64,
+    down: u64,
+}
+
+impl Record {
+    fn new(shared: &Shared, mode: Mode, peer: SocketAddr, dest: SocketAddr) -> Record {
+        shared.stats.active.inc();
+        Record {
+            mode,
+            peer,
+            dest,
+            converter: None,
+            mptcp: false,
+            started: Instant::now(),
+            up: 0,
+            down: 0,
+        }
+    }
+
+    fn close(self, shared: &Shared, outcome: &'static str, detail: &str) {
+        let stats = &shared.stats;
+        stats.active.dec();
+        stats.closed(self.mode.label(), outcome);
+        for (direction, n) in [("up", self.up), ("down", self.down)] {
+            stats
+                .bytes
+                .get_or_create(&Direction { direction })
+                .inc_by(n);
+        }
+        let converter = self
+            .converter
+            .map_or_else(|| "direct".to_string(), |c| c.to_string());
+        tracing::info!(
+            mode = self.mode.label(),
+            client = %self.peer,
+            dest = %self.dest,
+            converter,
+            up = self.up,
+            down = self.down,
+            duration_ms = self.started.elapsed().as_millis() as u64,
+            mptcp = self.mptcp,
+            outcome,
+            detail,
+            "connection closed"
+        );
+    }
+}
+
+/// The server side of a captured connection: converted, or direct for a bypassed destination.
+struct Upstream {
+    stream: TcpStream,
+    /// Application bytes that came with the converter's reply.
+    leftover: Vec<u8>,
+    converter: Option<SocketAddr>,
+    mptcp: bool,
+}
+
+#[derive(Debug)]
+enum OpenError {
+    Direct(String),
+    Convert(ConvertFailure),
+}
+
+impl std::fmt::Display for OpenError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            OpenError::Direct(why) => f.write_str(why),
+            OpenError::Convert(e) => e.fmt(f),
+        }
+    }
+}
+
+/// Opens the way to `dest`: through a converter with `early` in the SYN, or direct (then
+/// `early` is written here) for a bypassed destination — rules are removed and reinstalled as a
+/// whole, and a race or a SOCKS request can still bring one.
+async fn open(dest: SocketAddr, early: &[u8], shared: &Shared) -> Result<Upstream, OpenError> {
+    if !shared.settings.is_bypassed(dest.ip()) {
+        let (c, conv) = shared
+            .converters
+            .connect(dest, early, &shared.client, &shared.stats)
+            .await
+            .map_err(OpenError::Convert)?;
+        return Ok(Upstream {
+            stream: c.stream,
+            leftover: c.leftover,
+            converter: Some(conv),
+            mptcp: c.mptcp,
+        });
+    }
+    let stream = direct(dest, shared).await.map_err(OpenError::Direct)?;
+    if !early.is_empty() {
+        relay::write_all(&stream, early)
+            .await
+            .map_err(|e| OpenError::Direct(format!("direct write to {dest}: {e}")))?;
+    }
+    Ok(Upstream {
+        stream,
+        leftover: Vec::new(),
+        converter: None,
+        mptcp: false,
+    })
+}
+
 /// A transparently captured connection to `dest`.
 pub async fn serve_transparent(
     app: TcpStream,
@@ -59,210 +170,70 @@ pub async fn serve_transparent(
     mode: Mode,
     shared: Arc<Shared>,
 ) {
-    let started = Instant::now();
-    shared.stats.active.inc();
-    let s = &shared.settings;
+    let mut rec = Record::new(&shared, mode, peer, dest);
     // A connection to our own capture port (not through us) would loop forever.
-    if dest.port() == s.transparent_port && braid_sys::route::is_local_address(dest.ip()) {
+    if dest.port() == shared.settings.transparent_port
+        && braid_sys::route::is_local_address(dest.ip())
+    {
         relay::reset_on_close(&app);
-        finish(
-            &shared,
-            mode,
-            peer,
-            dest,
-            None,
-            started,
-            "loop_refused",
-            "",
-            0,
-            0,
-            false,
-        );
+        rec.close(&shared, "loop_refused", "");
         return;
     }
-    // Whatever the application sent already goes with the request, in the SYN.
-    let mut early = vec![0u8; EARLY_MAX];
-    let n = app.try_read(&mut early).unwrap_or_default();
-    early.truncate(n);
-    let converted = if s.is_bypassed(dest.ip()) {
-        // Rules are removed and reinstalled as a whole; a race can still deliver one.
-        direct(dest, &shared).await.map(|c| (c, None, false))
-    } else {
-        shared
-            .converters
-            .connect(dest, &early, &shared.client, &shared.stats)
-            .await
-            .map(|(c, conv)| {
-                let leftover = c.leftover;
-                ((c.stream, leftover), Some(conv), c.mptcp)
-            })
-            .map_err(|e| e.to_string())
+    // Whatever the application sent already goes with the request, in the SYN. The buffer is
+    // gone before the relay starts: idle connections should not keep 16 KiB each.
+    let (sent, opened) = {
+        let mut early = vec![0u8; EARLY_MAX];
+        let n = app.try_read(&mut early).unwrap_or_default();
+        (n as u64, open(dest, &early[..n], &shared).await)
     };
-    let ((server, leftover), conv, mptcp) = match converted {
-        Ok(x) => x,
-        Err(why) => {
+    match opened {
+        Ok(up) => {
+            rec.up = sent;
+            relay_and_close(&shared, rec, app, up).await;
+        }
+        Err(e) => {
             // The application sees a reset: the closest a transparent proxy can come to
             // "connection refused" once the handshake was accepted.
             relay::reset_on_close(&app);
-            finish(
-                &shared,
-                mode,
-                peer,
-                dest,
-                None,
-                started,
-                "convert_failed",
-                &why,
-                0,
-                0,
-                false,
-            );
-            return;
+            rec.close(&shared, "convert_failed", &e.to_string());
         }
-    };
-    let early_sent = if conv.is_some() {
-        early.len() as u64
-    } else {
-        // Direct: the early bytes still have to go.
-        if !early.is_empty() && relay::write_all(&server, &early).await.is_err() {
-            relay::reset_on_close(&app);
-            finish(
-                &shared,
-                mode,
-                peer,
-                dest,
-                conv,
-                started,
-                "server_gone",
-                "",
-                0,
-                0,
-                mptcp,
-            );
-            return;
-        }
-        early.len() as u64
-    };
-    relay_and_finish(
-        &shared, mode, peer, dest, conv, started, app, server, leftover, early_sent, mptcp,
-    )
-    .await;
+    }
 }
 
 /// A SOCKS5 client.
 pub async fn serve_socks(mut app: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
-    let started = Instant::now();
-    shared.stats.active.inc();
-    let dest =
-        match tokio::time::timeout(SOCKS_HANDSHAKE_TIMEOUT, socks_handshake(&mut app, &shared))
-            .await
-        {
-            Ok(Ok(dest)) => dest,
-            Ok(Err(why)) => {
-                let dest = SocketAddr::from(([0, 0, 0, 0], 0));
-                finish(
-                    &shared,
-                    Mode::Socks5,
-                    peer,
-                    dest,
-                    None,
-                    started,
-                    "socks_refused",
-                    &why,
-                    0,
-                    0,
-                    false,
-                );
-                return;
-            }
-            Err(_) => {
-                let dest = SocketAddr::from(([0, 0, 0, 0], 0));
-                finish(
-                    &shared,
-                    Mode::Socks5,
-                    peer,
-                    dest,
-                    None,
-                    started,
-                    "socks_timeout",
-                    "",
-                    0,
-                    0,
-                    false,
-                );
-                return;
-            }
-        };
-    let converted = if shared.settings.is_bypassed(dest.ip()) {
-        direct(dest, &shared)
-            .await
-            .map(|c| (c, None, false))
-            .map_err(|e| (ReplyCode::GeneralFailure, e))
-    } else {
-        shared
-            .converters
-            .connect(dest, &[], &shared.client, &shared.stats)
-            .await
-            .map(|(c, conv)| ((c.stream, c.leftover), Some(conv), c.mptcp))
-            .map_err(|e| (socks_code(&e), e.to_string()))
+    let unknown = SocketAddr::from(([0, 0, 0, 0], 0));
+    let mut rec = Record::new(&shared, Mode::Socks5, peer, unknown);
+    let handshake =
+        tokio::time::timeout(SOCKS_HANDSHAKE_TIMEOUT, socks_handshake(&mut app, &shared)).await;
+    rec.dest = match handshake {
+        Ok(Ok(dest)) => dest,
+        Ok(Err(why)) => return rec.close(&shared, "socks_refused", &why),
+        Err(_) => return rec.close(&shared, "socks_timeout", ""),
     };
-    let ((server, leftover), conv, mptcp) = match converted {
-        Ok(x) => x,
-        Err((code, why)) => {
+    let up = match open(rec.dest, &[], &shared).await {
+        Ok(up) => up,
+        Err(e) => {
+            let code = match &e {
+                OpenError::Convert(c) => socks_code(c),
+                OpenError::Direct(_) => ReplyCode::GeneralFailure,
+            };
             let _ = app.write_all(&socks5::encode_reply(code, None)).await;
             let _ = app.shutdown().await;
-            finish(
-                &shared,
-                Mode::Socks5,
-                peer,
-                dest,
-                None,
-                started,
-                "convert_failed",
-                &why,
-                0,
-                0,
-                false,
-            );
-            return;
+            return rec.close(&shared, "convert_failed", &e.to_string());
         }
     };
-    let bound = server.local_addr().ok();
+    let bound = up.stream.local_addr().ok();
     if app
         .write_all(&socks5::encode_reply(ReplyCode::Succeeded, bound))
         .await
         .is_err()
     {
-        relay::reset_on_close(&server);
-        finish(
-            &shared,
-            Mode::Socks5,
-            peer,
-            dest,
-            conv,
-            started,
-            "client_gone",
-            "",
-            0,
-            0,
-            mptcp,
-        );
-        return;
+        relay::reset_on_close(&up.stream);
+        rec.converter = up.converter;
+        return rec.close(&shared, "client_gone", "");
     }
-    relay_and_finish(
-        &shared,
-        Mode::Socks5,
-        peer,
-        dest,
-        conv,
-        started,
-        app,
-        server,
-        leftover,
-        0,
-        mptcp,
-    )
-    .await;
+    relay_and_close(&shared, rec, app, up).await;
 }
 
 /// RFC 1928 reply codes for a Convert failure, so SOCKS clients print the right reason.
@@ -422,7 +393,7 @@ async fn read_msg<T>(
 }
 
 /// A direct TCP connection (bypassed destination), marked so the output capture ignores it.
-async fn direct(dest: SocketAddr, shared: &Shared) -> Result<(TcpStream, Vec<u8>), String> {
+async fn direct(dest: SocketAddr, shared: &Shared) -> Result<TcpStream, String> {
     let socket = match dest {
         SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4(),
         SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6(),
@@ -434,114 +405,42 @@ async fn direct(dest: SocketAddr, shared: &Shared) -> Result<(TcpStream, Vec<u8>
             .map_err(|e| e.to_string())?;
     }
     match tokio::time::timeout(shared.settings.connect_timeout, socket.connect(dest)).await {
-        Ok(Ok(s)) => Ok((s, Vec::new())),
+        Ok(Ok(s)) => Ok(s),
         Ok(Err(e)) => Err(format!("direct connect to {dest}: {e}")),
         Err(_) => Err(format!("direct connect to {dest}: timed out")),
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn relay_and_finish(
-    shared: &Shared,
-    mode: Mode,
-    peer: SocketAddr,
-    dest: SocketAddr,
-    conv: Option<SocketAddr>,
-    started: Instant,
-    app: TcpStream,
-    server: TcpStream,
-    leftover: Vec<u8>,
-    early_sent: u64,
-    mptcp: bool,
-) {
-    if conv.is_some() && !mptcp {
+/// Relays until the connection ends and closes its record. `rec.up` holds the early bytes
+/// already sent.
+async fn relay_and_close(shared: &Shared, mut rec: Record, app: TcpStream, up: Upstream) {
+    rec.converter = up.converter;
+    rec.mptcp = up.mptcp;
+    if up.converter.is_some() && !up.mptcp {
         shared.stats.fallback.inc();
-        tracing::warn!(%peer, %dest, converter = ?conv, "connection to the converter is plain TCP: MPTCP was stripped on the path or refused");
-    }
-    if !leftover.is_empty() && relay::write_all(&app, &leftover).await.is_err() {
-        relay::reset_on_close(&server);
-        finish(
-            shared,
-            mode,
-            peer,
-            dest,
-            conv,
-            started,
-            "client_gone",
-            "",
-            early_sent,
-            0,
-            mptcp,
+        tracing::warn!(
+            peer = %rec.peer,
+            dest = %rec.dest,
+            converter = ?up.converter,
+            "connection to the converter is plain TCP: MPTCP was stripped on the path or refused"
         );
-        return;
     }
+    let server = up.stream;
+    if !up.leftover.is_empty() && relay::write_all(&app, &up.leftover).await.is_err() {
+        relay::reset_on_close(&server);
+        return rec.close(shared, "client_gone", "");
+    }
+    rec.down = up.leftover.len() as u64;
     let relayed = tokio::select! {
         r = relay::relay(&app, &server, &shared.settings.relay) => r,
         _ = shared.hard_stop.cancelled() => {
             relay::reset_on_close(&app);
             relay::reset_on_close(&server);
-            finish(shared, mode, peer, dest, conv, started, "shutdown", "", early_sent, leftover.len() as u64, mptcp);
-            return;
+            return rec.close(shared, "shutdown", "");
         }
     };
-    let up = relayed.a_to_b + early_sent;
-    let down = relayed.b_to_a + leftover.len() as u64;
-    let (label, detail) = match relayed.outcome {
-        Outcome::Closed => ("closed", String::new()),
-        Outcome::Idle => ("idle_timeout", String::new()),
-        Outcome::Reset { side, error } => (
-            match side {
-                relay::Side::A => "reset_by_client",
-                relay::Side::B => "reset_by_server",
-            },
-            error.to_string(),
-        ),
-    };
-    finish(
-        shared, mode, peer, dest, conv, started, label, &detail, up, down, mptcp,
-    );
-}
-
-#[allow(clippy::too_many_arguments)]
-fn finish(
-    shared: &Shared,
-    mode: Mode,
-    peer: SocketAddr,
-    dest: SocketAddr,
-    conv: Option<SocketAddr>,
-    started: Instant,
-    outcome: &'static str,
-    detail: &str,
-    up: u64,
-    down: u64,
-    mptcp: bool,
-) {
-    shared.stats.active.dec();
-    shared.stats.closed(mode.label(), outcome);
-    shared
-        .stats
-        .bytes
-        .get_or_create(&Direction { direction: "up" })
-        .inc_by(up);
-    shared
-        .stats
-        .bytes
-        .get_or_create(&Direction { direction: "down" })
-        .inc_by(down);
-    let converter = conv
-        .map(|c| c.to_string())
-        .unwrap_or_else(|| "direct".into());
-    tracing::info!(
-        mode = mode.label(),
-        client = %peer,
-        dest = %dest,
-        converter,
-        up,
-        down,
-        duration_ms = started.elapsed().as_millis() as u64,
-        mptcp,
-        outcome,
-        detail,
-        "connection closed"
-    );
+    rec.up += relayed.a_to_b;
+    rec.down += relayed.b_to_a;
+    let (label, detail) = relayed.outcome.describe();
+    rec.close(shared, label, &detail);
 }

@@ -18,11 +18,9 @@ pub mod stats;
 
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
-use std::time::Duration;
 
 use anyhow::Context;
 use braid_sys::kernel::{self, TfoChange, TfoMode};
-use prometheus_client::registry::Registry;
 use socket2::{Domain, SockRef, Socket, Type};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -40,7 +38,7 @@ pub fn main(args: GatewayArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     crate::logging::init(settings.log_format);
-    let _ = crate::converter::raise_fd_limit();
+    let _ = crate::daemon::raise_fd_limit();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -169,58 +167,47 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
         settings,
     });
 
-    let metrics_task = match shared.settings.metrics {
-        Some(addr) => {
-            let mut registry = Registry::default();
-            shared.stats.register(&mut registry);
-            Some(
-                crate::metrics::serve(addr, Arc::new(registry), stop.clone())
-                    .await
-                    .with_context(|| format!("serving metrics on {addr}"))?,
-            )
-        }
-        None => None,
-    };
+    let metrics_task =
+        crate::metrics::serve_stats(shared.settings.metrics, |r| shared.stats.register(r), &stop)
+            .await?;
 
     let tracker = TaskTracker::new();
     for (mode, l) in transparent {
         tracing::info!(addr = %l.local_addr()?, ?mode, "listening (transparent capture)");
-        tracker.spawn(accept_transparent(
+        let shared = shared.clone();
+        tracker.spawn(crate::daemon::accept_loop(
             l,
-            mode,
-            shared.clone(),
             stop.clone(),
             tracker.clone(),
+            move |stream, peer| serve_captured(stream, peer, mode, shared.clone()),
         ));
     }
     if let Some(l) = socks {
         tracing::info!(addr = %l.local_addr()?, "listening (SOCKS5)");
-        tracker.spawn(accept_socks(
+        let shared = shared.clone();
+        tracker.spawn(crate::daemon::accept_loop(
             l,
-            shared.clone(),
             stop.clone(),
             tracker.clone(),
+            move |stream, peer| conn::serve_socks(stream, unmap(peer), shared.clone()),
         ));
     }
     tracing::info!(converters = ?shared.settings.converters, "gateway running");
 
-    crate::converter::wait_for_signal().await?;
+    crate::daemon::wait_for_signal().await?;
     // New connections go direct from here on; running ones drain.
     drop(capture);
     tracing::info!(
         active = shared.stats.active.get(),
         "stopping: capture removed, draining"
     );
-    stop.cancel();
-    tracker.close();
-    if tokio::time::timeout(shared.settings.drain_timeout, tracker.wait())
-        .await
-        .is_err()
-    {
-        tracing::warn!("drain deadline passed: resetting the remaining connections");
-        shared.hard_stop.cancel();
-        tracker.wait().await;
-    }
+    crate::daemon::drain(
+        &stop,
+        &tracker,
+        shared.settings.drain_timeout,
+        &shared.hard_stop,
+    )
+    .await;
     if let Some(t) = metrics_task {
         let _ = t.await;
     }
@@ -228,70 +215,27 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn accept_transparent(
-    listener: TcpListener,
+/// A transparently captured connection: find where it was going, then serve it.
+async fn serve_captured(
+    stream: tokio::net::TcpStream,
+    peer: SocketAddr,
     mode: TransparentMode,
     shared: Arc<Shared>,
-    stop: CancellationToken,
-    tracker: TaskTracker,
 ) {
-    loop {
-        let accepted = tokio::select! {
-            _ = stop.cancelled() => return,
-            r = listener.accept() => r,
-        };
-        match accepted {
-            Ok((stream, peer)) => {
-                let dest = match mode {
-                    // TPROXY keeps the original destination as the socket's local address.
-                    TransparentMode::Tproxy => stream.local_addr(),
-                    TransparentMode::Redirect => original_dst(&stream, peer),
-                };
-                let Ok(dest) = dest else {
-                    tracing::warn!(%peer, "captured connection without a destination");
-                    continue;
-                };
-                let m = match mode {
-                    TransparentMode::Tproxy => Mode::Tproxy,
-                    TransparentMode::Redirect => Mode::Redirect,
-                };
-                tracker.spawn(conn::serve_transparent(
-                    stream,
-                    unmap(peer),
-                    unmap(dest),
-                    m,
-                    shared.clone(),
-                ));
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        }
-    }
-}
-
-async fn accept_socks(
-    listener: TcpListener,
-    shared: Arc<Shared>,
-    stop: CancellationToken,
-    tracker: TaskTracker,
-) {
-    loop {
-        let accepted = tokio::select! {
-            _ = stop.cancelled() => return,
-            r = listener.accept() => r,
-        };
-        match accepted {
-            Ok((stream, peer)) => {
-                tracker.spawn(conn::serve_socks(stream, unmap(peer), shared.clone()));
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        }
-    }
+    let dest = match mode {
+        // TPROXY keeps the original destination as the socket's local address.
+        TransparentMode::Tproxy => stream.local_addr(),
+        TransparentMode::Redirect => original_dst(&stream, peer),
+    };
+    let Ok(dest) = dest else {
+        tracing::warn!(%peer, "captured connection without a destination");
+        return;
+    };
+    let m = match mode {
+        TransparentMode::Tproxy => Mode::Tproxy,
+        TransparentMode::Redirect => Mode::Redirect,
+    };
+    conn::serve_transparent(stream, unmap(peer), unmap(dest), m, shared).await;
 }
 
 /// `SO_ORIGINAL_DST`: where a REDIRECTed connection was going.
