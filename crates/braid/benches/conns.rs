@@ -10,6 +10,8 @@
 //! `BRAID_BENCH_SECS` (3), `BRAID_BENCH_CONCURRENCY` (64), `BRAID_BENCH_IDLE` (10000),
 //! `BRAID_BENCH_CONVERTERS` (2: converter processes sharing the idle connections).
 
+mod support;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -17,19 +19,13 @@ use std::time::{Duration, Instant};
 
 use braid::client::{self, ClientOptions};
 use braid_lab::{Netns, StandardConfig, StandardLab};
+use support::{env_or, median, wait_listening};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const RR_PORT: u16 = 8201;
 const IDLE_PORT: u16 = 8202;
 const CONV_PORT: u16 = 5124;
 const RESPONSE: usize = 100;
-
-fn env_or<T: std::str::FromStr>(key: &str, default: T) -> T {
-    std::env::var(key)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 const SERVE_ENV: &str = "BRAID_BENCH_CONNS_SERVER";
 
@@ -41,7 +37,7 @@ fn main() {
     let secs: f64 = env_or("BRAID_BENCH_SECS", 3.0);
     let concurrency: usize = env_or("BRAID_BENCH_CONCURRENCY", 64);
     let idle: usize = env_or("BRAID_BENCH_IDLE", 10_000);
-    raise_fd_limit();
+    braid::daemon::raise_fd_limit();
 
     let lab = StandardLab::new(StandardConfig::default()).expect("lab");
     for ns in [&lab.gateway, &lab.converter, &lab.server] {
@@ -335,7 +331,7 @@ fn start_servers(ns: &Netns) -> braid_lab::Process {
 /// Body of the server child process: serves until killed. Accept errors (out of descriptors)
 /// back off instead of ending the loop, which would reset every queued connection.
 fn serve_forever() -> ! {
-    raise_fd_limit();
+    braid::daemon::raise_fd_limit();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -383,31 +379,6 @@ fn listen(port: u16) -> tokio::net::TcpListener {
     s.listen(8192).unwrap();
     s.set_nonblocking(true).unwrap();
     tokio::net::TcpListener::from_std(s.into()).unwrap()
-}
-
-fn wait_listening(ns: &Netns, port: u16) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while ns
-        .run(["ss", "-Hltn", &format!("sport = :{port}")])
-        .unwrap_or_default()
-        .trim()
-        .is_empty()
-    {
-        assert!(Instant::now() < deadline, "converter did not start");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
-}
-
-fn raise_fd_limit() {
-    use nix::sys::resource::{Resource, getrlimit, setrlimit};
-    if let Ok((_, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
-        let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
-    }
 }
 
 fn rss_kib(pid: u32) -> u64 {

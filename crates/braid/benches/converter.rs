@@ -18,6 +18,8 @@
 //! the namespaces' congestion control), `BRAID_BENCH_NSTAT` (set: print the kernel counters of
 //! `WATCHED` per GiB for every measurement).
 
+mod support;
+
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::sync::Arc;
@@ -27,6 +29,7 @@ use std::time::{Duration, Instant};
 use braid::client::{self, ClientOptions};
 use braid_lab::{Netns, Process, StandardConfig, StandardLab};
 use socket2::{Domain, Protocol, Socket, Type};
+use support::{env_or, wait_listening};
 
 const TCP_SINK: u16 = 8001;
 const TCP_SOURCE: u16 = 8002;
@@ -57,13 +60,6 @@ struct Sample {
     gbit: f64,
     relay_cpu_per_gib: f64,
     machine_cpu_per_gib: f64,
-}
-
-fn env_or<T: std::str::FromStr>(key: &str, default: T) -> T {
-    std::env::var(key)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
 }
 
 fn main() {
@@ -195,20 +191,7 @@ fn start_converter(lab: &StandardLab, port: u16, engine: &str, cc: &str) -> Proc
         .env("RUST_LOG", "warn")
         .spawn()
         .expect("braid converter");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while lab
-        .converter
-        .run(["ss", "-Hltn", &format!("sport = :{port}")])
-        .unwrap_or_default()
-        .trim()
-        .is_empty()
-    {
-        assert!(
-            Instant::now() < deadline,
-            "converter on :{port} did not start"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_listening(&lab.converter, port);
     p
 }
 

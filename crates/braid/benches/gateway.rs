@@ -7,19 +7,15 @@
 //! Run: `cargo bench -p braid --bench gateway` (as root). Knobs: `BRAID_BENCH_ROUNDS` (3),
 //! `BRAID_BENCH_SECS` (3), `BRAID_BENCH_STREAMS` ("1,4"), `BRAID_BENCH_CC` ("reno").
 
+mod support;
+
 use std::time::{Duration, Instant};
 
 use braid_lab::{Netns, Output, Process, StandardConfig, StandardLab};
+use support::{env_or, median};
 
 const CAPTURED: u16 = 5201;
 const FORWARDED: u16 = 5202;
-
-fn env_or<T: std::str::FromStr>(key: &str, default: T) -> T {
-    std::env::var(key)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 fn main() {
     let rounds: usize = env_or("BRAID_BENCH_ROUNDS", 3);
@@ -166,10 +162,4 @@ fn iperf(lab: &StandardLab, port: u16, streams: u32, secs: u32, reverse: bool) -
         .and_then(|s| s.split([',', '}']).next())
         .and_then(|s| s.trim().parse::<f64>().ok())
         .map_or(f64::NAN, |b| b / 1e9)
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.retain(|x| x.is_finite());
-    v.sort_by(|a, b| a.total_cmp(b));
-    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
 }

@@ -27,24 +27,6 @@ fn server_v6(cl: &ConverterLab, port: u16) -> SocketAddr {
     (cl.lab.server_v6(), port).into()
 }
 
-/// One converted connection running the hash protocol; `k` upload bytes ride with the request.
-async fn converted_exchange(
-    converter: SocketAddr,
-    dest: SocketAddr,
-    up: u64,
-    down: u64,
-    k: usize,
-    opts: &ClientOptions,
-) -> Result<bool, String> {
-    let early = early_data(down, 2, 1, k.min(up as usize));
-    let c = client::connect(converter, dest, None, &early, opts)
-        .await
-        .map_err(|e| e.to_string())?;
-    let mptcp = c.mptcp;
-    hash_exchange(c.stream, c.leftover, up, 1, early.len() as u64, down, 2).await?;
-    Ok(mptcp)
-}
-
 #[test]
 fn relays_ipv4_and_ipv6_and_bridges_families() {
     let cl = ConverterLab::new(

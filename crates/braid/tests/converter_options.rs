@@ -71,20 +71,9 @@ fn signal_address_brings_a_join_and_is_withdrawn_at_exit() {
     );
     let _srv = HashServer::start(&cl.lab.server, HASH_PORT);
     let r = in_ns(&cl.lab.gateway, || async move {
-        let early = early_data(8 << 20, 2, 1, 100);
-        let c = client::connect(conv, dest, None, &early, &ClientOptions::default())
+        converted_exchange(conv, dest, 8 << 20, 8 << 20, 100, &ClientOptions::default())
             .await
-            .map_err(|e| e.to_string())?;
-        hash_exchange(
-            c.stream,
-            c.leftover,
-            8 << 20,
-            1,
-            early.len() as u64,
-            8 << 20,
-            2,
-        )
-        .await
+            .map(drop)
     });
     assert_eq!(r, Ok(()));
     assert!(
@@ -132,20 +121,16 @@ fn upstream_fast_open_carries_early_data_and_keeps_the_error_mapping() {
     for _ in 0..4 {
         let dest = SocketAddr::from((server, HASH_PORT));
         let r = in_ns(&cl.lab.gateway, || async move {
-            let early = early_data(1 << 20, 2, 1, 1000);
-            let c = client::connect(conv, dest, None, &early, &ClientOptions::default())
-                .await
-                .map_err(|e| e.to_string())?;
-            hash_exchange(
-                c.stream,
-                c.leftover,
+            converted_exchange(
+                conv,
+                dest,
                 1 << 20,
-                1,
-                early.len() as u64,
                 1 << 20,
-                2,
+                1000,
+                &ClientOptions::default(),
             )
             .await
+            .map(drop)
         });
         assert_eq!(r, Ok(()));
     }

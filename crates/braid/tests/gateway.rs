@@ -101,6 +101,12 @@ fn converter_saw_two_subflows(cl: &ConverterLab) -> bool {
     false
 }
 
+/// The gateway's Prometheus page (tests start it with `--metrics 127.0.0.1:9125`).
+fn gateway_metrics(ns: &Netns) -> String {
+    ns.run(["curl", "-sS", "http://127.0.0.1:9125/metrics"])
+        .unwrap()
+}
+
 fn no_capture_left(ns: &Netns) -> Result<(), String> {
     let tables = ns.run(["nft", "list", "tables"]).unwrap_or_default();
     if tables.contains("braid_gateway") {
@@ -208,11 +214,7 @@ fn redirect_mode_and_an_ipv6_client() {
         assert_eq!(digest, hex(&nginx.sha256), "{url}");
     }
     assert!(_gw.log_text().matches("mode=\"redirect\"").count() >= 2);
-    let metrics = cl
-        .lab
-        .gateway
-        .run(["curl", "-sS", "http://127.0.0.1:9125/metrics"])
-        .unwrap();
+    let metrics = gateway_metrics(&cl.lab.gateway);
     assert!(
         metrics.contains("braid_gateway_connections_total{mode=\"redirect\",outcome=\"closed\"} 2"),
         "{metrics}"
@@ -510,11 +512,7 @@ fn a_path_that_strips_mptcp_is_detected_and_still_works() {
         "the fallback was not reported:\n{}",
         gw.log_text()
     );
-    let metrics = cl
-        .lab
-        .gateway
-        .run(["curl", "-sS", "http://127.0.0.1:9125/metrics"])
-        .unwrap();
+    let metrics = gateway_metrics(&cl.lab.gateway);
     assert!(
         metrics.contains("braid_gateway_mptcp_fallback_total 1"),
         "{metrics}"
@@ -555,11 +553,7 @@ fn cookies_are_fetched_and_a_dead_converter_is_skipped() {
             gw.log_text()
         );
     }
-    let metrics = cl
-        .lab
-        .gateway
-        .run(["curl", "-sS", "http://127.0.0.1:9125/metrics"])
-        .unwrap();
+    let metrics = gateway_metrics(&cl.lab.gateway);
     // The dead converter was tried once, then avoided for its back-off.
     assert!(
         metrics.contains(&format!(

@@ -535,3 +535,21 @@ impl Drop for Gateway {
         }
     }
 }
+
+/// One converted connection running the hash protocol; `k` upload bytes ride with the request.
+pub async fn converted_exchange(
+    converter: SocketAddr,
+    dest: SocketAddr,
+    up: u64,
+    down: u64,
+    k: usize,
+    opts: &braid::client::ClientOptions,
+) -> Result<bool, String> {
+    let early = early_data(down, 2, 1, k.min(up as usize));
+    let c = braid::client::connect(converter, dest, None, &early, opts)
+        .await
+        .map_err(|e| e.to_string())?;
+    let mptcp = c.mptcp;
+    hash_exchange(c.stream, c.leftover, up, 1, early.len() as u64, down, 2).await?;
+    Ok(mptcp)
+}
