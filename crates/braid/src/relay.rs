@@ -2,7 +2,8 @@
 //! side) until both directions are done. Shared by the converter and the gateway.
 //!
 //! Semantics: a FIN read on one side becomes `shutdown(SHUT_WR)` on the other (half-close) while
-//! the other direction keeps flowing; a reset (or any hard error) on one side becomes a reset of
+//! the other direction keeps flowing (towards an MPTCP socket, once its extra subflows are
+//! open, see [`crate::joins`]); a reset (or any hard error) on one side becomes a reset of
 //! the other (`SO_LINGER {1,0}`, applied here, sent when the caller drops the socket); a
 //! connection with no bytes either way for `idle_timeout` is reset on both sides. Memory per
 //! direction is bounded by one buffer (copy) or one pipe (splice), allocated on first data so
@@ -217,7 +218,10 @@ async fn pump(src: &TcpStream, dst: &TcpStream, moved: &AtomicU64, cfg: &RelayCo
         Engine::Splice => pump_splice(src, dst, moved, cfg.buffer).await,
     };
     if let PumpEnd::Eof = end {
-        // Half-close: the peer learns there is no more, the other direction keeps going.
+        // Half-close: the peer learns there is no more, the other direction keeps going. On an
+        // MPTCP socket, not before the kernel has opened its extra subflows: none can be
+        // opened after the FIN (joins.rs).
+        crate::joins::settle(dst, crate::joins::HALF_CLOSE_WAIT).await;
         if let Err(e) = SockRef::from(dst).shutdown(std::net::Shutdown::Write) {
             if e.kind() != io::ErrorKind::NotConnected {
                 return PumpEnd::WriteFailed(e);

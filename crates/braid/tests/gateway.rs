@@ -666,3 +666,39 @@ fn a_download_survives_the_loss_of_an_uplink() {
         t.elapsed().as_secs_f64()
     );
 }
+
+/// Applications that send their request and half-close at once (`nc -N`, `curl -T`, many RPC
+/// clients) must still get every uplink: the kernel opens extra subflows from a worker that
+/// runs after the connection is established and never once the local side has sent its FIN,
+/// so the gateway holds the FIN until the path manager has done its work (joins.rs; the kernel
+/// workarounds table of architecture.md).
+#[test]
+fn requests_that_half_close_at_once_still_get_both_uplinks() {
+    let cl = ConverterLab::from_lab(shaped_lab(), &converter_args(&[]));
+    let _srv = HashServer::start(&cl.lab.server, HASH_PORT);
+    let conv = cl.converter_addr_v4().to_string();
+    let _gw = Gateway::start(
+        &cl.lab.gateway,
+        &strings(&["--converter", &conv, "--transparent", "tproxy"]),
+    );
+    let joins0 = counter(&cl.lab.gateway, "MPTcpExtMPJoinSynAckRx");
+    let before = counters(&cl.lab.gateway);
+    let dest: std::net::SocketAddr = (cl.lab.server_v4(), HASH_PORT).into();
+    const N: u64 = 40;
+    in_ns(&cl.lab.client, || async move {
+        for i in 0..N {
+            // The 16-byte header, then FIN at once: hash_exchange half-closes right after it.
+            let s = tokio::net::TcpStream::connect(dest).await.unwrap();
+            hash_exchange(s, Vec::new(), 0, 0, 0, 4 << 20, i)
+                .await
+                .unwrap_or_else(|e| panic!("download {i}: {e}"));
+        }
+    });
+    let joins = counter(&cl.lab.gateway, "MPTcpExtMPJoinSynAckRx") - joins0;
+    assert_eq!(
+        joins,
+        N,
+        "only {joins} of {N} half-closed connections opened their second subflow; gateway: {}",
+        mptcp_deltas(&before, &counters(&cl.lab.gateway))
+    );
+}

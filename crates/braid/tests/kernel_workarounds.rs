@@ -38,6 +38,7 @@ fn zero_rtt_downloads_over_two_subflows_do_not_stall() {
         (cl.lab.server_v4(), HASH_PORT).into(),
     );
     let passive0 = counter(&cl.lab.converter, "TcpExtTCPFastOpenPassive");
+    let (gw0, conv0) = (counters(&cl.lab.gateway), counters(&cl.lab.converter));
     let times = in_ns(&cl.lab.gateway, || async move {
         let opts = ClientOptions {
             rcvbuf: None,
@@ -79,9 +80,21 @@ fn zero_rtt_downloads_over_two_subflows_do_not_stall() {
     while two() < 15 && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(50));
     }
+    let (gw1, conv1) = (counters(&cl.lab.gateway), counters(&cl.lab.converter));
+    let kernel = format!(
+        "gateway: {}\nconverter: {}",
+        mptcp_deltas(&gw0, &gw1),
+        mptcp_deltas(&conv0, &conv1)
+    );
+    // Every connection joined its second subflow (the client holds its FIN until the kernel
+    // has, as the relay does), and the converter saw two while relaying most of them (it
+    // samples the count; the last sample can come after a subflow closed).
+    let joins = gw1.get("MPTcpExtMPJoinSynAckRx").copied().unwrap_or(0)
+        - gw0.get("MPTcpExtMPJoinSynAckRx").copied().unwrap_or(0);
+    assert_eq!(joins, 20, "only {joins} of 20 joins completed\n{kernel}");
     assert!(
         two() >= 15,
-        "only {} of 20 downloads had two subflows",
+        "only {} of 20 downloads had two subflows\n{kernel}",
         two()
     );
 }

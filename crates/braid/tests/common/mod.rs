@@ -169,6 +169,21 @@ pub fn counters(ns: &Netns) -> HashMap<String, u64> {
         .collect()
 }
 
+/// The MPTCP counters that moved between two [`counters`] readings, as "Name +delta" pairs:
+/// what a failing subflow assertion prints so that the kernel's side of it is on record.
+pub fn mptcp_deltas(before: &HashMap<String, u64>, after: &HashMap<String, u64>) -> String {
+    let mut moved: Vec<String> = after
+        .iter()
+        .filter(|(k, _)| k.starts_with("MPTcp"))
+        .filter_map(|(k, v)| {
+            let d = v.saturating_sub(before.get(k).copied().unwrap_or(0));
+            (d > 0).then(|| format!("{} +{d}", k.trim_start_matches("MPTcpExt")))
+        })
+        .collect();
+    moved.sort();
+    moved.join(", ")
+}
+
 pub fn counter(ns: &Netns, name: &str) -> u64 {
     counters(ns).get(name).copied().unwrap_or(0)
 }
@@ -340,6 +355,8 @@ pub async fn hash_exchange(
                 .map_err(|e| format!("write at {off}: {e}"))?;
             off += k as u64;
         }
+        // Like the relay: an MPTCP client's FIN waits for the kernel's joins (braid::joins).
+        braid::joins::settle(w.as_ref(), braid::joins::HALF_CLOSE_WAIT).await;
         w.shutdown().await.map_err(|e| format!("shutdown: {e}"))?;
         Ok::<_, String>(w)
     };
