@@ -1,4 +1,5 @@
-//! Holding a half-close until the kernel has opened the connection's extra subflows.
+//! A connection's extra subflows: holding a half-close until the kernel has opened them, and
+//! counting them for the log.
 //!
 //! The in-kernel path manager opens a client's extra subflows from a worker that is scheduled
 //! when the connection becomes fully established (for braid's 0-RTT connections: when the
@@ -12,6 +13,7 @@
 //! send the FIN after the worker has run, which `MPTCP_INFO` shows.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU8, Ordering::Relaxed};
 use std::time::Duration;
 
 use braid_sys::sockopt::{MptcpInfo, mptcp_info};
@@ -96,6 +98,39 @@ async fn is_subflow_endpoint(local: Option<SocketAddr>) -> bool {
             .iter()
             .any(|e| e.flags.subflow && e.addr.to_canonical() == local.ip().to_canonical()),
         Err(_) => false,
+    }
+}
+
+/// The most subflows a connection had at once. The kernel reports only the current count and
+/// subflows close before the connection does, so it is sampled while the relay runs: one
+/// getsockopt a second, nothing per byte.
+#[derive(Debug, Default)]
+pub struct SubflowPeak(AtomicU8);
+
+impl SubflowPeak {
+    pub fn sample(&self, s: &TcpStream) {
+        if let Ok(info) = mptcp_info(s) {
+            self.0.fetch_max(info.subflows_total, Relaxed);
+        }
+    }
+
+    /// Samples 200 ms in (subflows appear once the connection carries data), then every second;
+    /// never returns, so it runs beside the relay in a `select!`.
+    pub async fn watch(&self, s: &TcpStream) -> ! {
+        let mut tick = tokio::time::interval_at(
+            tokio::time::Instant::now() + Duration::from_millis(200),
+            Duration::from_secs(1),
+        );
+        loop {
+            tick.tick().await;
+            self.sample(s);
+        }
+    }
+
+    /// The peak, at least 1 (the initial subflow) for an MPTCP connection.
+    pub fn get(&self, s: &TcpStream) -> u8 {
+        self.sample(s);
+        self.0.load(Relaxed).max(1)
     }
 }
 

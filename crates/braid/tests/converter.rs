@@ -408,7 +408,7 @@ fn a_client_that_never_finishes_its_request_is_dropped() {
         "dropped too early: {elapsed:?}"
     );
     assert!(elapsed < Duration::from_secs(3), "not dropped: {elapsed:?}");
-    assert!(cl.log_text().contains("handshake_timeout"));
+    assert!(eventually(|| cl.log_text().contains("handshake_timeout")));
 }
 
 #[test]
@@ -577,6 +577,7 @@ fn metrics_and_json_logs_report_each_connection() {
     ] {
         assert!(body.contains(want), "missing {want:?} in:\n{body}");
     }
+    eventually(|| cl.log_text().matches("\"connection closed\"").count() >= 2);
     let closed: Vec<String> = cl
         .log_text()
         .lines()

@@ -227,6 +227,9 @@ fn loss_and_blackhole() {
         &lab.converter,
         SocketAddr::new(lab.converter_v4().into(), 5401),
     )
+    // A lost SYN or SYN-ACK (10% of handshakes here) costs 1 s, then 2 s, then 4 s: allow
+    // four attempts, so the handshake cannot be what fails this test.
+    .connect_timeout(Duration::from_secs(10))
     .start()
     .unwrap();
     // Lost first segments cost retransmission timeouts: wait for progress, not a fixed window.

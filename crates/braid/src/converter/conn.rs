@@ -4,7 +4,6 @@
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU8, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
 use braid_sys::sockopt::{is_mptcp, mptcp_info, unsent_bytes};
@@ -19,6 +18,7 @@ use super::policy::{DestVerdict, Policy};
 use super::stats::{Direction, Reason, Stats};
 use super::upstream::{self, UpstreamOptions};
 use super::wire::{self, Request};
+use crate::joins::SubflowPeak;
 use crate::relay::{self, reset_on_close};
 
 /// Everything a connection task needs, shared by all of them.
@@ -79,11 +79,10 @@ pub async fn serve(client: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
         shared.stats.active.dec();
     });
 
-    let peak_subflows = AtomicU8::new(0);
+    let peak_subflows = SubflowPeak::default();
     let outcome = converse(&client, peer, pending, &shared, mptcp, &peak_subflows).await;
-    sample_subflows(&client, &peak_subflows);
     let subflows = if mptcp {
-        u64::from(peak_subflows.load(Relaxed).max(1))
+        u64::from(peak_subflows.get(&client))
     } else {
         0
     };
@@ -124,22 +123,13 @@ impl Closed {
     }
 }
 
-/// Records the connection's current subflow count if it is the highest seen. The kernel only
-/// reports the current count, and subflows close before the connection does, so the count is
-/// sampled while the relay runs.
-fn sample_subflows(client: &TcpStream, peak: &AtomicU8) {
-    if let Ok(info) = mptcp_info(client) {
-        peak.fetch_max(info.subflows_total, Relaxed);
-    }
-}
-
 async fn converse(
     client: &TcpStream,
     peer: SocketAddr,
     pending: PendingSlot,
     shared: &Shared,
     mptcp: bool,
-    peak_subflows: &AtomicU8,
+    peak_subflows: &SubflowPeak,
 ) -> Closed {
     let s = &shared.settings;
     shared.stats.pending_handshakes.inc();
@@ -291,20 +281,11 @@ async fn converse(
     }
     let early = early_data.len() as u64;
 
-    // Subflows appear once the connection carries data; one getsockopt a second is enough to
-    // see them, and costs nothing per byte.
     let sampler = async {
         if !mptcp {
             return std::future::pending().await;
         }
-        let mut tick = tokio::time::interval_at(
-            tokio::time::Instant::now() + Duration::from_millis(200),
-            Duration::from_secs(1),
-        );
-        loop {
-            tick.tick().await;
-            sample_subflows(client, peak_subflows);
-        }
+        peak_subflows.watch(client).await
     };
     let relayed = tokio::select! {
         r = relay::relay(client, &server, &s.relay) => r,

@@ -16,6 +16,7 @@ use super::config::Settings;
 use super::converters::{ConvertFailure, Converters};
 use super::stats::{Direction, Stats};
 use crate::client::ClientOptions;
+use crate::joins::SubflowPeak;
 use crate::relay;
 
 /// What every connection task shares.
@@ -58,6 +59,8 @@ struct Record {
     dest: SocketAddr,
     converter: Option<SocketAddr>,
     mptcp: bool,
+    /// Peak subflow count of the converted connection (0: direct or not connected).
+    subflows: u8,
     started: Instant,
     up: u64,
     down: u64,
@@ -72,6 +75,7 @@ impl Record {
             dest,
             converter: None,
             mptcp: false,
+            subflows: 0,
             started: Instant::now(),
             up: 0,
             down: 0,
@@ -88,6 +92,7 @@ impl Record {
                 .get_or_create(&Direction { direction })
                 .inc_by(n);
         }
+        stats.subflows.inc_by(u64::from(self.subflows));
         let converter = self
             .converter
             .map_or_else(|| "direct".to_string(), |c| c.to_string());
@@ -100,6 +105,7 @@ impl Record {
             down = self.down,
             duration_ms = self.started.elapsed().as_millis() as u64,
             mptcp = self.mptcp,
+            subflows = self.subflows,
             outcome,
             detail,
             "connection closed"
@@ -431,14 +437,25 @@ async fn relay_and_close(shared: &Shared, mut rec: Record, app: TcpStream, up: U
         return rec.close(shared, "client_gone", "");
     }
     rec.down = up.leftover.len() as u64;
+    let peak = SubflowPeak::default();
+    let sampler = async {
+        if !up.mptcp {
+            return std::future::pending().await;
+        }
+        peak.watch(&server).await
+    };
     let relayed = tokio::select! {
         r = relay::relay(&app, &server, &shared.settings.relay) => r,
+        never = sampler => never,
         _ = shared.hard_stop.cancelled() => {
             relay::reset_on_close(&app);
             relay::reset_on_close(&server);
             return rec.close(shared, "shutdown", "");
         }
     };
+    if up.mptcp {
+        rec.subflows = peak.get(&server);
+    }
     rec.up += relayed.a_to_b;
     rec.down += relayed.b_to_a;
     let (label, detail) = relayed.outcome.describe();

@@ -35,6 +35,9 @@ pub struct Stats {
     /// Times a converter was skipped or failed over, by converter address (a short,
     /// operator-given list, so a bounded label).
     pub converter_failures: Family<Converter, Counter>,
+    /// Sum over closed converted connections of their peak subflow count: divided by the
+    /// converted connections, how many links a connection used on average.
+    pub subflows: Counter,
     pub active: Gauge,
 }
 
@@ -56,6 +59,11 @@ impl Stats {
             "converter_failures",
             "Converter connection attempts that failed, by converter",
             self.converter_failures.clone(),
+        );
+        r.register(
+            "subflows",
+            "Peak subflows of closed MPTCP connections, summed",
+            self.subflows.clone(),
         );
         r.register(
             "active_connections",

@@ -184,6 +184,21 @@ pub fn mptcp_deltas(before: &HashMap<String, u64>, after: &HashMap<String, u64>)
     moved.join(", ")
 }
 
+/// Polls `cond` for up to 5 s. Daemons write a connection's log line when both directions are
+/// done, which can be just after the client has finished: tests that read logs wait with this.
+pub fn eventually(cond: impl Fn() -> bool) -> bool {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        if cond() {
+            return true;
+        }
+        if std::time::Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
 pub fn counter(ns: &Netns, name: &str) -> u64 {
     counters(ns).get(name).copied().unwrap_or(0)
 }
