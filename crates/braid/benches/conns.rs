@@ -200,31 +200,24 @@ fn rate(
     let deadline = Instant::now() + Duration::from_secs_f64(secs);
     let (d2, f2) = (done.clone(), failed.clone());
     let started = Instant::now();
-    ns.enter(move || {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async move {
-            let mut tasks = Vec::new();
-            for _ in 0..concurrency {
-                let (done, failed) = (d2.clone(), f2.clone());
-                tasks.push(tokio::spawn(async move {
-                    while Instant::now() < deadline {
-                        match exchange(via, dest).await {
-                            Ok(()) => done.fetch_add(1, Relaxed),
-                            Err(_) => failed.fetch_add(1, Relaxed),
-                        };
-                    }
-                }));
-            }
-            for t in tasks {
-                let _ = t.await;
-            }
-        })
+    ns.block_on(move || async move {
+        let mut tasks = Vec::new();
+        for _ in 0..concurrency {
+            let (done, failed) = (d2.clone(), f2.clone());
+            tasks.push(tokio::spawn(async move {
+                while Instant::now() < deadline {
+                    match exchange(via, dest).await {
+                        Ok(()) => done.fetch_add(1, Relaxed),
+                        Err(_) => failed.fetch_add(1, Relaxed),
+                    };
+                }
+            }));
+        }
+        for t in tasks {
+            let _ = t.await;
+        }
     })
-    .expect("enter");
+    .expect("runtime in the namespace");
     let elapsed = started.elapsed().as_secs_f64();
     let failed = failed.load(Relaxed);
     if failed > 0 {

@@ -175,19 +175,9 @@ fn start_converter(lab: &StandardLab, port: u16, engine: &str, cc: &str) -> Proc
     let p = lab
         .converter
         .command(bin)
-        .args([
-            "converter",
-            "--listen",
-            &format!("[::]:{port}"),
-            "--allow-client",
-            "10.1.0.0/16",
-            "--allow-dest",
-            "10.2.0.0/24",
-            "--relay-engine",
-            engine,
-            "--congestion-control",
-            cc,
-        ])
+        .arg("converter")
+        .args(braid::demo::lab_converter_args(port))
+        .args(["--relay-engine", engine, "--congestion-control", cc])
         .env("RUST_LOG", "warn")
         .spawn()
         .expect("braid converter");

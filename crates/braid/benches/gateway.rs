@@ -9,9 +9,10 @@
 
 mod support;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use braid_lab::{Netns, Output, Process, StandardConfig, StandardLab};
+use braid::demo::{lab_converter_args, spawn_daemon};
+use braid_lab::{Process, StandardConfig, StandardLab};
 use support::{env_or, median};
 
 const CAPTURED: u16 = 5201;
@@ -32,36 +33,34 @@ fn main() {
         ..StandardConfig::default()
     })
     .expect("lab");
-    let bin = env!("CARGO_BIN_EXE_braid");
-    let mut converter = daemon(
+    let bin = std::path::Path::new(env!("CARGO_BIN_EXE_braid"));
+    let logs = std::env::temp_dir();
+    let mut converter = spawn_daemon(
         &lab.converter,
         bin,
-        &[
-            "converter",
-            "--listen",
-            "[::]:5124",
-            "--allow-client",
-            "10.1.0.0/16",
-            "--allow-dest",
-            "10.2.0.0/24",
-        ],
+        "converter",
+        &lab_converter_args(5124),
+        logs.join(format!("{}-converter.log", lab.converter.name())),
         "listening",
-    );
+    )
+    .expect("converter");
     let conv = format!("{}:5124", lab.converter_v4());
-    let mut gateway = daemon(
+    let mut gateway = spawn_daemon(
         &lab.gateway,
         bin,
+        "gateway",
         &[
-            "gateway",
-            "--converter",
-            &conv,
-            "--transparent",
-            "tproxy",
-            "--bypass-port",
-            &FORWARDED.to_string(),
+            "--converter".into(),
+            conv,
+            "--transparent".into(),
+            "tproxy".into(),
+            "--bypass-port".into(),
+            FORWARDED.to_string(),
         ],
+        logs.join(format!("{}-gateway.log", lab.gateway.name())),
         "gateway running",
-    );
+    )
+    .expect("gateway");
     let mut servers: Vec<Process> = [CAPTURED, FORWARDED]
         .iter()
         .map(|p| {
@@ -106,30 +105,6 @@ fn main() {
     }
     let _ = gateway.stop();
     let _ = converter.stop();
-}
-
-fn daemon(ns: &Netns, bin: &str, args: &[&str], ready: &str) -> Process {
-    let log = std::env::temp_dir().join(format!("{}-{}.log", ns.name(), args[0]));
-    let mut p = ns
-        .command(bin)
-        .args(args)
-        .env("RUST_LOG", "warn,braid=info")
-        .stderr(Output::File(log.clone()))
-        .spawn()
-        .expect("braid");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !std::fs::read_to_string(&log)
-        .unwrap_or_default()
-        .contains(ready)
-    {
-        assert!(
-            p.is_running() && Instant::now() < deadline,
-            "braid {} did not start",
-            args[0]
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    p
 }
 
 /// Gbit/s received, from iperf3's JSON (`end.sum_received`).

@@ -6,7 +6,7 @@
 //! also on Ctrl-C.
 
 use std::io::{Read, Write};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -19,6 +19,19 @@ use crate::cli::DemoArgs;
 
 const CONVERTER_PORT: u16 = 5124;
 const HTTP_PORT: u16 = 80;
+
+/// `braid converter` flags for a converter in the standard lab: listening on `port`, clients
+/// from the uplinks, destinations on the server link (the tests' converters use these too).
+pub fn lab_converter_args(port: u16) -> Vec<String> {
+    let mut a = vec!["--listen".to_string(), format!("[::]:{port}")];
+    for p in braid_lab::standard::UPLINK_PREFIXES {
+        a.extend(["--allow-client".into(), p.into()]);
+    }
+    for p in braid_lab::standard::SERVER_PREFIXES {
+        a.extend(["--allow-dest".into(), p.into()]);
+    }
+    a
+}
 
 pub fn main(args: DemoArgs) -> anyhow::Result<()> {
     if !nix::unistd::geteuid().is_root() {
@@ -76,35 +89,24 @@ fn run(args: &DemoArgs, stop: &AtomicBool) -> anyhow::Result<()> {
     std::fs::create_dir_all(&logs)?;
 
     let digest = serve_file(&lab.server, size)?;
-    let mut converter = spawn(
+    let mut converter = spawn_daemon(
         &lab.converter,
         &exe,
-        &[
-            "converter",
-            "--listen",
-            &format!("[::]:{CONVERTER_PORT}"),
-            "--allow-client",
-            "10.1.0.0/16",
-            "--allow-client",
-            "fd00:1::/32",
-            "--allow-dest",
-            "10.2.0.0/24",
-            "--allow-dest",
-            "fd00:2::/64",
-        ],
+        "converter",
+        &lab_converter_args(CONVERTER_PORT),
         logs.join("converter.log"),
         "listening",
     )?;
     let converter_addr = format!("{}:{CONVERTER_PORT}", lab.converter_v4());
-    let mut gateway = spawn(
+    let mut gateway = spawn_daemon(
         &lab.gateway,
         &exe,
+        "gateway",
         &[
-            "gateway",
-            "--converter",
-            &converter_addr,
-            "--transparent",
-            "tproxy",
+            "--converter".into(),
+            converter_addr,
+            "--transparent".into(),
+            "tproxy".into(),
         ],
         logs.join("gateway.log"),
         "gateway running",
@@ -208,20 +210,24 @@ fn run(args: &DemoArgs, stop: &AtomicBool) -> anyhow::Result<()> {
 }
 
 /// Starts `braid ROLE ...` in `ns`, logging to `log`, and waits for `ready` in the log.
-fn spawn(
+/// Starts `exe ROLE ARGS...` (a braid binary) in `ns` with its log in `log`, and waits (10 s at
+/// most) until the log shows `ready`. Used by the demo and the gateway benchmark.
+pub fn spawn_daemon(
     ns: &Netns,
-    exe: &PathBuf,
-    args: &[&str],
+    exe: &Path,
+    role: &str,
+    args: &[String],
     log: PathBuf,
     ready: &str,
 ) -> anyhow::Result<Process> {
     let mut p = ns
         .command(exe)
+        .arg(role)
         .args(args)
-        .env("RUST_LOG", "info")
+        .env("RUST_LOG", "warn,braid=info")
         .stderr(Output::File(log.clone()))
         .spawn()
-        .with_context(|| format!("starting braid {}", args[0]))?;
+        .with_context(|| format!("starting braid {role}"))?;
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let text = std::fs::read_to_string(&log).unwrap_or_default();
@@ -229,7 +235,7 @@ fn spawn(
             return Ok(p);
         }
         if !p.is_running() || Instant::now() > deadline {
-            bail!("braid {} did not start:\n{text}", args[0]);
+            bail!("braid {role} did not start:\n{text}");
         }
         std::thread::sleep(Duration::from_millis(20));
     }

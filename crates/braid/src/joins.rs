@@ -104,19 +104,33 @@ async fn is_subflow_endpoint(local: Option<SocketAddr>) -> bool {
 /// The most subflows a connection had at once. The kernel reports only the current count and
 /// subflows close before the connection does, so it is sampled while the relay runs: one
 /// getsockopt a second, nothing per byte.
-#[derive(Debug, Default)]
-pub struct SubflowPeak(AtomicU8);
+#[derive(Debug)]
+pub struct SubflowPeak {
+    /// Whether the socket is MPTCP at all (plain TCP or fallback: nothing to sample, count 0).
+    mptcp: bool,
+    peak: AtomicU8,
+}
 
 impl SubflowPeak {
-    pub fn sample(&self, s: &TcpStream) {
+    pub fn new(mptcp: bool) -> SubflowPeak {
+        SubflowPeak {
+            mptcp,
+            peak: AtomicU8::new(0),
+        }
+    }
+
+    fn sample(&self, s: &TcpStream) {
         if let Ok(info) = mptcp_info(s) {
-            self.0.fetch_max(info.subflows_total, Relaxed);
+            self.peak.fetch_max(info.subflows_total, Relaxed);
         }
     }
 
     /// Samples 200 ms in (subflows appear once the connection carries data), then every second;
     /// never returns, so it runs beside the relay in a `select!`.
     pub async fn watch(&self, s: &TcpStream) -> ! {
+        if !self.mptcp {
+            std::future::pending().await
+        }
         let mut tick = tokio::time::interval_at(
             tokio::time::Instant::now() + Duration::from_millis(200),
             Duration::from_secs(1),
@@ -127,10 +141,14 @@ impl SubflowPeak {
         }
     }
 
-    /// The peak, at least 1 (the initial subflow) for an MPTCP connection.
+    /// The peak after a last sample: at least 1 (the initial subflow) for an MPTCP connection,
+    /// 0 otherwise.
     pub fn get(&self, s: &TcpStream) -> u8 {
+        if !self.mptcp {
+            return 0;
+        }
         self.sample(s);
-        self.0.load(Relaxed).max(1)
+        self.peak.load(Relaxed).max(1)
     }
 }
 

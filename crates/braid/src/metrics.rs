@@ -14,32 +14,34 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-/// Serves a registry filled by `register` on `addr`, if metrics are configured; the task ends
-/// when `stop` is cancelled.
+/// Serves a registry filled by `register` on `addr`, if metrics are configured, as a task of
+/// `tracker` (so the daemon's drain waits for it); it ends when `stop` is cancelled.
 pub async fn serve_stats(
     addr: Option<SocketAddr>,
     register: impl FnOnce(&mut Registry),
     stop: &CancellationToken,
-) -> anyhow::Result<Option<tokio::task::JoinHandle<()>>> {
+    tracker: &tokio_util::task::TaskTracker,
+) -> anyhow::Result<()> {
     use anyhow::Context;
-    let Some(addr) = addr else { return Ok(None) };
+    let Some(addr) = addr else { return Ok(()) };
     let mut registry = Registry::default();
     register(&mut registry);
-    let task = serve(addr, Arc::new(registry), stop.clone())
+    let server = serve(addr, Arc::new(registry), stop.clone())
         .await
         .with_context(|| format!("serving metrics on {addr}"))?;
-    Ok(Some(task))
+    tracker.spawn(server);
+    Ok(())
 }
 
-/// Binds the metrics listener now (so a bad address fails at start) and serves it until
-/// `stop` is cancelled.
+/// Binds the metrics listener now (so a bad address fails at start) and returns the server,
+/// which runs until `stop` is cancelled.
 pub async fn serve(
     addr: SocketAddr,
     registry: Arc<Registry>,
     stop: CancellationToken,
-) -> std::io::Result<tokio::task::JoinHandle<()>> {
+) -> std::io::Result<impl Future<Output = ()> + Send + 'static> {
     let listener = TcpListener::bind(addr).await?;
-    Ok(tokio::spawn(async move {
+    Ok(async move {
         loop {
             let (mut conn, _) = tokio::select! {
                 _ = stop.cancelled() => return,
@@ -78,7 +80,7 @@ pub async fn serve(
                 .await;
             });
         }
-    }))
+    })
 }
 
 #[cfg(test)]
@@ -100,7 +102,7 @@ mod tests {
             .unwrap()
             .port();
         let addr: SocketAddr = ([127, 0, 0, 1], port).into();
-        let task = serve(addr, Arc::new(reg), stop.clone()).await.unwrap();
+        let task = tokio::spawn(serve(addr, Arc::new(reg), stop.clone()).await.unwrap());
         let get = |path: &'static str| async move {
             let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
             s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())

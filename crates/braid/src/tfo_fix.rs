@@ -84,10 +84,7 @@ fn rule(port: u16, scale: u8) -> Vec<Expr> {
                 mask: vec![0xf0],
                 xor: vec![0],
             },
-            Expr::CmpEq {
-                sreg: REG_1,
-                data: vec![0],
-            },
+            matches::eq(vec![0]),
             // Window scale option (kind 3): its shift count.
             Expr::TcpOption {
                 kind: 3,
@@ -95,10 +92,7 @@ fn rule(port: u16, scale: u8) -> Vec<Expr> {
                 len: 1,
                 dreg: REG_1,
             },
-            Expr::CmpEq {
-                sreg: REG_1,
-                data: vec![scale],
-            },
+            matches::eq(vec![scale]),
             // window = window >> scale, with the TCP checksum (offset 16) updated.
             Expr::Payload {
                 base: base::TRANSPORT,

@@ -483,11 +483,7 @@ fn bulk_200_mib_each_way_over_two_subflows() {
             .lines()
             .any(|l| l.contains("connection closed") && l.contains("subflows=2"))
     };
-    let deadline = Instant::now() + Duration::from_secs(3);
-    while !closed_with_two_subflows() && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    if !closed_with_two_subflows() {
+    if !eventually(closed_with_two_subflows) {
         let mptcp = |ns: &braid_lab::Netns| {
             let mut v: Vec<_> = counters(ns)
                 .into_iter()

@@ -87,6 +87,13 @@ fn converter_saw_two_subflows(cl: &ConverterLab) -> bool {
     })
 }
 
+/// Starts a gateway in the lab's gateway namespace with the lab's converter (IPv4) and `extra`.
+fn gateway_to(cl: &ConverterLab, extra: &[&str]) -> Gateway {
+    let mut args = strings(&["--converter", &cl.converter_addr_v4().to_string()]);
+    args.extend(strings(extra));
+    Gateway::start(&cl.lab.gateway, &args)
+}
+
 /// The gateway's Prometheus page (tests start it with `--metrics 127.0.0.1:9125`).
 fn gateway_metrics(ns: &Netns) -> String {
     ns.run(["curl", "-sS", "http://127.0.0.1:9125/metrics"])
@@ -111,11 +118,7 @@ fn no_capture_left(ns: &Netns) -> Result<(), String> {
 fn tproxy_carries_curl_and_iperf3_over_two_subflows() {
     let cl = ConverterLab::from_lab(shaped_lab(), &converter_args(&[]));
     let nginx = Nginx::start(&cl.lab.server, FILE_SIZE);
-    let conv = cl.converter_addr_v4().to_string();
-    let gw = Gateway::start(
-        &cl.lab.gateway,
-        &strings(&["--converter", &conv, "--transparent", "tproxy"]),
-    );
+    let gw = gateway_to(&cl, &["--transparent", "tproxy"]);
     let tfo0 = counter(&cl.lab.gateway, "TcpExtTCPFastOpenActive");
 
     let url = format!("http://{}/file", cl.lab.server_v4());
@@ -188,17 +191,9 @@ fn tproxy_carries_curl_and_iperf3_over_two_subflows() {
 fn redirect_mode_and_an_ipv6_client() {
     let cl = ConverterLab::from_lab(shaped_lab(), &converter_args(&[]));
     let nginx = Nginx::start(&cl.lab.server, 8 << 20);
-    let conv = cl.converter_addr_v4().to_string();
-    let _gw = Gateway::start(
-        &cl.lab.gateway,
-        &strings(&[
-            "--converter",
-            &conv,
-            "--transparent",
-            "redirect",
-            "--metrics",
-            "127.0.0.1:9125",
-        ]),
+    let _gw = gateway_to(
+        &cl,
+        &["--transparent", "redirect", "--metrics", "127.0.0.1:9125"],
     );
     for url in [
         format!("http://{}/file", cl.lab.server_v4()),
@@ -273,19 +268,8 @@ fn socks5_with_names_and_passwords() {
         .gateway
         .set_hosts(&[(cl.lab.server_v4().into(), "files.braid.test")])
         .unwrap();
-    let conv = cl.converter_addr_v4().to_string();
     let socks = format!("{}:{SOCKS_PORT}", cl.lab.gateway_lan_v4());
-    let _gw = Gateway::start(
-        &cl.lab.gateway,
-        &strings(&[
-            "--converter",
-            &conv,
-            "--socks5",
-            &socks,
-            "--socks5-user",
-            "alice:wonder",
-        ]),
-    );
+    let _gw = gateway_to(&cl, &["--socks5", &socks, "--socks5-user", "alice:wonder"]);
     // The name is resolved by the gateway (the client has no such name).
     let proxy = format!("socks5h://alice:wonder@{socks}");
     let (ok, digest, _) = curl_sha(
@@ -321,19 +305,8 @@ fn errors_reach_the_application_quickly() {
         shaped_lab(),
         &converter_args(&["--deny-dest", "10.2.0.2/32"]),
     );
-    let conv = cl.converter_addr_v4().to_string();
     let socks = format!("{}:{SOCKS_PORT}", cl.lab.gateway_lan_v4());
-    let _gw = Gateway::start(
-        &cl.lab.gateway,
-        &strings(&[
-            "--converter",
-            &conv,
-            "--transparent",
-            "tproxy",
-            "--socks5",
-            &socks,
-        ]),
-    );
+    let _gw = gateway_to(&cl, &["--transparent", "tproxy", "--socks5", &socks]);
     let closed = format!("http://[{}]:9/", cl.lab.server_v6());
     let denied = format!("http://{}/", cl.lab.server_v4());
     let proxy = format!("socks5h://{socks}");
@@ -431,18 +404,8 @@ fn rules_are_removed_after_sigterm_and_after_a_crash() {
 fn the_gateways_own_connections_are_captured_on_request() {
     let cl = ConverterLab::from_lab(shaped_lab(), &converter_args(&[]));
     let nginx = Nginx::start(&cl.lab.server, 8 << 20);
-    let conv = cl.converter_addr_v4().to_string();
     for mode in ["tproxy", "redirect"] {
-        let gw = Gateway::start(
-            &cl.lab.gateway,
-            &strings(&[
-                "--converter",
-                &conv,
-                "--transparent",
-                mode,
-                "--capture-output",
-            ]),
-        );
+        let gw = gateway_to(&cl, &["--transparent", mode, "--capture-output"]);
         // curl runs on the gateway machine itself.
         let url = format!("http://{}/file", cl.lab.server_v4());
         let (ok, digest, _) = curl_sha(&cl.lab.gateway, &[], &url);
@@ -519,17 +482,9 @@ fn a_path_that_strips_mptcp_is_detected_and_still_works() {
             .run(["sh", "-c", &format!("nft '{cmd}'")])
             .unwrap();
     }
-    let conv = cl.converter_addr_v4().to_string();
-    let gw = Gateway::start(
-        &cl.lab.gateway,
-        &strings(&[
-            "--converter",
-            &conv,
-            "--transparent",
-            "tproxy",
-            "--metrics",
-            "127.0.0.1:9125",
-        ]),
+    let gw = gateway_to(
+        &cl,
+        &["--transparent", "tproxy", "--metrics", "127.0.0.1:9125"],
     );
     let url = format!("http://{}/file", cl.lab.server_v4());
     let (ok, digest, _) = curl_sha(&cl.lab.client, &[], &url);
@@ -654,11 +609,7 @@ fn a_download_survives_the_loss_of_an_uplink() {
     .expect("lab");
     let cl = ConverterLab::from_lab(lab, &converter_args(&[]));
     let nginx = Nginx::start(&cl.lab.server, 32 << 20);
-    let conv = cl.converter_addr_v4().to_string();
-    let _gw = Gateway::start(
-        &cl.lab.gateway,
-        &strings(&["--converter", &conv, "--transparent", "tproxy"]),
-    );
+    let _gw = gateway_to(&cl, &["--transparent", "tproxy"]);
     let url = format!("http://{}/file", cl.lab.server_v4());
     let script =
         format!("set -o pipefail; curl -sS --max-time 60 '{url}' | sha256sum | cut -d' ' -f1");
@@ -704,12 +655,7 @@ fn a_download_survives_the_loss_of_an_uplink() {
 fn requests_that_half_close_at_once_still_get_both_uplinks() {
     let cl = ConverterLab::from_lab(shaped_lab(), &converter_args(&[]));
     let _srv = HashServer::start(&cl.lab.server, HASH_PORT);
-    let conv = cl.converter_addr_v4().to_string();
-    let _gw = Gateway::start(
-        &cl.lab.gateway,
-        &strings(&["--converter", &conv, "--transparent", "tproxy"]),
-    );
-    let joins0 = counter(&cl.lab.gateway, "MPTcpExtMPJoinSynAckRx");
+    let _gw = gateway_to(&cl, &["--transparent", "tproxy"]);
     let before = counters(&cl.lab.gateway);
     let dest: std::net::SocketAddr = (cl.lab.server_v4(), HASH_PORT).into();
     const N: u64 = 40;
@@ -722,11 +668,12 @@ fn requests_that_half_close_at_once_still_get_both_uplinks() {
                 .unwrap_or_else(|e| panic!("download {i}: {e}"));
         }
     });
-    let joins = counter(&cl.lab.gateway, "MPTcpExtMPJoinSynAckRx") - joins0;
+    let after = counters(&cl.lab.gateway);
+    let joins = delta(&before, &after, "MPTcpExtMPJoinSynAckRx");
     assert_eq!(
         joins,
         N,
         "only {joins} of {N} half-closed connections opened their second subflow; gateway: {}",
-        mptcp_deltas(&before, &counters(&cl.lab.gateway))
+        mptcp_deltas(&before, &after)
     );
 }

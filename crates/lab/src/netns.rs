@@ -185,6 +185,26 @@ impl Netns {
         })
     }
 
+    /// Runs async code to completion on a two-thread tokio runtime whose threads live in the
+    /// namespace (they are spawned from a thread that entered it, and inherit it), so every
+    /// socket the code opens belongs to the namespace.
+    pub fn block_on<F, Fut, T>(&self, f: F) -> Result<T>
+    where
+        F: FnOnce() -> Fut + Send,
+        Fut: Future<Output = T>,
+        T: Send,
+    {
+        let ns = self.name();
+        self.enter(|| {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .map_err(|e| Error::io("build tokio runtime", ns, e))?;
+            Ok(rt.block_on(f()))
+        })?
+    }
+
     /// Starts `f` on a thread inside the namespace and returns once the thread is there.
     pub fn thread<F, R>(&self, f: F) -> Result<NsThread<R>>
     where

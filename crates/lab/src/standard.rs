@@ -23,6 +23,11 @@ use crate::link::Link;
 use crate::netns::Netns;
 use crate::routing::{MptcpEndpoint, Route, Rule};
 
+/// Every uplink subnet, both families: where a converter's clients come from.
+pub const UPLINK_PREFIXES: [&str; 2] = ["10.1.0.0/16", "fd00:1::/32"];
+/// The server link, both families: where converted connections go.
+pub const SERVER_PREFIXES: [&str; 2] = ["10.2.0.0/24", "fd00:2::/64"];
+
 /// `net.ipv4.tcp_fastopen` per role. Bits: 0x1 client, 0x2 server, 0x4 client sends data in
 /// the SYN without a cookie, 0x200 server accepts data without a cookie.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

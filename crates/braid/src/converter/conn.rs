@@ -79,13 +79,9 @@ pub async fn serve(client: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
         shared.stats.active.dec();
     });
 
-    let peak_subflows = SubflowPeak::default();
-    let outcome = converse(&client, peer, pending, &shared, mptcp, &peak_subflows).await;
-    let subflows = if mptcp {
-        u64::from(peak_subflows.get(&client))
-    } else {
-        0
-    };
+    let peak_subflows = SubflowPeak::new(mptcp);
+    let outcome = converse(&client, peer, pending, &shared, &peak_subflows).await;
+    let subflows = u64::from(peak_subflows.get(&client));
     shared.stats.subflows.inc_by(subflows);
     shared.stats.outcome(outcome.label);
     tracing::info!(
@@ -128,7 +124,6 @@ async fn converse(
     peer: SocketAddr,
     pending: PendingSlot,
     shared: &Shared,
-    mptcp: bool,
     peak_subflows: &SubflowPeak,
 ) -> Closed {
     let s = &shared.settings;
@@ -281,15 +276,9 @@ async fn converse(
     }
     let early = early_data.len() as u64;
 
-    let sampler = async {
-        if !mptcp {
-            return std::future::pending().await;
-        }
-        peak_subflows.watch(client).await
-    };
     let relayed = tokio::select! {
         r = relay::relay(client, &server, &s.relay) => r,
-        never = sampler => never,
+        never = peak_subflows.watch(client) => never,
         _ = shared.hard_stop.cancelled() => {
             reset_on_close(client);
             reset_on_close(&server);

@@ -138,11 +138,14 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
     });
     shared.policy.set_own_addresses(policy::local_addresses());
 
-    let metrics_task =
-        crate::metrics::serve_stats(shared.settings.metrics, |r| shared.stats.register(r), &stop)
-            .await?;
-
     let tracker = TaskTracker::new();
+    crate::metrics::serve_stats(
+        shared.settings.metrics,
+        |r| shared.stats.register(r),
+        &stop,
+        &tracker,
+    )
+    .await?;
     for (addr, l) in listeners {
         tracing::info!(%addr, mptcp = !shared.settings.tcp_only, "listening");
         let shared = shared.clone();
@@ -180,8 +183,5 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
         &shared.hard_stop,
     )
     .await;
-    if let Some(t) = metrics_task {
-        let _ = t.await;
-    }
     Ok(())
 }

@@ -372,9 +372,6 @@ fn prefix_match(net: IpNet, side: Side) -> Vec<Expr> {
             xor: vec![0; len as usize],
         });
     }
-    v.push(Expr::CmpEq {
-        sreg: REG_1,
-        data: network,
-    });
+    v.push(eq(network));
     v
 }

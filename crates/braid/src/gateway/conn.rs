@@ -437,25 +437,17 @@ async fn relay_and_close(shared: &Shared, mut rec: Record, app: TcpStream, up: U
         return rec.close(shared, "client_gone", "");
     }
     rec.down = up.leftover.len() as u64;
-    let peak = SubflowPeak::default();
-    let sampler = async {
-        if !up.mptcp {
-            return std::future::pending().await;
-        }
-        peak.watch(&server).await
-    };
+    let peak = SubflowPeak::new(up.mptcp);
     let relayed = tokio::select! {
         r = relay::relay(&app, &server, &shared.settings.relay) => r,
-        never = sampler => never,
+        never = peak.watch(&server) => never,
         _ = shared.hard_stop.cancelled() => {
             relay::reset_on_close(&app);
             relay::reset_on_close(&server);
             return rec.close(shared, "shutdown", "");
         }
     };
-    if up.mptcp {
-        rec.subflows = peak.get(&server);
-    }
+    rec.subflows = peak.get(&server);
     rec.up += relayed.a_to_b;
     rec.down += relayed.b_to_a;
     let (label, detail) = relayed.outcome.describe();

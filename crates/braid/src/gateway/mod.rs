@@ -167,11 +167,14 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
         settings,
     });
 
-    let metrics_task =
-        crate::metrics::serve_stats(shared.settings.metrics, |r| shared.stats.register(r), &stop)
-            .await?;
-
     let tracker = TaskTracker::new();
+    crate::metrics::serve_stats(
+        shared.settings.metrics,
+        |r| shared.stats.register(r),
+        &stop,
+        &tracker,
+    )
+    .await?;
     for (mode, l) in transparent {
         tracing::info!(addr = %l.local_addr()?, ?mode, "listening (transparent capture)");
         let shared = shared.clone();
@@ -208,9 +211,6 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
         &shared.hard_stop,
     )
     .await;
-    if let Some(t) = metrics_task {
-        let _ = t.await;
-    }
     tracing::info!("stopped");
     Ok(())
 }

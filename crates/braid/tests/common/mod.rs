@@ -47,21 +47,7 @@ pub struct ConverterLab {
 
 /// Flags every test converter gets: clients from the uplinks, destinations on the server link.
 pub fn default_converter_args() -> Vec<String> {
-    [
-        "--listen",
-        "[::]:5124",
-        "--allow-client",
-        "10.1.0.0/16",
-        "--allow-client",
-        "fd00:1::/32",
-        "--allow-dest",
-        "10.2.0.0/24",
-        "--allow-dest",
-        "fd00:2::/64",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect()
+    braid::demo::lab_converter_args(CONVERTER_PORT)
 }
 
 impl ConverterLab {
@@ -173,10 +159,10 @@ pub fn counters(ns: &Netns) -> HashMap<String, u64> {
 /// what a failing subflow assertion prints so that the kernel's side of it is on record.
 pub fn mptcp_deltas(before: &HashMap<String, u64>, after: &HashMap<String, u64>) -> String {
     let mut moved: Vec<String> = after
-        .iter()
-        .filter(|(k, _)| k.starts_with("MPTcp"))
-        .filter_map(|(k, v)| {
-            let d = v.saturating_sub(before.get(k).copied().unwrap_or(0));
+        .keys()
+        .filter(|k| k.starts_with("MPTcp"))
+        .filter_map(|k| {
+            let d = delta(before, after, k);
             (d > 0).then(|| format!("{} +{d}", k.trim_start_matches("MPTcpExt")))
         })
         .collect();
@@ -197,6 +183,12 @@ pub fn eventually(cond: impl Fn() -> bool) -> bool {
         }
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
+}
+
+/// How much counter `name` moved between two [`counters`] readings.
+pub fn delta(before: &HashMap<String, u64>, after: &HashMap<String, u64>, name: &str) -> u64 {
+    let get = |m: &HashMap<String, u64>| m.get(name).copied().unwrap_or(0);
+    get(after).saturating_sub(get(before))
 }
 
 pub fn counter(ns: &Netns, name: &str) -> u64 {
@@ -325,15 +317,7 @@ where
     Fut: std::future::Future<Output = T>,
     T: Send,
 {
-    ns.enter(|| {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(f())
-    })
-    .expect("enter namespace")
+    ns.block_on(f).expect("tokio runtime in the namespace")
 }
 
 /// The client half of the hash protocol over an established (converted) stream: asks for
