@@ -234,8 +234,8 @@ fn pump(mut c: TcpStream, source: bool) {
     }
 }
 
-/// Kernel counters worth reading when a path is slow (KERNEL.md: retransmissions, segments
-/// beyond the window, MPTCP-level retransmissions and duplicates).
+/// Kernel counters worth reading when a path is slow: TCP retransmissions, segments beyond the
+/// window, MPTCP-level retransmissions and duplicates.
 const WATCHED: &[&str] = &[
     "TcpRetransSegs",
     "TcpExtBeyondWindow",

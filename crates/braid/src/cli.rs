@@ -1,10 +1,18 @@
 //! The command line. Every daemon flag also exists as a key of the TOML config file
-//! (`--config FILE`); flags given on the command line override the file.
+//! (`--config FILE`); flags given on the command line override the file. The flags of a
+//! daemon become that daemon's file structure (`overlay()`), typed, and the daemon validates
+//! the file with the flags over it: the library below never sees clap's argument structs.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Args, Parser, Subcommand};
+
+use crate::converter::config::File as ConverterFile;
+use crate::gateway::capture::TransparentMode;
+use crate::gateway::config::File as GatewayFile;
+use crate::logging::LogFormat;
+use crate::relay::Engine;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -34,26 +42,41 @@ pub enum Command {
     Gateway(GatewayArgs),
     /// Build a namespaced lab (LAN client, gateway with two shaped uplinks, converter, server),
     /// run real braid processes in it, download a file and report per-uplink rates.
+    #[cfg(feature = "demo")]
     Demo(DemoArgs),
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum LogFormat {
-    Text,
-    Json,
+/// Flags every daemon has.
+#[derive(Debug, Args)]
+pub struct CommonArgs {
+    /// TOML configuration file; command-line flags override its keys.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Validate the configuration, print the effective settings and exit.
+    #[arg(long)]
+    pub check_config: bool,
+    /// Log line format [default: text].
+    #[arg(long, value_enum)]
+    pub log_format: Option<LogFormat>,
+    /// Serve Prometheus metrics over HTTP on this address.
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub metrics: Option<SocketAddr>,
 }
 
-impl LogFormat {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            LogFormat::Text => "text",
-            LogFormat::Json => "json",
-        }
-    }
+/// A flag that is either given (`Some(true)`) or left to the file.
+fn given(flag: bool) -> Option<bool> {
+    flag.then_some(true)
+}
+
+/// A repeatable flag: given at least once, it replaces the file's list.
+fn list<T: Clone>(v: &[T]) -> Option<Vec<T>> {
+    (!v.is_empty()).then(|| v.to_vec())
 }
 
 #[derive(Debug, Args)]
 pub struct ConverterArgs {
+    #[command(flatten)]
+    pub common: CommonArgs,
     /// Address to accept MPTCP connections on (repeatable). `[::]:PORT` listens dual-stack.
     #[arg(long, value_name = "ADDR:PORT")]
     pub listen: Vec<SocketAddr>,
@@ -74,18 +97,6 @@ pub struct ConverterArgs {
     /// Allow loopback destinations (for tests only).
     #[arg(long)]
     pub allow_loopback_dest: bool,
-    /// Serve Prometheus metrics over HTTP on this address.
-    #[arg(long, value_name = "ADDR:PORT")]
-    pub metrics: Option<SocketAddr>,
-    /// TOML configuration file; command-line flags override its keys.
-    #[arg(long, value_name = "FILE")]
-    pub config: Option<PathBuf>,
-    /// Log line format [default: text].
-    #[arg(long, value_enum)]
-    pub log_format: Option<LogFormat>,
-    /// Validate the configuration, print the effective settings and exit.
-    #[arg(long)]
-    pub check_config: bool,
     /// Listen with plain TCP (for kernels without MPTCP; clients lose multipath).
     #[arg(long)]
     pub tcp_only: bool,
@@ -93,8 +104,8 @@ pub struct ConverterArgs {
     #[arg(long)]
     pub no_tfo_window_fix: bool,
     /// Relay engine: copy (read/write) or splice [default: copy].
-    #[arg(long, value_name = "ENGINE")]
-    pub relay_engine: Option<crate::relay::Engine>,
+    #[arg(long, value_name = "ENGINE", value_enum)]
+    pub relay_engine: Option<Engine>,
     /// Congestion control for relayed sockets (e.g. reno, cubic, bbr) [default: the system's].
     #[arg(long, value_name = "NAME")]
     pub congestion_control: Option<String>,
@@ -120,16 +131,10 @@ pub struct ConverterArgs {
     pub upstream_fastopen: bool,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum TransparentMode {
-    /// nftables TPROXY (forwarded LAN traffic, IPv4 and IPv6).
-    Tproxy,
-    /// nftables REDIRECT with SO_ORIGINAL_DST.
-    Redirect,
-}
-
 #[derive(Debug, Args)]
 pub struct GatewayArgs {
+    #[command(flatten)]
+    pub common: CommonArgs,
     /// Converter to use, in order of preference (repeatable).
     #[arg(long, value_name = "ADDR:PORT")]
     pub converter: Vec<SocketAddr>,
@@ -160,20 +165,56 @@ pub struct GatewayArgs {
     /// SOCKS5 username:password (repeatable); without any, SOCKS5 needs no authentication.
     #[arg(long, value_name = "USER:PASSWORD")]
     pub socks5_user: Vec<String>,
-    /// Serve Prometheus metrics over HTTP on this address.
-    #[arg(long, value_name = "ADDR:PORT")]
-    pub metrics: Option<SocketAddr>,
-    /// TOML configuration file; command-line flags override its keys.
-    #[arg(long, value_name = "FILE")]
-    pub config: Option<PathBuf>,
-    /// Log line format [default: text].
-    #[arg(long, value_enum)]
-    pub log_format: Option<LogFormat>,
-    /// Validate the configuration, print the effective settings and exit.
-    #[arg(long)]
-    pub check_config: bool,
 }
 
+impl ConverterArgs {
+    /// The flags as the converter's file structure, to put over the file.
+    pub fn overlay(&self) -> ConverterFile {
+        ConverterFile {
+            listen: list(&self.listen),
+            allow_client: list(&self.allow_client),
+            allow_any_client: given(self.allow_any_client),
+            allow_dest: list(&self.allow_dest),
+            deny_dest: list(&self.deny_dest),
+            allow_loopback_dest: given(self.allow_loopback_dest),
+            metrics: self.common.metrics,
+            log_format: self.common.log_format,
+            tcp_only: given(self.tcp_only),
+            tfo_window_fix: self.no_tfo_window_fix.then_some(false),
+            relay_engine: self.relay_engine,
+            congestion_control: self.congestion_control.clone(),
+            mptcp_subflows: self.mptcp_subflows,
+            mptcp_add_addr_accepted: self.mptcp_add_addr_accepted,
+            signal: list(&self.signal),
+            join_initial_addr: self.no_join_initial_addr.then_some(false),
+            upstream_fastopen: given(self.upstream_fastopen),
+            ..ConverterFile::default()
+        }
+    }
+}
+
+impl GatewayArgs {
+    /// The flags as the gateway's file structure, to put over the file.
+    pub fn overlay(&self) -> GatewayFile {
+        GatewayFile {
+            converter: list(&self.converter),
+            socks5: self.socks5,
+            socks5_users: list(&self.socks5_user),
+            transparent: self.transparent.map(Some),
+            transparent_port: self.transparent_port,
+            capture: list(&self.capture),
+            bypass: list(&self.bypass),
+            capture_source: list(&self.capture_source),
+            bypass_ports: list(&self.bypass_port),
+            capture_output: given(self.capture_output),
+            metrics: self.common.metrics,
+            log_format: self.common.log_format,
+            ..GatewayFile::default()
+        }
+    }
+}
+
+#[cfg(feature = "demo")]
 #[derive(Debug, Args)]
 pub struct DemoArgs {
     /// Rates of the two uplinks, in Mbit/s.
@@ -184,6 +225,16 @@ pub struct DemoArgs {
     pub size: u32,
 }
 
+#[cfg(feature = "demo")]
+impl DemoArgs {
+    pub fn options(&self) -> crate::demo::Options {
+        crate::demo::Options {
+            rates: self.rates.clone(),
+            size: self.size,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -192,6 +243,82 @@ mod tests {
     #[test]
     fn cli_definition_is_consistent() {
         Cli::command().debug_assert();
+    }
+
+    fn converter(extra: &[&str]) -> ConverterArgs {
+        let mut v = vec!["braid", "converter"];
+        v.extend_from_slice(extra);
+        match Cli::try_parse_from(v).unwrap().command {
+            Command::Converter(a) => a,
+            _ => unreachable!(),
+        }
+    }
+
+    fn gateway(extra: &[&str]) -> GatewayArgs {
+        let mut v = vec!["braid", "gateway"];
+        v.extend_from_slice(extra);
+        match Cli::try_parse_from(v).unwrap().command {
+            Command::Gateway(a) => a,
+            _ => unreachable!(),
+        }
+    }
+
+    #[test]
+    fn converter_flags_win_over_the_file_and_unset_flags_do_not() {
+        let mut file = ConverterFile {
+            listen: Some(vec!["127.0.0.1:1000".parse().unwrap()]),
+            allow_client: Some(vec!["10.0.0.0/8".into()]),
+            backoff_secs: Some(7),
+            ..ConverterFile::default()
+        };
+        file.overlay(
+            converter(&[
+                "--listen",
+                "127.0.0.1:2000",
+                "--log-format",
+                "json",
+                "--relay-engine",
+                "splice",
+                "--no-join-initial-addr",
+            ])
+            .overlay(),
+        );
+        let s = crate::converter::config::Settings::validate(file, None).unwrap();
+        assert_eq!(s.listen, ["127.0.0.1:2000".parse().unwrap()]);
+        assert_eq!(
+            s.allow_client,
+            ["10.0.0.0/8".parse::<ipnet::IpNet>().unwrap()]
+        );
+        assert_eq!(s.log_format, LogFormat::Json);
+        assert_eq!(s.relay.engine, Engine::Splice);
+        assert!(!s.join_initial_addr);
+        assert_eq!(
+            s.backoff_secs, 7,
+            "a key no flag touched keeps the file's value"
+        );
+    }
+
+    #[test]
+    fn gateway_flags_become_typed_settings() {
+        let a = gateway(&[
+            "--converter",
+            "192.0.2.1:5124",
+            "--transparent",
+            "redirect",
+            "--capture-output",
+        ]);
+        let s = crate::gateway::config::Settings::validate(a.overlay(), None).unwrap();
+        assert_eq!(s.transparent, Some(TransparentMode::Redirect));
+        assert!(s.capture_output);
+        let mut file = GatewayFile {
+            converter: Some(vec!["192.0.2.1:1".parse().unwrap()]),
+            socks5: Some("127.0.0.1:1080".parse().unwrap()),
+            ..GatewayFile::default()
+        };
+        file.overlay(gateway(&["--converter", "192.0.2.2:2"]).overlay());
+        let s = crate::gateway::config::Settings::validate(file, None).unwrap();
+        assert_eq!(s.converters, ["192.0.2.2:2".parse().unwrap()]);
+        assert_eq!(s.socks5, Some("127.0.0.1:1080".parse().unwrap()));
     }
 
     #[test]

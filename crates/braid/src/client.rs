@@ -3,9 +3,11 @@
 //! the gateway, by the end-to-end tests and by the benchmarks, so all of them exercise the
 //! same code.
 //!
-//! Kernel measures applied here (KERNEL.md, "Known pitfalls"):
+//! Kernel measures applied here:
 //! - a fixed `SO_RCVBUF` before the Fast Open connect lowers the advertised window scale, which
-//!   keeps the converter's (wrongly derived) MPTCP send window close to the real one;
+//!   keeps the converter's MPTCP send window close to the real one (Linux derives that limit
+//!   for a passive Fast Open socket from the SYN's unscaled window shifted by the scale, see
+//!   `tfo_fix`);
 //! - an Error reply followed by a reset may arrive before we look: the reply is read before a
 //!   failed write or a reset is taken to mean "converter down".
 
@@ -13,12 +15,13 @@ use std::io;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use braid_proto::convert;
-use braid_sys::sockopt::{
-    is_mptcp, mptcp_socket, set_tcp_fastopen_connect, set_tcp_fastopen_no_cookie,
-};
-use socket2::{Domain, SockRef, Socket, Type};
+use braid_proto::convert::{self, ErrorCode};
+use braid_sys::sockopt::is_mptcp;
+use braid_sys::{FastOpen, SocketSpec};
+use socket2::SockRef;
 use tokio::net::TcpStream;
+
+use crate::framed::{ReadError, read_message};
 
 /// How to reach a converter.
 #[derive(Debug, Clone)]
@@ -61,8 +64,8 @@ pub enum ClientError {
     #[error("converter unreachable: {0}")]
     Unreachable(io::Error),
     /// The converter answered with an Error TLV.
-    #[error("converter refused: Error {code} ({})", convert::ErrorCode::from(*code))]
-    Refused { code: u8, value: Vec<u8> },
+    #[error("converter refused: Error {code}")]
+    Refused { code: ErrorCode, value: Vec<u8> },
     /// The converter's reply could not be decoded.
     #[error("bad reply from converter: {0}")]
     BadReply(String),
@@ -98,26 +101,22 @@ pub async fn connect(
     }
 }
 
-fn open_socket(converter: SocketAddr, opts: &ClientOptions) -> io::Result<Socket> {
-    let domain = Domain::for_address(converter);
-    let s = if opts.mptcp {
-        mptcp_socket(domain)?
-    } else {
-        Socket::new(domain, Type::STREAM.nonblocking().cloexec(), None)?
-    };
-    if let Some(size) = opts.rcvbuf {
-        s.set_recv_buffer_size(size)?;
+impl ClientOptions {
+    /// The socket recipe these options describe.
+    fn socket(&self) -> SocketSpec {
+        SocketSpec {
+            mptcp: self.mptcp,
+            // RFC 8803 clients never hold a TFO cookie for the converter: cookie-less Fast
+            // Open on this socket, so the host needs only the client bit (0x1) of
+            // net.ipv4.tcp_fastopen, not the machine-wide 0x4.
+            fast_open: self.fast_open.then_some(FastOpen::ConnectNoCookie),
+            recv_buffer: self.rcvbuf,
+            congestion_control: self.congestion_control.clone(),
+            mark: self.mark,
+            bind: self.bind,
+            ..SocketSpec::default()
+        }
     }
-    if let Some(cc) = &opts.congestion_control {
-        let _ = s.set_tcp_congestion(cc.as_bytes());
-    }
-    if let Some(mark) = opts.mark {
-        s.set_mark(mark)?;
-    }
-    if let Some(src) = opts.bind {
-        s.bind(&src.into())?;
-    }
-    Ok(s)
 }
 
 async fn exchange(
@@ -125,14 +124,13 @@ async fn exchange(
     first: &[u8],
     opts: &ClientOptions,
 ) -> Result<Converted, ClientError> {
-    let s = open_socket(converter, opts).map_err(ClientError::Unreachable)?;
+    let s = opts
+        .socket()
+        .open_for(converter)
+        .map_err(ClientError::Unreachable)?;
     let stream = if opts.fast_open {
         // With TCP_FASTOPEN_CONNECT, connect() returns at once and the first write goes out
-        // in the SYN. RFC 8803 clients never hold a TFO cookie for the converter: ask for
-        // cookie-less Fast Open on this socket, so the host needs only the client bit (0x1)
-        // of net.ipv4.tcp_fastopen, not the machine-wide 0x4.
-        set_tcp_fastopen_connect(&s).map_err(ClientError::Unreachable)?;
-        set_tcp_fastopen_no_cookie(&s).map_err(ClientError::Unreachable)?;
+        // in the SYN.
         match s.connect(&converter.into()) {
             Ok(()) => {}
             Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
@@ -167,35 +165,26 @@ async fn exchange(
 
 /// Reads the converter's reply; returns the application bytes that followed it.
 async fn read_reply(stream: &TcpStream) -> Result<Vec<u8>, ClientError> {
-    let mut buf = Vec::with_capacity(1024);
-    let mut chunk = [0u8; 4096];
-    loop {
-        stream.readable().await.map_err(ClientError::Unreachable)?;
-        match stream.try_read(&mut chunk) {
-            Ok(0) => {
-                return Err(ClientError::Unreachable(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    "converter closed before replying",
-                )));
-            }
-            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-            Err(e) => return Err(ClientError::Unreachable(e)),
+    let mut buf = Vec::new();
+    let decoded = read_message(stream, &mut buf, convert::MAX_MESSAGE_LEN, |b| {
+        // The reply's verdict, owned: an Error's code and value, or nothing for success.
+        convert::decode_reply(b)
+            .map(|d| d.map(|reply| reply.error().map(|e| (e.code, e.value.to_vec()))))
+    })
+    .await;
+    match decoded {
+        Ok((None, consumed)) => Ok(buf.split_off(consumed)),
+        Ok((Some((code, value)), _)) => {
+            // The converter resets after an Error; make sure we do too.
+            let _ = SockRef::from(stream).set_linger(Some(Duration::ZERO));
+            Err(ClientError::Refused { code, value })
         }
-        match convert::decode_reply(&buf) {
-            Ok(convert::Decoded::Incomplete { .. }) => continue,
-            Ok(convert::Decoded::Complete { value, consumed }) => {
-                if let Some(err) = value.error() {
-                    // The converter resets after an Error; make sure we do too.
-                    let _ = SockRef::from(stream).set_linger(Some(Duration::ZERO));
-                    return Err(ClientError::Refused {
-                        code: err.code.into(),
-                        value: err.value.to_vec(),
-                    });
-                }
-                return Ok(buf.split_off(consumed));
-            }
-            Err(e) => return Err(ClientError::BadReply(e.to_string())),
-        }
+        Err(ReadError::Closed) => Err(ClientError::Unreachable(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            "converter closed before replying",
+        ))),
+        Err(ReadError::Io(e)) => Err(ClientError::Unreachable(e)),
+        Err(ReadError::Invalid(e)) => Err(ClientError::BadReply(e.to_string())),
+        Err(ReadError::TooLong) => Err(ClientError::BadReply("reply too long".into())),
     }
 }

@@ -7,7 +7,6 @@ use std::time::Duration;
 use ipnet::IpNet;
 use serde::de::DeserializeOwned;
 
-use crate::cli::LogFormat;
 use crate::relay::{Engine, RelayConfig};
 
 #[derive(Debug, thiserror::Error)]
@@ -41,15 +40,50 @@ impl ConfigError {
 }
 
 /// Reads and parses a TOML file; unknown keys are errors (a typo must not be ignored silently).
+/// Values of a closed set (log format, relay engine, capture mode) are typed in the file
+/// structs, so a wrong one is a parse error that quotes the line and lists the choices.
 pub fn read_toml<T: DeserializeOwned>(path: &Path) -> Result<T, ConfigError> {
     let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
         path: path.to_owned(),
         source,
     })?;
-    toml::from_str(&text).map_err(|e| ConfigError::Parse {
-        path: path.to_owned(),
-        message: e.to_string().trim_end().to_owned(),
-    })
+    parse_toml(path, &text)
+}
+
+/// Parses TOML `text` that came from `path` (named in errors). A value the file's types
+/// refuse (a wrong variant, a negative count) becomes an error about its key, like the
+/// semantic checks give; a broken file stays a parse error with toml's own excerpt.
+pub fn parse_toml<T: DeserializeOwned>(path: &Path, text: &str) -> Result<T, ConfigError> {
+    toml::from_str(text).map_err(
+        |e| match e.span().and_then(|span| key_at(text, span.start)) {
+            Some(key) => ConfigError::invalid(Some(path), key, e.message().to_owned()),
+            None => ConfigError::Parse {
+                path: path.to_owned(),
+                message: e.to_string().trim_end().to_owned(),
+            },
+        },
+    )
+}
+
+/// The bare key of a `key = value` line when `offset` falls in its value.
+fn key_at(text: &str, offset: usize) -> Option<&str> {
+    let head = text.get(..offset)?;
+    let line = &head[head.rfind('\n').map_or(0, |i| i + 1)..];
+    let (key, _) = line.split_once('=')?;
+    let key = key.trim();
+    let bare = !key.is_empty()
+        && key
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+    bare.then_some(key)
+}
+
+/// A setting that the command line overrides: the flag's value when it was given, else the
+/// file's. Repeatable flags given at least once replace the file's whole list.
+pub fn overlay<T>(file: &mut Option<T>, flag: Option<T>) {
+    if flag.is_some() {
+        *file = flag;
+    }
 }
 
 /// Parses a prefix list; a bare address means a single host (/32 or /128). Errors name the
@@ -70,6 +104,7 @@ pub fn parse_prefixes(
         .collect()
 }
 
+/// One prefix; a bare address means a single host.
 pub fn parse_prefix(s: &str) -> Result<IpNet, String> {
     let s = s.trim();
     if let Ok(net) = s.parse::<IpNet>() {
@@ -90,32 +125,14 @@ pub fn parse_prefix(s: &str) -> Result<IpNet, String> {
     }
 }
 
-/// `log_format`: `text` (default) or `json`.
-pub fn log_format(path: Option<&Path>, v: Option<&str>) -> Result<LogFormat, ConfigError> {
-    match v {
-        None | Some("text") => Ok(LogFormat::Text),
-        Some("json") => Ok(LogFormat::Json),
-        Some(other) => Err(ConfigError::invalid(
-            path,
-            "log_format",
-            format!("{other:?} is not one of \"text\", \"json\""),
-        )),
-    }
-}
-
 /// `relay_engine`, `relay_buffer` and `idle_timeout_secs` (0: never) as one relay setting.
 pub fn relay_config(
     path: Option<&Path>,
-    engine: Option<&str>,
+    engine: Option<Engine>,
     buffer: Option<usize>,
     idle_timeout_secs: Option<u64>,
 ) -> Result<RelayConfig, ConfigError> {
-    let engine = match engine {
-        None => Engine::Copy,
-        Some(s) => s
-            .parse()
-            .map_err(|e| ConfigError::invalid(path, "relay_engine", e))?,
-    };
+    let engine = engine.unwrap_or_default();
     let buffer = buffer.unwrap_or(256 * 1024);
     if !(4096..=(64 << 20)).contains(&buffer) {
         return Err(ConfigError::invalid(

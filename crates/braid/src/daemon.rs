@@ -1,13 +1,151 @@
-//! What both daemons do the same way around their connections: the open-file limit, accept
-//! loops that survive errors, waiting for SIGTERM/SIGINT, and draining on shutdown.
+//! The skeleton both daemons share: settings checked or printed, logging, the open-file limit,
+//! the runtime; then, while running, accept loops that survive errors, the metrics endpoint,
+//! waiting for SIGTERM/SIGINT, and draining on shutdown. A daemon is a [`Role`]: its settings
+//! and what it does with them.
 
+use std::fmt::Debug;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use anyhow::Context;
+use prometheus_client::registry::Registry;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+
+use crate::config::ConfigError;
+use crate::logging::LogFormat;
+
+/// A daemon: its validated settings, and how it runs.
+pub trait Role: Debug + Sized {
+    fn log_format(&self) -> LogFormat;
+
+    /// Called once the open-file limit is known (the converter caps its connection count to
+    /// what the limit allows).
+    fn fit_fd_limit(&mut self, _limit: u64) {}
+
+    /// Runs until a signal and the drain that follows it.
+    fn run(self, daemon: Daemon) -> impl Future<Output = anyhow::Result<()>>;
+}
+
+/// `braid converter|gateway`: with `check_config`, print the settings and stop; otherwise
+/// set up logging, raise the open-file limit and run the role on a multi-threaded runtime.
+pub fn main<R: Role>(settings: Result<R, ConfigError>, check_config: bool) -> anyhow::Result<()> {
+    let mut settings = settings?;
+    if check_config {
+        println!("configuration OK\n{settings:#?}");
+        return Ok(());
+    }
+    crate::logging::init(settings.log_format());
+    settings.fit_fd_limit(raise_fd_limit());
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(settings.run(Daemon::default()))
+}
+
+/// What a running daemon's tasks share: the stop signal of the accept loops, the tracker that
+/// shutdown waits for, and the hard stop that resets connections still open at the drain
+/// deadline.
+#[derive(Debug, Clone, Default)]
+pub struct Daemon {
+    stop: CancellationToken,
+    tracker: TaskTracker,
+    hard_stop: CancellationToken,
+}
+
+impl Daemon {
+    /// Cancelled when the drain deadline passes: relays still running reset themselves.
+    pub fn hard_stop(&self) -> &CancellationToken {
+        &self.hard_stop
+    }
+
+    /// Serves the metrics that `register` puts in a registry on `addr`, if one is configured.
+    /// Binds now, so that a bad address fails at start.
+    pub async fn serve_metrics(
+        &self,
+        addr: Option<SocketAddr>,
+        register: impl FnOnce(&mut Registry),
+    ) -> anyhow::Result<()> {
+        crate::metrics::serve_stats(addr, register, &self.stop, &self.tracker).await
+    }
+
+    /// Accepts on `listener` until shutdown, running `serve` for each connection as a task the
+    /// drain waits for.
+    pub fn accept<F, Fut>(&self, listener: TcpListener, serve: F)
+    where
+        F: Fn(TcpStream, SocketAddr) -> Fut + Send + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        let (stop, tracker) = (self.stop.clone(), self.tracker.clone());
+        self.tracker.spawn(async move {
+            loop {
+                let accepted = tokio::select! {
+                    _ = stop.cancelled() => return,
+                    r = listener.accept() => r,
+                };
+                match accepted {
+                    Ok((stream, peer)) => {
+                        tracker.spawn(serve(stream, peer));
+                    }
+                    Err(e) => {
+                        // Out of descriptors or memory: back off instead of spinning on it.
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                }
+            }
+        });
+    }
+
+    /// A background task that ends at shutdown (`f` gets the stop token to watch).
+    pub fn spawn_until_stop<Fut>(&self, f: impl FnOnce(CancellationToken) -> Fut)
+    where
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        self.tracker.spawn(f(self.stop.clone()));
+    }
+
+    /// Returns at the first SIGTERM or SIGINT.
+    pub async fn wait_for_signal(&self) -> anyhow::Result<()> {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut term = signal(SignalKind::terminate())?;
+        let mut int = signal(SignalKind::interrupt())?;
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        Ok(())
+    }
+
+    /// Stops the accept loops, lets running connections finish within `deadline`, then cancels
+    /// the hard stop (connections reset themselves on it) and waits for them to go.
+    pub async fn drain(&self, deadline: Duration) {
+        self.stop.cancel();
+        self.tracker.close();
+        if tokio::time::timeout(deadline, self.tracker.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!("drain deadline passed: resetting the remaining connections");
+            self.hard_stop.cancel();
+            self.tracker.wait().await;
+        }
+    }
+}
+
+/// `congestion_control`, if set, must be one this namespace allows: checked once at start, so
+/// that a wrong name is one clear error instead of every connection failing.
+pub fn check_congestion_control(cc: Option<&str>) -> anyhow::Result<()> {
+    match cc {
+        Some(cc) => {
+            braid_sys::socket::check_congestion_control(cc).context("key `congestion_control`")
+        }
+        None => Ok(()),
+    }
+}
 
 /// Raises the open-file limit. Each relayed connection holds two sockets (six descriptors with
 /// splice pipes): the default soft limit of 1024 would cap a daemon at a few hundred
@@ -33,65 +171,4 @@ pub fn raise_fd_limit() -> u64 {
         return hard;
     }
     soft
-}
-
-/// Accepts until `stop`, running `serve` for each connection as a task of `tracker` (so that
-/// shutdown can wait for it).
-pub async fn accept_loop<F, Fut>(
-    listener: TcpListener,
-    stop: CancellationToken,
-    tracker: TaskTracker,
-    serve: F,
-) where
-    F: Fn(TcpStream, SocketAddr) -> Fut,
-    Fut: Future<Output = ()> + Send + 'static,
-{
-    loop {
-        let accepted = tokio::select! {
-            _ = stop.cancelled() => return,
-            r = listener.accept() => r,
-        };
-        match accepted {
-            Ok((stream, peer)) => {
-                tracker.spawn(serve(stream, peer));
-            }
-            Err(e) => {
-                // Out of descriptors or memory: back off instead of spinning on the error.
-                tracing::warn!(error = %e, "accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        }
-    }
-}
-
-/// Returns at the first SIGTERM or SIGINT.
-pub async fn wait_for_signal() -> anyhow::Result<()> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
-    }
-    Ok(())
-}
-
-/// Stops the accept loops (`stop`), lets running connections finish within `deadline`, then
-/// cancels `hard_stop` (connections reset themselves on it) and waits for them to go.
-pub async fn drain(
-    stop: &CancellationToken,
-    tracker: &TaskTracker,
-    deadline: Duration,
-    hard_stop: &CancellationToken,
-) {
-    stop.cancel();
-    tracker.close();
-    if tokio::time::timeout(deadline, tracker.wait())
-        .await
-        .is_err()
-    {
-        tracing::warn!("drain deadline passed: resetting the remaining connections");
-        hard_stop.cancel();
-        tracker.wait().await;
-    }
 }

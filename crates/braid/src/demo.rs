@@ -15,8 +15,6 @@ use anyhow::{Context, bail};
 use braid_lab::{Netns, Output, Process, StandardConfig, StandardLab};
 use sha2::{Digest, Sha256};
 
-use crate::cli::DemoArgs;
-
 const CONVERTER_PORT: u16 = 5124;
 const HTTP_PORT: u16 = 80;
 
@@ -33,7 +31,16 @@ pub fn lab_converter_args(port: u16) -> Vec<String> {
     a
 }
 
-pub fn main(args: DemoArgs) -> anyhow::Result<()> {
+/// What the demo runs.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Rates of the two uplinks, in Mbit/s.
+    pub rates: Vec<u32>,
+    /// Size of the file downloaded, in MiB.
+    pub size: u32,
+}
+
+pub fn main(args: Options) -> anyhow::Result<()> {
     if !nix::unistd::geteuid().is_root() {
         bail!("braid demo builds network namespaces: run it as root (sudo ./scripts/demo)");
     }
@@ -63,7 +70,7 @@ pub fn main(args: DemoArgs) -> anyhow::Result<()> {
     run(&args, &stop)
 }
 
-fn run(args: &DemoArgs, stop: &AtomicBool) -> anyhow::Result<()> {
+fn run(args: &Options, stop: &AtomicBool) -> anyhow::Result<()> {
     let rates: Vec<u64> = args
         .rates
         .iter()
@@ -209,7 +216,6 @@ fn run(args: &DemoArgs, stop: &AtomicBool) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Starts `braid ROLE ...` in `ns`, logging to `log`, and waits for `ready` in the log.
 /// Starts `exe ROLE ARGS...` (a braid binary) in `ns` with its log in `log`, and waits (10 s at
 /// most) until the log shows `ready`. Used by the demo and the gateway benchmark.
 pub fn spawn_daemon(

@@ -3,14 +3,22 @@
 use std::process::ExitCode;
 
 use braid::cli::{Cli, Command};
+use braid::daemon;
 use clap::Parser;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Converter(args) => braid::converter::main(args),
-        Command::Gateway(args) => braid::gateway::main(args),
-        Command::Demo(args) => braid::demo::main(args),
+        Command::Converter(a) => daemon::main(
+            braid::converter::config::Settings::load(a.common.config.as_deref(), a.overlay()),
+            a.common.check_config,
+        ),
+        Command::Gateway(a) => daemon::main(
+            braid::gateway::config::Settings::load(a.common.config.as_deref(), a.overlay()),
+            a.common.check_config,
+        ),
+        #[cfg(feature = "demo")]
+        Command::Demo(a) => braid::demo::main(a.options()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -19,37 +19,17 @@ use socket2::SockRef;
 use tokio::io::Interest;
 use tokio::net::TcpStream;
 
-/// How bytes are moved. Both are exposed because which is faster depends on the kernel: until
-/// MPTCP gets a zero-copy splice path, splice on an MPTCP socket copies anyway (KERNEL.md).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+/// How bytes are moved (`relay_engine`, `--relay-engine`). Both are exposed because which is
+/// faster depends on the kernel: until MPTCP gets a zero-copy splice path, splice on an MPTCP
+/// socket goes through a generic copying path anyway.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Engine {
     /// read(2) into a user buffer, write(2) out of it.
+    #[default]
     Copy,
     /// splice(2) socket → pipe → socket; the bytes never enter user space.
     Splice,
-}
-
-impl std::str::FromStr for Engine {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "copy" => Ok(Engine::Copy),
-            "splice" => Ok(Engine::Splice),
-            other => Err(format!(
-                "unknown relay engine {other:?} (expected copy or splice)"
-            )),
-        }
-    }
-}
-
-impl std::fmt::Display for Engine {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Engine::Copy => "copy",
-            Engine::Splice => "splice",
-        })
-    }
 }
 
 #[derive(Debug, Clone)]

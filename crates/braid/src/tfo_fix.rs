@@ -1,5 +1,5 @@
-//! Workaround for a kernel bug (6.18, no upstream fix known; docs/architecture.md and
-//! shared/KERNEL.md): for a passive TCP Fast Open MPTCP socket, the MPTCP-level send window is
+//! Workaround for a kernel bug (6.18, no upstream fix known; docs/architecture.md, "Kernel
+//! workarounds"): for a passive TCP Fast Open MPTCP socket, the MPTCP-level send window is
 //! derived from the client's SYN window *shifted by the client's window scale*, though a SYN's
 //! window is never scaled. The converter then overruns the client's real window and downloads
 //! stall for seconds on connections with two subflows.

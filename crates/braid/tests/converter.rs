@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use braid::client::{self, ClientError, ClientOptions};
 use braid_lab::{Signal, StandardConfig};
+use braid_proto::convert::ErrorCode;
 use common::*;
 
 fn shaped(rates: [u64; 2]) -> StandardConfig {
@@ -322,7 +323,11 @@ fn cookies_and_limits_are_enforced() {
         let e = client::connect(conv, dest, None, b"", &opts)
             .await
             .unwrap_err();
-        let ClientError::Refused { code: 3, value } = e else {
+        let ClientError::Refused {
+            code: ErrorCode::MissingCookie,
+            value,
+        } = e
+        else {
             panic!("expected Error 3, got {e}")
         };
         let cookie = value[1..].to_vec();
@@ -330,7 +335,16 @@ fn cookies_and_limits_are_enforced() {
         let e = client::connect(conv, dest, Some(b"not a cookie"), b"", &opts)
             .await
             .unwrap_err();
-        assert!(matches!(e, ClientError::Refused { code: 32, .. }), "{e}");
+        assert!(
+            matches!(
+                e,
+                ClientError::Refused {
+                    code: ErrorCode::NotAuthorized,
+                    ..
+                }
+            ),
+            "{e}"
+        );
         // The right one: through.
         let early = early_data(10, 2, 1, 0);
         let held1 = client::connect(conv, dest, Some(&cookie), &early, &opts)
@@ -348,7 +362,13 @@ fn cookies_and_limits_are_enforced() {
     });
     let _ = std::fs::remove_file(&cfg);
     assert!(
-        matches!(outcome, ClientError::Refused { code: 64, .. }),
+        matches!(
+            outcome,
+            ClientError::Refused {
+                code: ErrorCode::ResourceExceeded,
+                ..
+            }
+        ),
         "{outcome}"
     );
 }

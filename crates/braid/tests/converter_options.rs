@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use braid::client::{self, ClientError, ClientOptions};
 use braid_lab::{Signal, StandardConfig};
+use braid_proto::convert::ErrorCode;
 use common::*;
 
 fn with(extra: &[&str]) -> Vec<String> {
@@ -146,7 +147,13 @@ fn upstream_fast_open_carries_early_data_and_keeps_the_error_mapping() {
             .map(|_| ())
     });
     assert!(
-        matches!(r, Err(ClientError::Refused { code: 96, .. })),
+        matches!(
+            r,
+            Err(ClientError::Refused {
+                code: ErrorCode::ConnectionReset,
+                ..
+            })
+        ),
         "{r:?}"
     );
 }

@@ -1,4 +1,4 @@
-//! The converter's workarounds for kernel bugs (shared/KERNEL.md, "Known pitfalls"), each
+//! The converter's workarounds for kernel bugs (docs/architecture.md, "Kernel workarounds"), each
 //! tested where the bug bites: downloads on 0-RTT connections with two subflows, a reply
 //! written before the client's handshake ACK, and the nftables rule's life cycle.
 

@@ -1,4 +1,4 @@
-//! The Convert protocol of RFC 8803 (shared/convert-spec.md): the message a client puts at the
+//! The Convert protocol of RFC 8803: the message a client puts at the
 //! start of its stream to a Transport Converter, and the converter's reply.
 //!
 //! Decoding is incremental and direction-aware: [`decode_request`] (what a converter reads)
@@ -162,20 +162,14 @@ impl From<ErrorCode> for u8 {
     }
 }
 
+/// `64 (Resource Exceeded)`: the number first, as people quote Error codes.
 impl fmt::Display for ErrorCode {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} ({})", self.name(), u8::from(*self))
+        write!(f, "{} ({})", u8::from(*self), self.name())
     }
 }
 
-/// Result of feeding bytes to a decoder.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Decoded<T> {
-    /// Not a whole message yet: at least `needed` more bytes are required.
-    Incomplete { needed: usize },
-    /// A whole message, and how many input bytes it took.
-    Complete { value: T, consumed: usize },
-}
+pub use crate::Decoded;
 
 /// Why bytes are not a valid Convert message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -272,7 +266,7 @@ impl<'a> TcpOptions<'a> {
                         Some(p) => Err(i + p),
                     };
                 }
-                // NOP has no place in a Convert TLV (convert-spec §3).
+                // NOP has no place in a Convert TLV: options are whole (kind, length, value).
                 1 => return Err(i),
                 _ => {
                     let len = *bytes.get(i + 1).ok_or(i)? as usize;

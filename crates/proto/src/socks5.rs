@@ -39,14 +39,7 @@ const ATYP_V4: u8 = 1;
 const ATYP_DOMAIN: u8 = 3;
 const ATYP_V6: u8 = 4;
 
-/// Result of feeding bytes to a decoder.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Decoded<T> {
-    /// At least `needed` more bytes are required.
-    Incomplete { needed: usize },
-    /// A whole message and the number of bytes it took.
-    Complete { value: T, consumed: usize },
-}
+pub use crate::Decoded;
 
 /// Why bytes are not a valid SOCKS5 message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -312,13 +305,7 @@ pub fn encode_auth_status(success: bool) -> [u8; 2] {
 }
 
 pub fn decode_auth_status(buf: &[u8]) -> Result<Decoded<bool>, Error> {
-    Ok(match two_bytes(buf, AUTH_VERSION, Error::BadAuthVersion)? {
-        Decoded::Complete { value, consumed } => Decoded::Complete {
-            value: value == 0,
-            consumed,
-        },
-        Decoded::Incomplete { needed } => Decoded::Incomplete { needed },
-    })
+    Ok(two_bytes(buf, AUTH_VERSION, Error::BadAuthVersion)?.map(|status| status == 0))
 }
 
 /// The request's command.
@@ -467,16 +454,10 @@ pub fn encode_reply(code: ReplyCode, bound: Option<SocketAddr>) -> Vec<u8> {
 }
 
 pub fn decode_reply(buf: &[u8]) -> Result<Decoded<Reply<'_>>, Error> {
-    Ok(match decode_request(buf)? {
-        Decoded::Incomplete { needed } => Decoded::Incomplete { needed },
-        Decoded::Complete { value, consumed } => Decoded::Complete {
-            value: Reply {
-                code: u8::from(value.command).into(),
-                bound: value.address,
-            },
-            consumed,
-        },
-    })
+    Ok(decode_request(buf)?.map(|r| Reply {
+        code: u8::from(r.command).into(),
+        bound: r.address,
+    }))
 }
 
 #[cfg(test)]

@@ -1,6 +1,6 @@
-//! Converter configuration: the TOML file, the command-line flags layered over it, and the
-//! validation that turns both into [`Settings`]. Parsing and validation are separate steps so
-//! that every semantic error can name the key it is about.
+//! Converter configuration: the TOML file ([`File`], which is also the shape of the command
+//! line's overrides), and the validation that turns it into [`Settings`]. Parsing and
+//! validation are separate steps so that every semantic error can name the key it is about.
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
@@ -9,16 +9,17 @@ use std::time::Duration;
 use ipnet::IpNet;
 use serde::Deserialize;
 
-use crate::cli::{ConverterArgs, LogFormat};
 use crate::config::{
-    ConfigError, congestion_control, log_format, parse_prefixes, read_toml, relay_config,
+    ConfigError, congestion_control, overlay, parse_prefixes, read_toml, relay_config,
 };
-use crate::relay::RelayConfig;
+use crate::logging::LogFormat;
+use crate::relay::{Engine, RelayConfig};
 
 /// The converter's port when none is given. RFC 8803 assigns none; this one is braid's.
 pub const DEFAULT_PORT: u16 = 5124;
 
-/// The file, as written. Every key is optional; defaults live in [`Settings`].
+/// The file, as written, or the flags given on the command line (which win over the file, see
+/// [`File::overlay`]). Every key is optional; defaults live in [`Settings`].
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct File {
@@ -31,7 +32,7 @@ pub struct File {
     pub deny_ports: Option<Vec<u16>>,
     pub allow_loopback_dest: Option<bool>,
     pub metrics: Option<SocketAddr>,
-    pub log_format: Option<String>,
+    pub log_format: Option<LogFormat>,
     pub tcp_only: Option<bool>,
     pub tfo_queue: Option<i32>,
     pub tfo_window_fix: Option<bool>,
@@ -43,10 +44,13 @@ pub struct File {
     pub max_connections: Option<usize>,
     pub max_connections_per_client: Option<usize>,
     pub max_pending_handshakes: Option<usize>,
+    pub max_pending_per_prefix: Option<usize>,
+    pub client_prefix_v4: Option<u8>,
+    pub client_prefix_v6: Option<u8>,
     pub backoff_secs: Option<u8>,
     pub cookies: Option<bool>,
     pub cookie_secret: Option<String>,
-    pub relay_engine: Option<String>,
+    pub relay_engine: Option<Engine>,
     pub relay_buffer: Option<usize>,
     pub congestion_control: Option<String>,
     pub upstream_fastopen: Option<bool>,
@@ -81,7 +85,14 @@ pub struct Settings {
     pub drain_timeout: Duration,
     pub max_connections: usize,
     pub max_connections_per_client: usize,
+    /// Connections not yet answered (request incomplete, upstream connect in progress, or an
+    /// Error reply being delivered), in all and per client prefix.
     pub max_pending_handshakes: usize,
+    pub max_pending_per_prefix: usize,
+    /// Prefix lengths that group client addresses for `max_pending_per_prefix`: one subscriber
+    /// or one attacker usually holds a whole IPv4 /24 or IPv6 /48, not one address.
+    pub client_prefix_v4: u8,
+    pub client_prefix_v6: u8,
     /// The back-off value sent with Error 64/65 (0 = the client's default).
     pub backoff_secs: u8,
     pub cookies: bool,
@@ -99,73 +110,67 @@ pub struct Settings {
     pub join_initial_addr: bool,
 }
 
+impl File {
+    /// Puts `flags` over the file: every key the command line gave replaces the file's.
+    pub fn overlay(&mut self, flags: File) {
+        macro_rules! keys {
+            ($($k:ident),* $(,)?) => { $(overlay(&mut self.$k, flags.$k);)* };
+        }
+        keys!(
+            listen,
+            allow_client,
+            allow_any_client,
+            allow_dest,
+            deny_dest,
+            allow_ports,
+            deny_ports,
+            allow_loopback_dest,
+            metrics,
+            log_format,
+            tcp_only,
+            tfo_queue,
+            tfo_window_fix,
+            set_sysctls,
+            handshake_timeout_ms,
+            connect_timeout_ms,
+            idle_timeout_secs,
+            drain_timeout_secs,
+            max_connections,
+            max_connections_per_client,
+            max_pending_handshakes,
+            max_pending_per_prefix,
+            client_prefix_v4,
+            client_prefix_v6,
+            backoff_secs,
+            cookies,
+            cookie_secret,
+            relay_engine,
+            relay_buffer,
+            congestion_control,
+            upstream_fastopen,
+            mptcp_subflows,
+            mptcp_add_addr_accepted,
+            signal,
+            join_initial_addr,
+        );
+    }
+}
+
 impl Settings {
-    /// Reads `--config` (if any), applies the flags over it and validates the result.
-    pub fn load(args: &ConverterArgs) -> Result<Settings, ConfigError> {
-        let file = match &args.config {
+    /// Reads the file at `path` (if any), puts the command line's `flags` over it and
+    /// validates the result.
+    pub fn load(path: Option<&Path>, flags: File) -> Result<Settings, ConfigError> {
+        let mut file = match path {
             Some(path) => read_toml::<File>(path)?,
             None => File::default(),
         };
-        Settings::from_parts(file, args, args.config.as_deref())
+        file.overlay(flags);
+        Settings::validate(file, path)
     }
 
-    fn from_parts(
-        mut f: File,
-        a: &ConverterArgs,
-        path: Option<&Path>,
-    ) -> Result<Settings, ConfigError> {
-        // Flags win over the file; a repeatable flag given once replaces the whole list.
-        if !a.listen.is_empty() {
-            f.listen = Some(a.listen.clone());
-        }
-        if !a.allow_client.is_empty() {
-            f.allow_client = Some(a.allow_client.clone());
-        }
-        if !a.allow_dest.is_empty() {
-            f.allow_dest = Some(a.allow_dest.clone());
-        }
-        if !a.deny_dest.is_empty() {
-            f.deny_dest = Some(a.deny_dest.clone());
-        }
-        if a.allow_any_client {
-            f.allow_any_client = Some(true);
-        }
-        if a.allow_loopback_dest {
-            f.allow_loopback_dest = Some(true);
-        }
-        if a.metrics.is_some() {
-            f.metrics = a.metrics;
-        }
-        if let Some(l) = a.log_format {
-            f.log_format = Some(l.as_str().to_owned());
-        }
-        if a.tcp_only {
-            f.tcp_only = Some(true);
-        }
-        if a.no_tfo_window_fix {
-            f.tfo_window_fix = Some(false);
-        }
-        if let Some(e) = a.relay_engine {
-            f.relay_engine = Some(e.to_string());
-        }
-        if let Some(cc) = &a.congestion_control {
-            f.congestion_control = Some(cc.clone());
-        }
-        if a.mptcp_subflows.is_some() {
-            f.mptcp_subflows = a.mptcp_subflows;
-        }
-        if a.mptcp_add_addr_accepted.is_some() {
-            f.mptcp_add_addr_accepted = a.mptcp_add_addr_accepted;
-        }
-        if !a.signal.is_empty() {
-            f.signal = Some(a.signal.clone());
-        }
-        if a.no_join_initial_addr {
-            f.join_initial_addr = Some(false);
-        }
-        if a.upstream_fastopen {
-            f.upstream_fastopen = Some(true);
-        }
+    /// Turns the file (with the flags already over it) into settings; `path` names the file in
+    /// errors.
+    pub fn validate(f: File, path: Option<&Path>) -> Result<Settings, ConfigError> {
         let err = |key: &str, reason: String| ConfigError::invalid(path, key, reason);
 
         let listen = f.listen.unwrap_or_else(|| {
@@ -188,13 +193,8 @@ impl Settings {
                     .into(),
             ));
         }
-        let log_format = log_format(path, f.log_format.as_deref())?;
-        let relay = relay_config(
-            path,
-            f.relay_engine.as_deref(),
-            f.relay_buffer,
-            f.idle_timeout_secs,
-        )?;
+        let log_format = f.log_format.unwrap_or_default();
+        let relay = relay_config(path, f.relay_engine, f.relay_buffer, f.idle_timeout_secs)?;
         congestion_control(path, f.congestion_control.as_deref())?;
         let ms = |key: &str, v: Option<u64>, default: u64| -> Result<Duration, ConfigError> {
             match v.unwrap_or(default) {
@@ -218,6 +218,28 @@ impl Settings {
         )?;
         let max_pending_handshakes =
             positive("max_pending_handshakes", f.max_pending_handshakes, 4_096)?;
+        // One client prefix may hold 1/16 of the handshakes: a flood from one source leaves
+        // the rest to everyone else. Legitimate clients hold almost none (their request rides
+        // in the SYN), so the share bites only on slow or stuck ones.
+        let max_pending_per_prefix = positive(
+            "max_pending_per_prefix",
+            f.max_pending_per_prefix,
+            (max_pending_handshakes / 16).max(1),
+        )?;
+        let client_prefix_v4 = f.client_prefix_v4.unwrap_or(24);
+        if !(1..=32).contains(&client_prefix_v4) {
+            return Err(err(
+                "client_prefix_v4",
+                format!("{client_prefix_v4} is not a prefix length of 1 to 32"),
+            ));
+        }
+        let client_prefix_v6 = f.client_prefix_v6.unwrap_or(48);
+        if !(1..=128).contains(&client_prefix_v6) {
+            return Err(err(
+                "client_prefix_v6",
+                format!("{client_prefix_v6} is not a prefix length of 1 to 128"),
+            ));
+        }
         let tfo_queue = f.tfo_queue.unwrap_or(4_096);
         if tfo_queue <= 0 {
             return Err(err("tfo_queue", "must be greater than 0".into()));
@@ -283,6 +305,9 @@ impl Settings {
             max_connections,
             max_connections_per_client,
             max_pending_handshakes,
+            max_pending_per_prefix,
+            client_prefix_v4,
+            client_prefix_v6,
             backoff_secs: f.backoff_secs.unwrap_or(0),
             cookies: f.cookies.unwrap_or(false),
             cookie_secret,
@@ -300,35 +325,38 @@ impl Settings {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use clap::Parser;
 
-    fn args(extra: &[&str]) -> ConverterArgs {
-        let mut v = vec!["braid", "converter"];
-        v.extend_from_slice(extra);
-        match crate::cli::Cli::parse_from(v).command {
-            crate::cli::Command::Converter(a) => a,
-            _ => unreachable!(),
-        }
+    fn from_toml(toml_text: &str, flags: File) -> Result<Settings, ConfigError> {
+        let path = Path::new("c.toml");
+        let mut file: File = crate::config::parse_toml(path, toml_text)?;
+        file.overlay(flags);
+        Settings::validate(file, Some(path))
     }
 
-    fn from_toml(toml_text: &str, extra: &[&str]) -> Result<Settings, ConfigError> {
-        let file: File = toml::from_str(toml_text).unwrap();
-        Settings::from_parts(file, &args(extra), Some(Path::new("c.toml")))
+    fn any_client() -> File {
+        File {
+            allow_any_client: Some(true),
+            ..File::default()
+        }
     }
 
     #[test]
     fn empty_allow_list_is_refused_with_the_key_named() {
-        let e = from_toml("", &[]).unwrap_err().to_string();
+        let e = from_toml("", File::default()).unwrap_err().to_string();
         assert!(e.contains("allow_client"), "{e}");
         assert!(e.contains("--allow-any-client"), "{e}");
-        assert!(from_toml("", &["--allow-any-client"]).is_ok());
+        assert!(from_toml("", any_client()).is_ok());
     }
 
     #[test]
     fn flags_override_the_file() {
         let s = from_toml(
             "listen = [\"127.0.0.1:1000\"]\nallow_client = [\"10.0.0.0/8\"]\n",
-            &["--listen", "127.0.0.1:2000", "--allow-client", "192.0.2.1"],
+            File {
+                listen: Some(vec!["127.0.0.1:2000".parse().unwrap()]),
+                allow_client: Some(vec!["192.0.2.1".into()]),
+                ..File::default()
+            },
         )
         .unwrap();
         assert_eq!(s.listen, ["127.0.0.1:2000".parse().unwrap()]);
@@ -375,9 +403,17 @@ mod tests {
                 "allow_any_client = true\nsignal = [\"[::]:5\"]",
                 "signal[0]",
             ),
+            (
+                "allow_any_client = true\nmax_pending_per_prefix = 0",
+                "max_pending_per_prefix",
+            ),
+            (
+                "allow_any_client = true\nclient_prefix_v4 = 33",
+                "client_prefix_v4",
+            ),
         ];
         for (text, key) in cases {
-            let e = from_toml(text, &[]).unwrap_err().to_string();
+            let e = from_toml(text, File::default()).unwrap_err().to_string();
             assert!(e.contains(key), "{text:?} gave {e:?}");
             assert!(e.contains("c.toml"), "{e}");
         }

@@ -1,7 +1,17 @@
-//! One client connection, from accept to close: admission, the Convert handshake, the upstream
-//! connect, the reply, the relay, and the log line at the end.
+//! One client connection, from accept to close, as I/O around the decisions of
+//! [`super::handshake`]: admission, reading the request, the upstream connect, the reply or
+//! the refusal, the relay, and the log line at the end.
+//!
+//! A refusal is delivered so that every client shape reads it (connect then write then read,
+//! read at once, a large request, a half-close): the Error goes out once the MPTCP handshake is
+//! complete, followed by a FIN, and the converter keeps reading (and discarding) what the
+//! client sends until the client closes; only then, or at a short deadline, is the connection
+//! reset. Resetting right after the Error, as RFC 8803 describes it, loses the Error for a
+//! client whose first write comes after the reset arrived: its write fails with "connection
+//! reset" and it never reads. While it lingers, a refusal holds a pending-handshake slot, so a
+//! flood of refused connections stays bounded; one that finds no slot free is written if it
+//! can go at once and reset.
 
-use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -13,11 +23,13 @@ use tokio_util::sync::CancellationToken;
 
 use super::config::Settings;
 use super::cookie::CookieJar;
+use super::handshake::{self, Refusal, Verdict};
 use super::limits::{Limits, PendingSlot};
-use super::policy::{DestVerdict, Policy};
+use super::policy::Policy;
 use super::stats::{Direction, Reason, Stats};
 use super::upstream::{self, UpstreamOptions};
 use super::wire::{self, Request};
+use crate::framed::{ReadError, read_message};
 use crate::joins::SubflowPeak;
 use crate::relay::{self, reset_on_close};
 
@@ -33,34 +45,41 @@ pub struct Shared {
     pub hard_stop: CancellationToken,
 }
 
-/// Largest read while waiting for the request. The request is at most 1020 bytes; whatever
-/// the client sent after it in the same read is application data, kept and forwarded.
-const HANDSHAKE_READ: usize = 16 * 1024;
 /// Longest wait for the client's handshake ACK before writing a reply anyway.
 const HANDSHAKE_ACK: Duration = Duration::from_secs(3);
-/// How long to wait for an Error reply to leave before resetting (convert-spec §5.4).
-const ERROR_FLUSH: Duration = Duration::from_secs(2);
+/// How long a refusal (or an Info answer) may take to be delivered and the client to close.
+const FINAL_LINGER: Duration = Duration::from_secs(3);
+/// Bytes a refused client may still send (and have discarded) while it gets to reading the
+/// Error: enough for any request and a modest body.
+const FINAL_DRAIN: usize = 1 << 20;
+/// While looking for the request: most bytes buffered without a complete one. The request is
+/// at most 1020 bytes and the codec says how long it is from its first bytes, so this is only a
+/// backstop.
+const REQUEST_CAP: usize = 4 * 1024;
 
 pub async fn serve(client: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
     let started = Instant::now();
-    let client_ip = peer.ip().to_canonical();
-    let peer = SocketAddr::new(client_ip, peer.port());
+    let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
     // TCP_IS_MPTCP is 0 for a client that spoke plain TCP or fell back during the handshake.
     let mptcp = is_mptcp(&client).unwrap_or(false);
     if !mptcp {
         shared.stats.tcp_fallback.inc();
     }
-
-    if !shared.policy.client_allowed(client_ip) {
-        tracing::info!(client = %peer, outcome = "client_not_allowed", "refused");
-        send_error_and_reset(&client, &wire::error_reply(32, &[0]), &shared, 32).await;
-        shared.stats.outcome("client_not_allowed");
-        return;
-    }
-    let (_conn_slot, pending) = match shared.limits.admit(client_ip) {
-        Ok(slots) => slots,
+    let closed = match shared.limits.admit(peer.ip()) {
+        Ok((_conn_slot, pending)) => {
+            shared.stats.active.inc();
+            let _active = scopeguard(|| {
+                shared.stats.active.dec();
+            });
+            let peak_subflows = SubflowPeak::new(mptcp);
+            let mut closed = converse(&client, peer, pending, &shared, &peak_subflows).await;
+            closed.subflows = peak_subflows.get(&client);
+            shared.stats.subflows.inc_by(u64::from(closed.subflows));
+            closed
+        }
         Err(hit) => {
-            tracing::warn!(client = %peer, limit = hit.as_str(), "connection limit reached");
+            // The close line below says which limit (outcome `limited`); a flood would
+            // double its log with a line of its own.
             shared
                 .stats
                 .limited
@@ -68,32 +87,22 @@ pub async fn serve(client: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
                     reason: hit.as_str(),
                 })
                 .inc();
-            let reply = wire::error_reply(64, &[shared.settings.backoff_secs]);
-            send_error_and_reset(&client, &reply, &shared, 64).await;
-            shared.stats.outcome("limited");
-            return;
+            let refusal = Refusal::limited(hit, shared.settings.backoff_secs);
+            refuse_if_room(&client, peer, &refusal, &shared).await;
+            Closed::refused(None, refusal)
         }
     };
-    shared.stats.active.inc();
-    let _active = scopeguard(|| {
-        shared.stats.active.dec();
-    });
-
-    let peak_subflows = SubflowPeak::new(mptcp);
-    let outcome = converse(&client, peer, pending, &shared, &peak_subflows).await;
-    let subflows = u64::from(peak_subflows.get(&client));
-    shared.stats.subflows.inc_by(subflows);
-    shared.stats.outcome(outcome.label);
+    shared.stats.outcome(closed.label);
     tracing::info!(
         client = %peer,
-        dest = %outcome.dest.map(|d| d.to_string()).unwrap_or_else(|| "-".into()),
-        up = outcome.up,
-        down = outcome.down,
+        dest = %closed.dest.map(|d| d.to_string()).unwrap_or_else(|| "-".into()),
+        up = closed.up,
+        down = closed.down,
         duration_ms = started.elapsed().as_millis() as u64,
-        subflows,
+        subflows = closed.subflows,
         tcp_fallback = !mptcp,
-        outcome = outcome.label,
-        detail = %outcome.detail,
+        outcome = closed.label,
+        detail = %closed.detail,
         "connection closed"
     );
 }
@@ -103,19 +112,25 @@ struct Closed {
     dest: Option<SocketAddr>,
     up: u64,
     down: u64,
+    subflows: u8,
     label: &'static str,
     detail: String,
 }
 
 impl Closed {
-    fn early(label: &'static str, detail: impl Into<String>) -> Closed {
+    fn early(dest: Option<SocketAddr>, label: &'static str, detail: impl Into<String>) -> Closed {
         Closed {
-            dest: None,
+            dest,
             up: 0,
             down: 0,
+            subflows: 0,
             label,
             detail: detail.into(),
         }
+    }
+
+    fn refused(dest: Option<SocketAddr>, r: Refusal) -> Closed {
+        Closed::early(dest, r.outcome, r.detail)
     }
 }
 
@@ -127,110 +142,72 @@ async fn converse(
     peak_subflows: &SubflowPeak,
 ) -> Closed {
     let s = &shared.settings;
-    shared.stats.pending_handshakes.inc();
-    let read = tokio::time::timeout(s.handshake_timeout, read_request(client)).await;
-    shared.stats.pending_handshakes.dec();
-    let (request, early_data) = match read {
+    let stats = &shared.stats;
+    if let Err(r) = handshake::admit_client(peer.ip(), &shared.policy) {
+        refuse(client, &r, stats).await;
+        return Closed::refused(None, r);
+    }
+
+    let mut buf = Vec::new();
+    let read = tokio::time::timeout(
+        s.handshake_timeout,
+        read_message(client, &mut buf, REQUEST_CAP, wire::decode_request),
+    )
+    .await;
+    let (request, early_data): (Request, Vec<u8>) = match read {
+        Ok(Ok((request, consumed))) => (request, buf.split_off(consumed)),
         Err(_) => {
-            shared
-                .stats
-                .handshake_failures
-                .get_or_create(&Reason { reason: "timeout" })
-                .inc();
+            stats.handshake_failure("timeout");
             reset_on_close(client);
-            return Closed::early("handshake_timeout", "no complete Convert request in time");
+            return Closed::early(
+                None,
+                "handshake_timeout",
+                "no complete Convert request in time",
+            );
         }
         Ok(Err(ReadError::Closed)) => {
-            shared
-                .stats
-                .handshake_failures
-                .get_or_create(&Reason { reason: "eof" })
-                .inc();
-            return Closed::early("handshake_eof", "client closed before a complete request");
+            stats.handshake_failure("eof");
+            return Closed::early(
+                None,
+                "handshake_eof",
+                "client closed before a complete request",
+            );
         }
         Ok(Err(ReadError::Io(e))) => {
-            shared
-                .stats
-                .handshake_failures
-                .get_or_create(&Reason { reason: "io" })
-                .inc();
-            return Closed::early("handshake_error", e.to_string());
+            stats.handshake_failure("io");
+            return Closed::early(None, "handshake_error", e.to_string());
         }
-        Ok(Err(ReadError::Invalid { code, value, why })) => {
-            send_error_and_reset(client, &wire::error_reply(code, &value), shared, code).await;
-            return Closed::early("malformed", why);
+        Ok(Err(ReadError::Invalid(r))) => {
+            refuse(client, &r, stats).await;
+            return Closed::refused(None, r);
         }
-        Ok(Ok(parsed)) => parsed,
+        Ok(Err(ReadError::TooLong)) => {
+            let r = Refusal::too_long();
+            refuse(client, &r, stats).await;
+            return Closed::refused(None, r);
+        }
     };
-    drop(pending);
+    drop(buf);
 
-    let Request {
-        dest,
-        info,
-        cookie,
-        unsupported_options,
-    } = request;
-    let Some(dest) = dest else {
-        if info {
-            // Info: answer with the extensions converted (MPTCP, kind 30), then close.
-            let _ = relay::write_all(client, &wire::supported_extensions_reply()).await;
-            let _ = SockRef::from(client).shutdown(std::net::Shutdown::Write);
-            return Closed::early("info", "answered Info");
+    let dest = match handshake::decide(&request, peer.ip(), &shared.policy, shared.cookies.as_ref())
+    {
+        Verdict::Connect(dest) => {
+            // The request is in: the upstream connect is not a pending handshake.
+            drop(pending);
+            dest
         }
-        send_error_and_reset(client, &wire::error_reply(1, &[0]), shared, 1).await;
-        return Closed::early("malformed", "request without Connect");
+        Verdict::Info => {
+            // The extensions converted (MPTCP, kind 30); then the connection ends.
+            if !finish(client, &wire::supported_extensions_reply()).await {
+                reset_on_close(client);
+            }
+            return Closed::early(None, "info", "answered Info");
+        }
+        Verdict::Refuse(r) => {
+            refuse(client, &r, stats).await;
+            return Closed::refused(request.dest, r);
+        }
     };
-    if !unsupported_options.is_empty() {
-        send_error_and_reset(
-            client,
-            &wire::error_reply(33, &unsupported_options),
-            shared,
-            33,
-        )
-        .await;
-        return Closed {
-            dest: Some(dest),
-            ..Closed::early("unsupported_option", format!("{unsupported_options:?}"))
-        };
-    }
-    if let Some(jar) = &shared.cookies {
-        match cookie {
-            None => {
-                let mut value = vec![0u8];
-                value.extend_from_slice(&jar.issue(peer.ip()));
-                send_error_and_reset(client, &wire::error_reply(3, &value), shared, 3).await;
-                return Closed {
-                    dest: Some(dest),
-                    ..Closed::early("missing_cookie", "cookie issued")
-                };
-            }
-            Some(c) if !jar.verify(peer.ip(), &c) => {
-                send_error_and_reset(client, &wire::error_reply(32, &[0]), shared, 32).await;
-                return Closed {
-                    dest: Some(dest),
-                    ..Closed::early("bad_cookie", "invalid cookie")
-                };
-            }
-            Some(_) => {}
-        }
-    }
-    match shared.policy.check_destination(dest) {
-        DestVerdict::Allowed => {}
-        DestVerdict::Forbidden(why) => {
-            send_error_and_reset(client, &wire::error_reply(1, &[0]), shared, 1).await;
-            return Closed {
-                dest: Some(dest),
-                ..Closed::early("forbidden_destination", why)
-            };
-        }
-        DestVerdict::NotAuthorized(why) => {
-            send_error_and_reset(client, &wire::error_reply(32, &[0]), shared, 32).await;
-            return Closed {
-                dest: Some(dest),
-                ..Closed::early("not_authorized", why)
-            };
-        }
-    }
 
     let opts = UpstreamOptions {
         connect_timeout: s.connect_timeout,
@@ -240,17 +217,9 @@ async fn converse(
     let (server, sent_in_syn) = match upstream::connect(dest, &opts, &early_data).await {
         Ok(connected) => connected,
         Err(e) => {
-            let (code, value) = e.convert_error();
-            let value = if code == 64 || code == 65 {
-                s.backoff_secs
-            } else {
-                value
-            };
-            send_error_and_reset(client, &wire::error_reply(code, &[value]), shared, code).await;
-            return Closed {
-                dest: Some(dest),
-                ..Closed::early(e.label(), e.to_string())
-            };
+            let r = Refusal::upstream(&e, s.backoff_secs);
+            refuse_if_room(client, peer, &r, shared).await;
+            return Closed::refused(Some(dest), r);
         }
     };
     if let Some(cc) = &s.congestion_control {
@@ -259,22 +228,17 @@ async fn converse(
 
     // Success: the bare header goes out the moment the server accepted.
     if let Err(e) = write_reply(client, &wire::BARE_REPLY).await {
-        relay::reset_on_close(&server);
-        return Closed {
-            dest: Some(dest),
-            ..Closed::early("client_gone", e.to_string())
-        };
+        reset_on_close(&server);
+        return Closed::early(Some(dest), "client_gone", e.to_string());
     }
     if early_data.len() > sent_in_syn {
         if let Err(e) = relay::write_all(&server, &early_data[sent_in_syn..]).await {
             reset_on_close(client);
-            return Closed {
-                dest: Some(dest),
-                ..Closed::early("server_gone", e.to_string())
-            };
+            return Closed::early(Some(dest), "server_gone", e.to_string());
         }
     }
     let early = early_data.len() as u64;
+    drop(early_data);
 
     let relayed = tokio::select! {
         r = relay::relay(client, &server, &s.relay) => r,
@@ -282,77 +246,26 @@ async fn converse(
         _ = shared.hard_stop.cancelled() => {
             reset_on_close(client);
             reset_on_close(&server);
-            return Closed { dest: Some(dest), up: early, ..Closed::early("shutdown", "drain deadline") };
+            return Closed { up: early, ..Closed::early(Some(dest), "shutdown", "drain deadline") };
         }
     };
     let up = relayed.a_to_b + early;
     let down = relayed.b_to_a;
-    shared
-        .stats
+    stats
         .bytes
         .get_or_create(&Direction { direction: "up" })
         .inc_by(up);
-    shared
-        .stats
+    stats
         .bytes
         .get_or_create(&Direction { direction: "down" })
         .inc_by(down);
     let (label, detail) = relayed.outcome.describe();
     Closed {
-        dest: Some(dest),
         up,
         down,
         label,
         detail,
-    }
-}
-
-enum ReadError {
-    Closed,
-    Io(io::Error),
-    Invalid {
-        code: u8,
-        value: Vec<u8>,
-        why: String,
-    },
-}
-
-/// Reads until a whole Convert request is in; returns it with the bytes that followed it.
-async fn read_request(client: &TcpStream) -> Result<(Request, Vec<u8>), ReadError> {
-    let mut buf: Vec<u8> = Vec::with_capacity(2048);
-    loop {
-        client.readable().await.map_err(ReadError::Io)?;
-        let old = buf.len();
-        buf.resize(old + HANDSHAKE_READ, 0);
-        match client.try_read(&mut buf[old..]) {
-            Ok(0) => return Err(ReadError::Closed),
-            Ok(n) => buf.truncate(old + n),
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                buf.truncate(old);
-                continue;
-            }
-            Err(e) => return Err(ReadError::Io(e)),
-        }
-        match wire::decode_request(&buf) {
-            wire::Decoded::Incomplete => {
-                // A request can never be larger than this; the decoder says Invalid first,
-                // but never keep reading on a client's word alone.
-                if buf.len() > 64 * 1024 {
-                    return Err(ReadError::Invalid {
-                        code: 1,
-                        value: vec![0],
-                        why: "request too long".into(),
-                    });
-                }
-            }
-            wire::Decoded::Invalid { code, value, why } => {
-                return Err(ReadError::Invalid { code, value, why });
-            }
-            wire::Decoded::Complete { request, consumed } => {
-                let rest = buf.split_off(consumed);
-                return Ok((request, rest));
-            }
-        }
+        ..Closed::early(Some(dest), "", "")
     }
 }
 
@@ -362,11 +275,11 @@ async fn read_request(client: &TcpStream) -> Result<(Request, Vec<u8>), ReadErro
 /// the reply ready before the client's handshake ACK arrives (always, when the client's RTT
 /// exceeds the upstream connect). Bytes an MPTCP socket queues before the handshake completes
 /// are not sent when it does: they wait until the client sends again, and a client waiting for
-/// the reply (SOCKS-style) hangs (KERNEL.md, "Reply stuck"; setting TCP_NODELAY after the write
-/// pushes only if the handshake is already complete, so it does not help here). So: wait until
-/// MPTCP_INFO shows the peer's key — the handshake is complete — then write. A prompt ACK
-/// costs one getsockopt; a late one costs the short polls below, bounded by `HANDSHAKE_ACK`.
-async fn write_reply(client: &TcpStream, reply: &[u8]) -> io::Result<()> {
+/// the reply (SOCKS-style) hangs (setting TCP_NODELAY after the write pushes only if the
+/// handshake is already complete, so it does not help here). So: wait until MPTCP_INFO shows
+/// the peer's key — the handshake is complete — then write. A prompt ACK costs one getsockopt;
+/// a late one costs the short polls below, bounded by `HANDSHAKE_ACK`.
+async fn write_reply(client: &TcpStream, reply: &[u8]) -> std::io::Result<()> {
     let deadline = tokio::time::Instant::now() + HANDSHAKE_ACK;
     let mut pause = Duration::from_micros(500);
     loop {
@@ -385,20 +298,66 @@ async fn write_reply(client: &TcpStream, reply: &[u8]) -> io::Result<()> {
     client.set_nodelay(true)
 }
 
-/// Sends a Convert error reply, waits (bounded) until it has left, then resets: a reset
-/// discards unsent bytes, and the client must see the Error, not a bare RST.
-async fn send_error_and_reset(client: &TcpStream, reply: &[u8], shared: &Shared, code: u8) {
-    shared.stats.error_sent(code);
-    let _ = tokio::time::timeout(ERROR_FLUSH, async {
-        if write_reply(client, reply).await.is_err() {
-            return;
+/// Delivers a refusal holding a pending-handshake slot of the client's prefix, if one is free;
+/// otherwise writes the Error if it can go at once and resets.
+async fn refuse_if_room(client: &TcpStream, peer: SocketAddr, r: &Refusal, shared: &Shared) {
+    match shared.limits.pending_slot(peer.ip()) {
+        Ok(_slot) => refuse(client, r, &shared.stats).await,
+        Err(_) => {
+            shared.stats.error_sent(r.code);
+            let _ = client.try_write(&r.reply());
+            reset_on_close(client);
         }
+    }
+}
+
+/// Delivers a refusal (see the module docs), then resets.
+async fn refuse(client: &TcpStream, r: &Refusal, stats: &Stats) {
+    stats.error_sent(r.code);
+    let _ = finish(client, &r.reply()).await;
+    reset_on_close(client);
+}
+
+/// Sends a final reply and a FIN, then reads and discards what the client sends until it
+/// closes; true once the client has closed and our reply and FIN are acknowledged, false at
+/// the deadline, on a reset, or when the client sends more than [`FINAL_DRAIN`].
+///
+/// Waiting for the client's close (rather than for our bytes' ACK, as RFC 8803's "Error, then
+/// RST" would) is what lets a client that writes before it reads still read the reply: its
+/// writes land on an open socket instead of drawing a reset.
+async fn finish(client: &TcpStream, reply: &[u8]) -> bool {
+    let delivered = async {
+        write_reply(client, reply).await.ok()?;
+        SockRef::from(client)
+            .shutdown(std::net::Shutdown::Write)
+            .ok()?;
+        let mut discarded = 0usize;
+        loop {
+            client.readable().await.ok()?;
+            let mut chunk = [0u8; 4096];
+            match client.try_read(&mut chunk) {
+                Ok(0) => break,
+                Ok(n) => {
+                    discarded += n;
+                    if discarded > FINAL_DRAIN {
+                        return None;
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(_) => return None,
+            }
+        }
+        // The client closed. Our reply and FIN may still be unacknowledged (it may have sent
+        // its FIN right after its request, before reading): a reset now would discard them.
         while unsent_bytes(client).map(|n| n > 0).unwrap_or(false) {
             tokio::time::sleep(Duration::from_millis(2)).await;
         }
-    })
-    .await;
-    reset_on_close(client);
+        Some(())
+    };
+    matches!(
+        tokio::time::timeout(FINAL_LINGER, delivered).await,
+        Ok(Some(()))
+    )
 }
 
 /// Runs a closure when dropped (decrementing a gauge on every exit path).

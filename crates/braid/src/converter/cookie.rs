@@ -1,4 +1,4 @@
-//! Convert cookies (RFC 8803 §5.1, convert-spec §5.6): a client without one gets Error 3 with
+//! Convert cookies (RFC 8803 §5.1): a client without one gets Error 3 with
 //! a fresh cookie; it retries with the cookie, which is valid only from the same address.
 //!
 //! A cookie is `epoch (u32, hours since the Unix epoch) ‖ HMAC-SHA256(secret, label ‖ epoch ‖

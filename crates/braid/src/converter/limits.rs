@@ -1,20 +1,52 @@
-//! What one client, and all of them, may cost: total connections, connections per client
-//! address, and handshakes in progress. Each admission is a guard that gives its slot back when
-//! dropped, so every exit path of a connection releases what it took.
+//! What one client, and all of them, may cost: connections in all and per client address, and
+//! handshakes pending in all and per client prefix. Each admission is a guard that gives its
+//! slot back when dropped, so every exit path of a connection releases what it took.
+//!
+//! A *pending handshake* is a connection whose request is not complete yet, or whose Error
+//! reply is being delivered. Well-behaved clients hold one for microseconds (their request
+//! rides in the SYN) or, when refused, for about a round trip; slow or stuck ones hold it until
+//! the handshake deadline. So pending slots are what a flood of slow clients takes, and they
+//! are shared out per prefix (an IPv4 /24 or IPv6 /48 by default, what one subscriber or one
+//! attacker usually has): one prefix can take only its share, and everybody else is still
+//! served. The upstream connect is not counted: a household opening a thousand connections at
+//! once holds a thousand connects in flight, which is normal, not a flood.
+//!
+//! A refusal that finds no pending slot free is not delivered with care: the Error is written
+//! if it can go at once, and the connection is reset. A flood thus costs a bounded amount.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
+use ipnet::IpNet;
+use prometheus_client::metrics::gauge::Gauge;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LimitConfig {
+    pub max_total: usize,
+    pub max_per_client: usize,
+    pub max_pending: usize,
+    pub max_pending_per_prefix: usize,
+    pub prefix_v4: u8,
+    pub prefix_v6: u8,
+}
+
 #[derive(Debug)]
 pub struct Limits {
-    max_total: usize,
-    max_per_client: usize,
-    max_pending: usize,
+    cfg: LimitConfig,
     total: AtomicUsize,
     pending: AtomicUsize,
-    per_client: Mutex<HashMap<IpAddr, usize>>,
+    /// Mirrors `pending` for the metrics.
+    pending_gauge: Gauge,
+    counts: Mutex<Counts>,
+}
+
+#[derive(Debug, Default)]
+struct Counts {
+    per_client: HashMap<IpAddr, usize>,
+    /// Pending handshakes per client prefix.
+    per_prefix: HashMap<IpNet, usize>,
 }
 
 /// Which limit refused an admission (a metrics label).
@@ -23,6 +55,7 @@ pub enum LimitHit {
     Total,
     PerClient,
     Pending,
+    PendingPerPrefix,
 }
 
 impl LimitHit {
@@ -31,6 +64,7 @@ impl LimitHit {
             LimitHit::Total => "total",
             LimitHit::PerClient => "per_client",
             LimitHit::Pending => "pending",
+            LimitHit::PendingPerPrefix => "pending_per_prefix",
         }
     }
 }
@@ -42,10 +76,11 @@ pub struct ConnSlot {
     client: IpAddr,
 }
 
-/// A counted handshake in progress; dropping it frees the slot.
+/// A counted pending handshake; dropping it frees the slot.
 #[derive(Debug)]
 pub struct PendingSlot {
     limits: Arc<Limits>,
+    prefix: IpNet,
 }
 
 fn try_take(counter: &AtomicUsize, max: usize) -> bool {
@@ -57,28 +92,48 @@ fn try_take(counter: &AtomicUsize, max: usize) -> bool {
 }
 
 impl Limits {
-    pub fn new(max_total: usize, max_per_client: usize, max_pending: usize) -> Arc<Limits> {
+    /// Limits as configured; `pending_gauge` follows the pending handshakes.
+    pub fn new(cfg: LimitConfig, pending_gauge: Gauge) -> Arc<Limits> {
         Arc::new(Limits {
-            max_total,
-            max_per_client,
-            max_pending,
+            cfg,
             total: AtomicUsize::new(0),
             pending: AtomicUsize::new(0),
-            per_client: Mutex::new(HashMap::new()),
+            pending_gauge,
+            counts: Mutex::default(),
         })
     }
 
-    /// Admits a connection from `client`, or says which limit is full.
+    fn counts(&self) -> std::sync::MutexGuard<'_, Counts> {
+        // Plain counters: a panic elsewhere cannot leave them inconsistent.
+        self.counts.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The prefix `client` is counted in.
+    pub fn prefix_of(&self, client: IpAddr) -> IpNet {
+        let len = match client {
+            IpAddr::V4(_) => self.cfg.prefix_v4,
+            IpAddr::V6(_) => self.cfg.prefix_v6,
+        };
+        IpNet::new(client, len)
+            .map(|n| n.trunc())
+            .unwrap_or_else(|_| IpNet::from(client))
+    }
+
+    /// Admits a connection from `client` with a pending-handshake slot, or says which limit is
+    /// full.
     pub fn admit(self: &Arc<Self>, client: IpAddr) -> Result<(ConnSlot, PendingSlot), LimitHit> {
         let client = client.to_canonical();
-        if !try_take(&self.total, self.max_total) {
+        if !try_take(&self.total, self.cfg.max_total) {
             return Err(LimitHit::Total);
         }
         {
-            let mut map = self.per_client.lock().unwrap_or_else(|e| e.into_inner());
-            let n = map.entry(client).or_insert(0);
-            if *n >= self.max_per_client {
-                drop(map);
+            let mut counts = self.counts();
+            let n = counts.per_client.entry(client).or_insert(0);
+            if *n >= self.cfg.max_per_client {
+                if *n == 0 {
+                    counts.per_client.remove(&client);
+                }
+                drop(counts);
                 self.total.fetch_sub(1, Ordering::AcqRel);
                 return Err(LimitHit::PerClient);
             }
@@ -88,15 +143,39 @@ impl Limits {
             limits: self.clone(),
             client,
         };
-        if !try_take(&self.pending, self.max_pending) {
-            return Err(LimitHit::Pending);
+        // Dropping `conn` on failure gives the connection slot back.
+        let pending = self.pending_slot(client)?;
+        Ok((conn, pending))
+    }
+
+    /// A pending-handshake slot for `client` (for its request, or for delivering a refusal).
+    pub fn pending_slot(self: &Arc<Self>, client: IpAddr) -> Result<PendingSlot, LimitHit> {
+        let prefix = self.prefix_of(client.to_canonical());
+        let mut counts = self.counts();
+        let p = counts.per_prefix.entry(prefix).or_insert(0);
+        let hit = if *p >= self.cfg.max_pending_per_prefix {
+            Some(LimitHit::PendingPerPrefix)
+        } else if !try_take(&self.pending, self.cfg.max_pending) {
+            Some(LimitHit::Pending)
+        } else {
+            None
+        };
+        match hit {
+            Some(hit) => {
+                if *p == 0 {
+                    counts.per_prefix.remove(&prefix);
+                }
+                Err(hit)
+            }
+            None => {
+                *p += 1;
+                self.pending_gauge.inc();
+                Ok(PendingSlot {
+                    limits: self.clone(),
+                    prefix,
+                })
+            }
         }
-        Ok((
-            conn,
-            PendingSlot {
-                limits: self.clone(),
-            },
-        ))
     }
 
     pub fn active(&self) -> usize {
@@ -111,15 +190,11 @@ impl Limits {
 impl Drop for ConnSlot {
     fn drop(&mut self) {
         self.limits.total.fetch_sub(1, Ordering::AcqRel);
-        let mut map = self
-            .limits
-            .per_client
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        if let Some(n) = map.get_mut(&self.client) {
+        let mut counts = self.limits.counts();
+        if let Some(n) = counts.per_client.get_mut(&self.client) {
             *n -= 1;
             if *n == 0 {
-                map.remove(&self.client);
+                counts.per_client.remove(&self.client);
             }
         }
     }
@@ -128,6 +203,14 @@ impl Drop for ConnSlot {
 impl Drop for PendingSlot {
     fn drop(&mut self) {
         self.limits.pending.fetch_sub(1, Ordering::AcqRel);
+        self.limits.pending_gauge.dec();
+        let mut counts = self.limits.counts();
+        if let Some(n) = counts.per_prefix.get_mut(&self.prefix) {
+            *n -= 1;
+            if *n == 0 {
+                counts.per_prefix.remove(&self.prefix);
+            }
+        }
     }
 }
 
@@ -135,11 +218,30 @@ impl Drop for PendingSlot {
 mod tests {
     use super::*;
 
+    fn limits(total: usize, per_client: usize, pending: usize, per_prefix: usize) -> Arc<Limits> {
+        Limits::new(
+            LimitConfig {
+                max_total: total,
+                max_per_client: per_client,
+                max_pending: pending,
+                max_pending_per_prefix: per_prefix,
+                prefix_v4: 24,
+                prefix_v6: 48,
+            },
+            Gauge::default(),
+        )
+    }
+
+    fn empty(l: &Limits) -> bool {
+        let c = l.counts();
+        c.per_client.is_empty() && c.per_prefix.is_empty()
+    }
+
     #[test]
     fn every_limit_holds_and_slots_come_back() {
-        let l = Limits::new(3, 2, 2);
+        let l = limits(3, 2, 2, 2);
         let a: IpAddr = "10.0.0.1".parse().unwrap();
-        let b: IpAddr = "10.0.0.2".parse().unwrap();
+        let b: IpAddr = "10.0.1.2".parse().unwrap();
         let (c1, p1) = l.admit(a).unwrap();
         let (c2, _p2) = l.admit(a).unwrap();
         assert_eq!(l.admit(a).unwrap_err(), LimitHit::PerClient);
@@ -155,6 +257,63 @@ mod tests {
         assert_eq!(l.active(), 3);
         drop((c1, c2, c3));
         assert_eq!(l.active(), 0);
-        assert!(l.per_client.lock().unwrap().is_empty());
+        drop((_p2, _p3));
+        assert!(empty(&l));
+    }
+
+    #[test]
+    fn one_prefix_gets_only_its_share_of_pending_handshakes() {
+        let l = limits(1000, 1000, 100, 10);
+        let flood: Vec<_> = (0..10)
+            .map(|i| l.admit(format!("10.9.9.{i}").parse().unwrap()).unwrap())
+            .collect();
+        // Another address of the same /24 is refused; one of another /24 is served.
+        assert_eq!(
+            l.admit("10.9.9.200".parse().unwrap()).unwrap_err(),
+            LimitHit::PendingPerPrefix
+        );
+        assert!(l.admit("10.9.8.1".parse().unwrap()).is_ok());
+        // IPv6: the /48 is the unit.
+        let v6: Vec<_> = (0..10)
+            .map(|i| {
+                l.admit(format!("2001:db8:1:{i}::1").parse().unwrap())
+                    .unwrap()
+            })
+            .collect();
+        assert_eq!(
+            l.admit("2001:db8:1:ffff::9".parse().unwrap()).unwrap_err(),
+            LimitHit::PendingPerPrefix
+        );
+        assert!(l.admit("2001:db8:2::1".parse().unwrap()).is_ok());
+        drop((flood, v6));
+        assert!(empty(&l));
+        assert_eq!(l.pending(), 0);
+    }
+
+    #[test]
+    fn the_connection_slot_outlives_the_pending_one() {
+        let l = limits(10, 10, 10, 10);
+        let (conn, pending) = l.admit("10.0.0.1".parse().unwrap()).unwrap();
+        drop(pending);
+        assert_eq!((l.active(), l.pending()), (1, 0));
+        drop(conn);
+        assert!(empty(&l));
+    }
+
+    #[test]
+    fn a_refusal_takes_a_pending_slot_again() {
+        let l = limits(10, 10, 10, 2);
+        let a: IpAddr = "10.0.0.1".parse().unwrap();
+        let (_conn, pending) = l.admit(a).unwrap();
+        drop(pending);
+        let r1 = l.pending_slot(a).unwrap();
+        let _r2 = l.pending_slot(a).unwrap();
+        assert_eq!(
+            l.pending_slot(a).unwrap_err(),
+            LimitHit::PendingPerPrefix,
+            "refusals count against the prefix's share"
+        );
+        drop(r1);
+        assert!(l.pending_slot(a).is_ok());
     }
 }

@@ -3,14 +3,18 @@
 //! - [`config`]: file + flags → validated [`config::Settings`].
 //! - [`policy`]: which clients and destinations are allowed; [`cookie`]: Convert cookies;
 //!   [`limits`]: what one client and all of them may cost.
+//! - [`handshake`]: the decisions about one connection (admit, refuse with which Error, answer
+//!   Info, connect), pure functions with unit tests; [`wire`]: the codec calls it makes.
 //! - [`listener`]: MPTCP + TFO listening sockets; [`conn`]: one connection from accept to
-//!   close; [`upstream`]: the TCP connect to the server and its error mapping; [`wire`]: the
-//!   codec calls the converter makes.
+//!   close, the I/O around the decisions; [`upstream`]: the TCP connect to the server and its
+//!   error mapping.
+//! - [`pathmgr`]: MPTCP limits, announced addresses, the C flag.
 //! - [`stats`]: Prometheus metrics.
 
 pub mod config;
 pub mod conn;
 pub mod cookie;
+pub mod handshake;
 pub mod limits;
 pub mod listener;
 pub mod pathmgr;
@@ -26,43 +30,51 @@ use std::time::Duration;
 use anyhow::Context;
 use braid_sys::kernel::{self, TfoChange, TfoMode};
 use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
-use crate::cli::ConverterArgs;
+use crate::daemon::{Daemon, Role};
+use crate::logging::LogFormat;
 use config::Settings;
 use conn::Shared;
 
 /// How often the converter re-reads its own interface addresses (refused as destinations).
 const OWN_ADDRESS_REFRESH: Duration = Duration::from_secs(10);
 
-pub fn main(args: ConverterArgs) -> anyhow::Result<()> {
-    let settings = Settings::load(&args)?;
-    if args.check_config {
-        println!("configuration OK\n{settings:#?}");
-        return Ok(());
+impl Role for Settings {
+    fn log_format(&self) -> LogFormat {
+        self.log_format
     }
-    crate::logging::init(settings.log_format);
-    let mut settings = settings;
-    let fd_limit = crate::daemon::raise_fd_limit();
-    // Running out of descriptors mid-connection helps nobody: cap the connection count so
-    // that the limit answers with Error 64 first.
-    let fits = fd_limit.saturating_sub(256) / fds_per_connection(&settings);
-    if (settings.max_connections as u64) > fits {
-        tracing::warn!(
-            fd_limit,
-            max_connections = settings.max_connections,
-            effective = fits,
-            "the open-file limit allows fewer connections than max_connections; raise it \
-             (systemd: LimitNOFILE=, shell: ulimit -n) to use the configured value"
-        );
-        settings.max_connections = fits.max(1) as usize;
+
+    /// Running out of descriptors mid-connection helps nobody: cap the connection count so
+    /// that the limit answers with Error 64 first.
+    fn fit_fd_limit(&mut self, fd_limit: u64) {
+        let fits = fd_limit.saturating_sub(256) / fds_per_connection(self);
+        if (self.max_connections as u64) > fits {
+            tracing::warn!(
+                fd_limit,
+                max_connections = self.max_connections,
+                effective = fits,
+                "the open-file limit allows fewer connections than max_connections; raise it \
+                 (systemd: LimitNOFILE=, shell: ulimit -n) to use the configured value"
+            );
+            self.max_connections = fits.max(1) as usize;
+        }
     }
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("starting the async runtime")?;
-    runtime.block_on(run(settings))
+
+    async fn run(self, daemon: Daemon) -> anyhow::Result<()> {
+        check_kernel(&self).await?;
+        let endpoints = if self.tcp_only {
+            pathmgr::Added::default()
+        } else {
+            pathmgr::setup(&self).await?
+        };
+        // Announced addresses are withdrawn whether serving ended well or not.
+        let result = serve(self, daemon).await;
+        pathmgr::cleanup(endpoints).await;
+        if result.is_ok() {
+            tracing::info!("stopped");
+        }
+        result
+    }
 }
 
 /// Descriptors one relayed connection holds: two sockets, plus two pipes for splice.
@@ -88,26 +100,10 @@ async fn check_kernel(s: &Settings) -> anyhow::Result<()> {
              the Convert request in the SYN"
         ),
     }
-    Ok(())
+    crate::daemon::check_congestion_control(s.congestion_control.as_deref())
 }
 
-async fn run(settings: Settings) -> anyhow::Result<()> {
-    check_kernel(&settings).await?;
-    let endpoints = if settings.tcp_only {
-        pathmgr::Added::default()
-    } else {
-        pathmgr::setup(&settings).await?
-    };
-    // Announced addresses are withdrawn whether serving ended well or not.
-    let result = serve(settings).await;
-    pathmgr::cleanup(endpoints).await;
-    if result.is_ok() {
-        tracing::info!("stopped");
-    }
-    result
-}
-
-async fn serve(settings: Settings) -> anyhow::Result<()> {
+async fn serve(settings: Settings, daemon: Daemon) -> anyhow::Result<()> {
     let mut listeners = Vec::new();
     for addr in &settings.listen {
         let std_listener = listener::bind(*addr, !settings.tcp_only, settings.tfo_queue)
@@ -121,45 +117,42 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
         None
     };
 
-    let stop = CancellationToken::new();
+    let stats = stats::Stats::default();
     let shared = Arc::new(Shared {
         policy: policy::Policy::new(&settings),
         cookies: settings
             .cookies
             .then(|| cookie::CookieJar::new(settings.cookie_secret.clone())),
         limits: limits::Limits::new(
-            settings.max_connections,
-            settings.max_connections_per_client,
-            settings.max_pending_handshakes,
+            limits::LimitConfig {
+                max_total: settings.max_connections,
+                max_per_client: settings.max_connections_per_client,
+                max_pending: settings.max_pending_handshakes,
+                max_pending_per_prefix: settings.max_pending_per_prefix,
+                prefix_v4: settings.client_prefix_v4,
+                prefix_v6: settings.client_prefix_v6,
+            },
+            stats.pending_handshakes.clone(),
         ),
-        stats: stats::Stats::default(),
-        hard_stop: CancellationToken::new(),
+        stats,
+        hard_stop: daemon.hard_stop().clone(),
         settings,
     });
     shared.policy.set_own_addresses(policy::local_addresses());
 
-    let tracker = TaskTracker::new();
-    crate::metrics::serve_stats(
-        shared.settings.metrics,
-        |r| shared.stats.register(r),
-        &stop,
-        &tracker,
-    )
-    .await?;
+    daemon
+        .serve_metrics(shared.settings.metrics, |r| shared.stats.register(r))
+        .await?;
     for (addr, l) in listeners {
         tracing::info!(%addr, mptcp = !shared.settings.tcp_only, "listening");
         let shared = shared.clone();
-        tracker.spawn(crate::daemon::accept_loop(
-            l,
-            stop.clone(),
-            tracker.clone(),
-            move |stream, peer| conn::serve(stream, peer, shared.clone()),
-        ));
+        daemon.accept(l, move |stream, peer| {
+            conn::serve(stream, peer, shared.clone())
+        });
     }
     {
         let shared = shared.clone();
-        let stop = stop.clone();
-        tokio::spawn(async move {
+        daemon.spawn_until_stop(|stop| async move {
             let mut tick = tokio::time::interval(OWN_ADDRESS_REFRESH);
             loop {
                 tokio::select! {
@@ -170,18 +163,12 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
         });
     }
 
-    crate::daemon::wait_for_signal().await?;
+    daemon.wait_for_signal().await?;
     tracing::info!(
         active = shared.limits.active(),
         deadline_secs = shared.settings.drain_timeout.as_secs(),
         "stopping: no new connections, draining"
     );
-    crate::daemon::drain(
-        &stop,
-        &tracker,
-        shared.settings.drain_timeout,
-        &shared.hard_stop,
-    )
-    .await;
+    daemon.drain(shared.settings.drain_timeout).await;
     Ok(())
 }

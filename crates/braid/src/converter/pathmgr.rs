@@ -1,8 +1,8 @@
 //! The converter's share of MPTCP path management: the limits that decide whether clients may
 //! join extra subflows, the addresses it announces (`signal` endpoints), and the C flag for
-//! converters that share one address (KERNEL.md: with ECMP in front of several converters, joins
-//! to the shared address land on the wrong one; announcing a unique address and refusing joins
-//! to the initial address fixes that).
+//! converters that share one address (with ECMP in front of several converters, joins to the
+//! shared address land on the wrong one and fail with `MPJoinNoTokenFound`; announcing a unique
+//! address and refusing joins to the initial address fixes that).
 
 use std::net::IpAddr;
 

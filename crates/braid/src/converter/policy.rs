@@ -3,7 +3,7 @@
 //!
 //! 1. Addresses no converter should ever reach (unspecified, multicast, broadcast, link-local,
 //!    loopback unless allowed for tests, the converter's own addresses, port 0) make the Connect
-//!    malformed: Error 1 (convert-spec §6).
+//!    malformed: Error 1 (a destination that is merely outside policy gets Error 32).
 //! 2. Ports: `deny_ports`, and `allow_ports` when it is not empty: Error 32.
 //! 3. Prefixes, by longest match as in a routing table: `deny_dest` and `allow_dest` entries,
 //!    plus built-in denies for private and ULA space (so `allow_dest = ["10.2.0.0/16"]` opens that
@@ -183,16 +183,31 @@ pub fn local_addresses() -> Vec<IpAddr> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cli::{Cli, Command};
-    use clap::Parser;
+    use crate::converter::config::File;
 
+    /// A policy from the converter's flags of the same names.
     fn policy(flags: &[&str]) -> Policy {
-        let mut v = vec!["braid", "converter"];
-        v.extend_from_slice(flags);
-        let Command::Converter(a) = Cli::parse_from(v).command else {
-            unreachable!()
-        };
-        let mut s = Settings::load(&a).unwrap();
+        let mut f = File::default();
+        let mut it = flags.iter();
+        while let Some(flag) = it.next() {
+            let list = match *flag {
+                "--allow-any-client" => {
+                    f.allow_any_client = Some(true);
+                    continue;
+                }
+                "--allow-loopback-dest" => {
+                    f.allow_loopback_dest = Some(true);
+                    continue;
+                }
+                "--allow-client" => &mut f.allow_client,
+                "--allow-dest" => &mut f.allow_dest,
+                "--deny-dest" => &mut f.deny_dest,
+                other => panic!("no such flag in this test: {other}"),
+            };
+            let value = it.next().expect("flag value").to_string();
+            list.get_or_insert_with(Vec::new).push(value);
+        }
+        let mut s = Settings::validate(f, None).unwrap();
         s.allow_ports = vec![];
         Policy::new(&s)
     }

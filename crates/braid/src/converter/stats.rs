@@ -1,6 +1,7 @@
 //! The converter's Prometheus metrics. Labels are small closed sets (outcome, error code,
 //! direction), never addresses, so the series count stays bounded however many clients come.
 
+use braid_proto::convert::ErrorCode;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -88,7 +89,8 @@ impl Stats {
         );
         r.register(
             "pending_handshakes",
-            "Connections whose Convert request has not arrived yet",
+            "Connections not answered yet: request incomplete, upstream connect in progress, \
+             or an Error reply being delivered",
             self.pending_handshakes.clone(),
         );
     }
@@ -97,7 +99,14 @@ impl Stats {
         self.connections.get_or_create(&Outcome { outcome }).inc();
     }
 
-    pub fn error_sent(&self, code: u8) {
-        self.errors.get_or_create(&Code { code }).inc();
+    pub fn error_sent(&self, code: ErrorCode) {
+        self.errors.get_or_create(&Code { code: code.into() }).inc();
+    }
+
+    /// A handshake that never delivered a request (`timeout`, `eof`, `io`).
+    pub fn handshake_failure(&self, reason: &'static str) {
+        self.handshake_failures
+            .get_or_create(&Reason { reason })
+            .inc();
     }
 }

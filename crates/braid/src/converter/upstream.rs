@@ -10,8 +10,9 @@ use std::net::SocketAddr;
 use std::os::fd::{AsFd, OwnedFd};
 use std::time::Duration;
 
-use braid_sys::sockopt::{IcmpError, set_recv_icmp_errors, take_icmp_error};
-use socket2::SockRef;
+use braid_proto::convert::ErrorCode;
+use braid_sys::sockopt::{IcmpError, take_icmp_error};
+use braid_sys::{FastOpen, SocketSpec};
 use tokio::net::{TcpSocket, TcpStream};
 
 /// Why the server could not be reached.
@@ -33,12 +34,12 @@ pub enum UpstreamError {
 
 impl UpstreamError {
     /// Convert Error code and the one-byte value that goes with it.
-    pub fn convert_error(&self) -> (u8, u8) {
+    pub fn convert_error(&self) -> (ErrorCode, u8) {
         match self {
-            UpstreamError::Refused => (96, 0),
-            UpstreamError::Unreachable { code, .. } => (97, *code),
-            UpstreamError::Exhausted(_) => (64, 0),
-            UpstreamError::Timeout | UpstreamError::Local(_) => (65, 0),
+            UpstreamError::Refused => (ErrorCode::ConnectionReset, 0),
+            UpstreamError::Unreachable { code, .. } => (ErrorCode::DestinationUnreachable, *code),
+            UpstreamError::Exhausted(_) => (ErrorCode::ResourceExceeded, 0),
+            UpstreamError::Timeout | UpstreamError::Local(_) => (ErrorCode::NetworkFailure, 0),
         }
     }
 
@@ -76,8 +77,9 @@ pub struct UpstreamOptions {
     pub fastopen: bool,
 }
 
-/// Connects to `dest` over plain TCP (never MPTCP: a fallen-back MPTCP socket is slower, see
-/// KERNEL.md), both families, whatever family the client used.
+/// Connects to `dest` over plain TCP (never MPTCP: towards a server without MPTCP the socket
+/// would fall back to TCP, and the fallen-back receive path is several times slower), both
+/// families, whatever family the client used.
 ///
 /// With `opts.fastopen` and non-empty `early`, the early bytes ride in the SYN when the kernel
 /// holds a Fast Open cookie for the server (the first connection to a server fetches one).
@@ -93,25 +95,31 @@ pub async fn connect(
     plain_connect(dest, opts).await.map(|s| (s, 0))
 }
 
+/// The socket toward the server: TCP, ICMP errors kept for the error mapping.
+fn upstream_socket(
+    dest: SocketAddr,
+    opts: &UpstreamOptions,
+    fast_open: Option<FastOpen>,
+) -> Result<socket2::Socket, UpstreamError> {
+    SocketSpec {
+        congestion_control: opts.congestion_control.clone(),
+        recv_icmp_errors: true,
+        fast_open,
+        ..SocketSpec::default()
+    }
+    .open_for(dest)
+    .map_err(|e| classify(e, None))
+}
+
 async fn plain_connect(
     dest: SocketAddr,
     opts: &UpstreamOptions,
 ) -> Result<TcpStream, UpstreamError> {
-    let socket = match dest {
-        SocketAddr::V4(_) => TcpSocket::new_v4(),
-        SocketAddr::V6(_) => TcpSocket::new_v6(),
-    }
-    .map_err(|e| classify(e, None))?;
-    if let Some(cc) = &opts.congestion_control {
-        // A congestion control the namespace does not allow is worth a log line, not a refusal.
-        if let Err(e) = SockRef::from(&socket).set_tcp_congestion(cc.as_bytes()) {
-            tracing::debug!(%cc, error = %e, "upstream congestion control not set");
-        }
-    }
-    let _ = set_recv_icmp_errors(&socket, dest.is_ipv6());
+    let socket = upstream_socket(dest, opts, None)?;
     // connect() consumes the socket; a duplicate of the descriptor keeps the error queue
     // readable after a failure.
     let errq: Option<OwnedFd> = socket.as_fd().try_clone_to_owned().ok();
+    let socket = TcpSocket::from_std_stream(socket.into());
     match tokio::time::timeout(opts.connect_timeout, socket.connect(dest)).await {
         Err(_) => Err(UpstreamError::Timeout),
         Ok(Ok(stream)) => Ok(stream),
@@ -127,15 +135,7 @@ async fn connect_fastopen(
     opts: &UpstreamOptions,
     early: &[u8],
 ) -> Result<(TcpStream, usize), UpstreamError> {
-    use socket2::{Domain, Protocol, Socket, Type};
-    let socket = Socket::new(Domain::for_address(dest), Type::STREAM, Some(Protocol::TCP))
-        .map_err(|e| classify(e, None))?;
-    socket.set_nonblocking(true).map_err(UpstreamError::Local)?;
-    if let Some(cc) = &opts.congestion_control {
-        let _ = socket.set_tcp_congestion(cc.as_bytes());
-    }
-    let _ = set_recv_icmp_errors(&socket, dest.is_ipv6());
-    braid_sys::sockopt::set_tcp_fastopen_connect(&socket).map_err(UpstreamError::Local)?;
+    let socket = upstream_socket(dest, opts, Some(FastOpen::Connect))?;
     let errq: Option<OwnedFd> = socket.as_fd().try_clone_to_owned().ok();
     let fail = |e: io::Error| classify(e, errq.as_ref().and_then(take_icmp_error));
     // Ok: the kernel holds a cookie and deferred the SYN until the first write, which then
@@ -222,7 +222,7 @@ mod tests {
                 .await
                 .unwrap_err();
             assert!(matches!(e, UpstreamError::Refused), "{e}");
-            assert_eq!(e.convert_error(), (96, 0));
+            assert_eq!(e.convert_error(), (ErrorCode::ConnectionReset, 0));
         }
     }
 
@@ -248,12 +248,16 @@ mod tests {
             libc::EADDRNOTAVAIL,
         ] {
             let e = classify(io::Error::from_raw_os_error(errno), None);
-            assert_eq!(e.convert_error(), (64, 0), "errno {errno}");
+            assert_eq!(
+                e.convert_error(),
+                (ErrorCode::ResourceExceeded, 0),
+                "errno {errno}"
+            );
         }
         let e = classify(io::Error::from_raw_os_error(libc::EPERM), None);
-        assert_eq!(e.convert_error(), (65, 0));
+        assert_eq!(e.convert_error(), (ErrorCode::NetworkFailure, 0));
         let e = classify(io::Error::from_raw_os_error(libc::ECONNRESET), None);
-        assert_eq!(e.convert_error(), (96, 0));
+        assert_eq!(e.convert_error(), (ErrorCode::ConnectionReset, 0));
     }
 
     #[test]
@@ -267,15 +271,15 @@ mod tests {
             io::Error::from_raw_os_error(libc::ECONNREFUSED),
             Some(port_unreach),
         );
-        assert_eq!(e.convert_error(), (97, 3));
+        assert_eq!(e.convert_error(), (ErrorCode::DestinationUnreachable, 3));
         let admin = IcmpError {
             v6: true,
             icmp_type: 1,
             icmp_code: 1,
         };
         let e = classify(io::Error::from_raw_os_error(libc::EACCES), Some(admin));
-        assert_eq!(e.convert_error(), (97, 1));
+        assert_eq!(e.convert_error(), (ErrorCode::DestinationUnreachable, 1));
         let e = classify(io::Error::from_raw_os_error(libc::ENETUNREACH), None);
-        assert_eq!(e.convert_error(), (97, 0));
+        assert_eq!(e.convert_error(), (ErrorCode::DestinationUnreachable, 0));
     }
 }

@@ -1,9 +1,13 @@
 //! The codec calls the converter makes, in the converter's terms: a request decoded into
-//! owned values (it outlives the read buffer), and the replies it sends.
+//! owned values (it outlives the read buffer), a malformed one as the [`Refusal`] it gets, and
+//! the Info answer.
 
 use std::net::SocketAddr;
 
-use braid_proto::convert::{self, ErrorCode};
+use braid_proto::Decoded;
+use braid_proto::convert;
+
+use super::handshake::Refusal;
 
 pub use braid_proto::convert::BARE_REPLY;
 
@@ -12,7 +16,7 @@ pub use braid_proto::convert::BARE_REPLY;
 /// converter cannot promise, so it is refused with Error 33.
 const FILLED_BY_KERNEL: [u8; 4] = [2, 3, 4, 8];
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Request {
     pub dest: Option<SocketAddr>,
     pub info: bool,
@@ -21,54 +25,25 @@ pub struct Request {
     pub unsupported_options: Vec<u8>,
 }
 
-#[derive(Debug)]
-pub enum Decoded {
-    Incomplete,
-    Invalid {
-        code: u8,
-        value: Vec<u8>,
-        why: String,
-    },
-    Complete {
-        request: Request,
-        consumed: usize,
-    },
-}
-
-pub fn decode_request(buf: &[u8]) -> Decoded {
-    match convert::decode_request(buf) {
-        Ok(convert::Decoded::Incomplete { .. }) => Decoded::Incomplete,
-        Ok(convert::Decoded::Complete { value, consumed }) => {
-            let unsupported_options = value
-                .connect
-                .map(|c| {
-                    c.options
-                        .iter()
-                        .filter(|o| !(o.data.is_empty() && FILLED_BY_KERNEL.contains(&o.kind)))
-                        .map(|o| o.kind)
-                        .collect()
-                })
-                .unwrap_or_default();
-            Decoded::Complete {
-                request: Request {
-                    dest: value.connect.map(|c| c.dest),
-                    info: value.info,
-                    cookie: value.cookie.map(<[u8]>::to_vec),
-                    unsupported_options,
-                },
-                consumed,
-            }
-        }
-        Err(e) => Decoded::Invalid {
-            code: e.error_code().into(),
-            value: e.error_value(buf),
-            why: e.to_string(),
-        },
-    }
-}
-
-pub fn error_reply(code: u8, value: &[u8]) -> Vec<u8> {
-    convert::error_reply(ErrorCode::from(code), value)
+/// Decodes the request at the start of `buf`; a malformed one is refused with the Error the
+/// codec maps it to (0, 1 or 2).
+pub fn decode_request(buf: &[u8]) -> Result<Decoded<Request>, Refusal> {
+    let decoded = convert::decode_request(buf).map_err(|e| Refusal::malformed(&e, buf))?;
+    Ok(decoded.map(|value| Request {
+        dest: value.connect.as_ref().map(|c| c.dest),
+        info: value.info,
+        cookie: value.cookie.map(<[u8]>::to_vec),
+        unsupported_options: value
+            .connect
+            .map(|c| {
+                c.options
+                    .iter()
+                    .filter(|o| !(o.data.is_empty() && FILLED_BY_KERNEL.contains(&o.kind)))
+                    .map(|o| o.kind)
+                    .collect()
+            })
+            .unwrap_or_default(),
+    }))
 }
 
 /// The answer to Info: this converter converts MPTCP.

@@ -20,9 +20,19 @@ use braid_sys::nft::{
 use ipnet::IpNet;
 
 use super::config::Settings;
-use crate::cli::TransparentMode;
 
 pub const TABLE: &str = "braid_gateway";
+
+/// How transparent capture steers connections to the gateway (`transparent`,
+/// `--transparent`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum TransparentMode {
+    /// nftables TPROXY (forwarded LAN traffic, IPv4 and IPv6).
+    Tproxy,
+    /// nftables REDIRECT with SO_ORIGINAL_DST.
+    Redirect,
+}
 
 /// The mark braid's own sockets carry so that the output capture lets them through.
 pub fn own_mark(fwmark: u32) -> u32 {

@@ -1,18 +1,19 @@
-//! Gateway configuration: the TOML file, the flags layered over it, and validation into
-//! [`Settings`] with errors that name the key.
+//! Gateway configuration: the TOML file ([`File`], which is also the shape of the command
+//! line's overrides) and its validation into [`Settings`] with errors that name the key.
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 use std::time::Duration;
 
 use ipnet::IpNet;
-use serde::Deserialize;
+use serde::{Deserialize, Deserializer};
 
-use crate::cli::{GatewayArgs, LogFormat, TransparentMode};
+use super::capture::TransparentMode;
 use crate::config::{
-    ConfigError, congestion_control, log_format, parse_prefixes, read_toml, relay_config,
+    ConfigError, congestion_control, overlay, parse_prefixes, read_toml, relay_config,
 };
-use crate::relay::RelayConfig;
+use crate::logging::LogFormat;
+use crate::relay::{Engine, RelayConfig};
 
 /// Where transparent capture delivers connections when no port is given.
 pub const DEFAULT_TRANSPARENT_PORT: u16 = 5180;
@@ -31,14 +32,17 @@ pub struct UplinkFile {
     pub backup: Option<bool>,
 }
 
-/// The file, as written. Every key is optional; defaults live in [`Settings`].
+/// The file, as written, or the flags given on the command line (which win over the file, see
+/// [`File::overlay`]). Every key is optional; defaults live in [`Settings`].
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct File {
     pub converter: Option<Vec<SocketAddr>>,
     pub socks5: Option<SocketAddr>,
     pub socks5_users: Option<Vec<String>>,
-    pub transparent: Option<String>,
+    /// `Some(None)` is `transparent = "off"`.
+    #[serde(default, deserialize_with = "transparent_key")]
+    pub transparent: Option<Option<TransparentMode>>,
     pub transparent_port: Option<u16>,
     pub capture: Option<Vec<String>>,
     pub bypass: Option<Vec<String>>,
@@ -48,16 +52,68 @@ pub struct File {
     pub fwmark: Option<u32>,
     pub route_table: Option<u32>,
     pub metrics: Option<SocketAddr>,
-    pub log_format: Option<String>,
+    pub log_format: Option<LogFormat>,
     pub connect_timeout_ms: Option<u64>,
     pub default_backoff_secs: Option<u64>,
     pub idle_timeout_secs: Option<u64>,
     pub drain_timeout_secs: Option<u64>,
-    pub relay_engine: Option<String>,
+    pub relay_engine: Option<Engine>,
     pub relay_buffer: Option<usize>,
     pub fast_open: Option<bool>,
     pub congestion_control: Option<String>,
     pub uplinks: Option<Vec<UplinkFile>>,
+}
+
+/// `transparent = "tproxy" | "redirect" | "off"`.
+fn transparent_key<'de, D: Deserializer<'de>>(
+    d: D,
+) -> Result<Option<Option<TransparentMode>>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(rename_all = "lowercase")]
+    enum Key {
+        Off,
+        Tproxy,
+        Redirect,
+    }
+    Ok(Some(match Key::deserialize(d)? {
+        Key::Off => None,
+        Key::Tproxy => Some(TransparentMode::Tproxy),
+        Key::Redirect => Some(TransparentMode::Redirect),
+    }))
+}
+
+impl File {
+    /// Puts `flags` over the file: every key the command line gave replaces the file's.
+    pub fn overlay(&mut self, flags: File) {
+        macro_rules! keys {
+            ($($k:ident),* $(,)?) => { $(overlay(&mut self.$k, flags.$k);)* };
+        }
+        keys!(
+            converter,
+            socks5,
+            socks5_users,
+            transparent,
+            transparent_port,
+            capture,
+            bypass,
+            capture_source,
+            bypass_ports,
+            capture_output,
+            fwmark,
+            route_table,
+            metrics,
+            log_format,
+            connect_timeout_ms,
+            default_backoff_secs,
+            idle_timeout_secs,
+            drain_timeout_secs,
+            relay_engine,
+            relay_buffer,
+            fast_open,
+            congestion_control,
+            uplinks,
+        );
+    }
 }
 
 /// A SOCKS5 account (RFC 1929).
@@ -104,61 +160,20 @@ pub struct Settings {
 }
 
 impl Settings {
-    pub fn load(args: &GatewayArgs) -> Result<Settings, ConfigError> {
-        let file = match &args.config {
+    /// Reads the file at `path` (if any), puts the command line's `flags` over it and
+    /// validates the result.
+    pub fn load(path: Option<&Path>, flags: File) -> Result<Settings, ConfigError> {
+        let mut file = match path {
             Some(path) => read_toml::<File>(path)?,
             None => File::default(),
         };
-        Settings::from_parts(file, args, args.config.as_deref())
+        file.overlay(flags);
+        Settings::validate(file, path)
     }
 
-    fn from_parts(
-        mut f: File,
-        a: &GatewayArgs,
-        path: Option<&Path>,
-    ) -> Result<Settings, ConfigError> {
-        if !a.converter.is_empty() {
-            f.converter = Some(a.converter.clone());
-        }
-        if a.socks5.is_some() {
-            f.socks5 = a.socks5;
-        }
-        if !a.socks5_user.is_empty() {
-            f.socks5_users = Some(a.socks5_user.clone());
-        }
-        if let Some(m) = a.transparent {
-            f.transparent = Some(
-                match m {
-                    TransparentMode::Tproxy => "tproxy",
-                    TransparentMode::Redirect => "redirect",
-                }
-                .into(),
-            );
-        }
-        if a.transparent_port.is_some() {
-            f.transparent_port = a.transparent_port;
-        }
-        if !a.capture.is_empty() {
-            f.capture = Some(a.capture.clone());
-        }
-        if !a.bypass.is_empty() {
-            f.bypass = Some(a.bypass.clone());
-        }
-        if !a.capture_source.is_empty() {
-            f.capture_source = Some(a.capture_source.clone());
-        }
-        if !a.bypass_port.is_empty() {
-            f.bypass_ports = Some(a.bypass_port.clone());
-        }
-        if a.capture_output {
-            f.capture_output = Some(true);
-        }
-        if a.metrics.is_some() {
-            f.metrics = a.metrics;
-        }
-        if let Some(l) = a.log_format {
-            f.log_format = Some(l.as_str().to_owned());
-        }
+    /// Turns the file (with the flags already over it) into settings; `path` names the file in
+    /// errors.
+    pub fn validate(f: File, path: Option<&Path>) -> Result<Settings, ConfigError> {
         let err = |key: &str, reason: String| ConfigError::invalid(path, key, reason);
 
         let converters = f.converter.unwrap_or_default();
@@ -176,17 +191,7 @@ impl Settings {
                 ));
             }
         }
-        let transparent = match f.transparent.as_deref() {
-            None | Some("off") => None,
-            Some("tproxy") => Some(TransparentMode::Tproxy),
-            Some("redirect") => Some(TransparentMode::Redirect),
-            Some(other) => {
-                return Err(err(
-                    "transparent",
-                    format!("{other:?} is not one of \"tproxy\", \"redirect\", \"off\""),
-                ));
-            }
-        };
+        let transparent = f.transparent.flatten();
         if transparent.is_none() && f.socks5.is_none() {
             return Err(err(
                 "transparent",
@@ -229,13 +234,8 @@ impl Settings {
                 "accounts given but no SOCKS5 listener (--socks5 ADDR:PORT)".into(),
             ));
         }
-        let log_format = log_format(path, f.log_format.as_deref())?;
-        let relay = relay_config(
-            path,
-            f.relay_engine.as_deref(),
-            f.relay_buffer,
-            f.idle_timeout_secs,
-        )?;
+        let log_format = f.log_format.unwrap_or_default();
+        let relay = relay_config(path, f.relay_engine, f.relay_buffer, f.idle_timeout_secs)?;
         congestion_control(path, f.congestion_control.as_deref())?;
         let connect_timeout = match f.connect_timeout_ms.unwrap_or(5_000) {
             0 => return Err(err("connect_timeout_ms", "must be greater than 0".into())),
@@ -301,27 +301,23 @@ impl Settings {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use clap::Parser;
 
-    fn args(extra: &[&str]) -> GatewayArgs {
-        let mut v = vec!["braid", "gateway"];
-        v.extend_from_slice(extra);
-        match crate::cli::Cli::parse_from(v).command {
-            crate::cli::Command::Gateway(a) => a,
-            _ => unreachable!(),
-        }
-    }
-
-    fn from_toml(toml_text: &str, extra: &[&str]) -> Result<Settings, ConfigError> {
-        let file: File = toml::from_str(toml_text).unwrap();
-        Settings::from_parts(file, &args(extra), Some(Path::new("g.toml")))
+    fn from_toml(toml_text: &str, flags: File) -> Result<Settings, ConfigError> {
+        let path = Path::new("g.toml");
+        let mut file: File = crate::config::parse_toml(path, toml_text)?;
+        file.overlay(flags);
+        Settings::validate(file, Some(path))
     }
 
     #[test]
     fn a_minimal_gateway_is_valid() {
         let s = from_toml(
             "",
-            &["--converter", "192.0.2.1:5124", "--transparent", "tproxy"],
+            File {
+                converter: Some(vec!["192.0.2.1:5124".parse().unwrap()]),
+                transparent: Some(Some(TransparentMode::Tproxy)),
+                ..File::default()
+            },
         )
         .unwrap();
         assert_eq!(s.transparent, Some(TransparentMode::Tproxy));
@@ -334,7 +330,10 @@ mod tests {
     fn flags_override_the_file() {
         let s = from_toml(
             "converter = [\"192.0.2.1:1\"]\nsocks5 = \"127.0.0.1:1080\"\n",
-            &["--converter", "192.0.2.2:2"],
+            File {
+                converter: Some(vec!["192.0.2.2:2".parse().unwrap()]),
+                ..File::default()
+            },
         )
         .unwrap();
         assert_eq!(s.converters, ["192.0.2.2:2".parse().unwrap()]);
@@ -367,10 +366,20 @@ mod tests {
             (&format!("{base}relay_engine = \"zero\""), "relay_engine"),
         ];
         for (text, key) in cases {
-            let e = from_toml(text, &[]).unwrap_err().to_string();
+            let e = from_toml(text, File::default()).unwrap_err().to_string();
             assert!(e.contains(&format!("`{key}`")), "{text:?} gave {e:?}");
             assert!(e.contains("g.toml"), "{e}");
         }
+    }
+
+    #[test]
+    fn transparent_off_in_the_file_turns_capture_off() {
+        let s = from_toml(
+            "converter = [\"192.0.2.1:1\"]\nsocks5 = \"127.0.0.1:1080\"\ntransparent = \"off\"",
+            File::default(),
+        )
+        .unwrap();
+        assert_eq!(s.transparent, None);
     }
 
     #[test]
@@ -378,7 +387,7 @@ mod tests {
         let s = from_toml(
             "converter = [\"192.0.2.1:5124\"]\nsocks5 = \"127.0.0.1:1080\"\n\
              socks5_users = [\"alice:s3cret\"]",
-            &[],
+            File::default(),
         )
         .unwrap();
         let shown = format!("{s:?}");

@@ -4,16 +4,17 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use braid_proto::socks5::{self, Address, Command, Decoded, ReplyCode};
-use socket2::SockRef;
+use braid_proto::socks5::{self, ReplyCode};
+use braid_sys::SocketSpec;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
 use super::config::Settings;
 use super::converters::{ConvertFailure, Converters};
+use super::socks;
 use super::stats::{Direction, Stats};
 use crate::client::ClientOptions;
 use crate::joins::SubflowPeak;
@@ -29,8 +30,6 @@ pub struct Shared {
     pub hard_stop: CancellationToken,
 }
 
-/// The SOCKS5 exchange must be over within this (a client that never finishes is dropped).
-const SOCKS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Early data read from a captured connection before converting it; more waits for the relay.
 const EARLY_MAX: usize = 16 * 1024;
 
@@ -210,8 +209,11 @@ pub async fn serve_transparent(
 pub async fn serve_socks(mut app: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
     let unknown = SocketAddr::from(([0, 0, 0, 0], 0));
     let mut rec = Record::new(&shared, Mode::Socks5, peer, unknown);
-    let handshake =
-        tokio::time::timeout(SOCKS_HANDSHAKE_TIMEOUT, socks_handshake(&mut app, &shared)).await;
+    let handshake = tokio::time::timeout(
+        socks::HANDSHAKE_TIMEOUT,
+        socks::handshake(&mut app, &shared),
+    )
+    .await;
     rec.dest = match handshake {
         Ok(Ok(dest)) => dest,
         Ok(Err(why)) => return rec.close(&shared, "socks_refused", &why),
@@ -221,7 +223,7 @@ pub async fn serve_socks(mut app: TcpStream, peer: SocketAddr, shared: Arc<Share
         Ok(up) => up,
         Err(e) => {
             let code = match &e {
-                OpenError::Convert(c) => socks_code(c),
+                OpenError::Convert(c) => socks::reply_code(c),
                 OpenError::Direct(_) => ReplyCode::GeneralFailure,
             };
             let _ = app.write_all(&socks5::encode_reply(code, None)).await;
@@ -242,174 +244,17 @@ pub async fn serve_socks(mut app: TcpStream, peer: SocketAddr, shared: Arc<Share
     relay_and_close(&shared, rec, app, up).await;
 }
 
-/// RFC 1928 reply codes for a Convert failure, so SOCKS clients print the right reason.
-fn socks_code(e: &ConvertFailure) -> ReplyCode {
-    match e {
-        ConvertFailure::Refused { code: 96, .. } => ReplyCode::ConnectionRefused,
-        ConvertFailure::Refused { code: 97, .. } => ReplyCode::HostUnreachable,
-        ConvertFailure::Refused { code: 65, .. } => ReplyCode::HostUnreachable,
-        ConvertFailure::Refused { code: 1 | 32, .. } => ReplyCode::NotAllowedByRuleset,
-        ConvertFailure::Refused { .. } | ConvertFailure::NoConverter(_) => {
-            ReplyCode::GeneralFailure
-        }
-    }
-}
-
-/// Reads the SOCKS5 greeting, authenticates, reads the request and resolves its destination.
-/// Failures have already been answered when this returns `Err`.
-async fn socks_handshake(app: &mut TcpStream, shared: &Shared) -> Result<SocketAddr, String> {
-    let users = &shared.settings.socks5_users;
-    let mut buf = Vec::with_capacity(512);
-
-    let methods: Vec<u8> = read_msg(app, &mut buf, |b| {
-        socks5::decode_greeting(b).map(|d| map_decoded(d, |g| g.methods.to_vec()))
-    })
-    .await?;
-    let method = if users.is_empty() { 0x00 } else { 0x02 };
-    if !methods.contains(&method) {
-        let _ = app.write_all(&socks5::encode_method_choice(0xff)).await;
-        return Err(format!(
-            "client offers no acceptable method (wanted {method:#04x})"
-        ));
-    }
-    app.write_all(&socks5::encode_method_choice(method))
-        .await
-        .map_err(|e| e.to_string())?;
-
-    if method == 0x02 {
-        let (user, pass) = read_msg(app, &mut buf, |b| {
-            socks5::decode_credentials(b)
-                .map(|d| map_decoded(d, |c| (c.username.to_vec(), c.password.to_vec())))
-        })
-        .await?;
-        let ok = users.iter().any(|u| {
-            u.user.as_bytes() == user.as_slice() && u.password.as_bytes() == pass.as_slice()
-        });
-        let _ = app.write_all(&socks5::encode_auth_status(ok)).await;
-        if !ok {
-            return Err(format!(
-                "bad credentials for user {:?}",
-                String::from_utf8_lossy(&user)
-            ));
-        }
-    }
-
-    enum Target {
-        Ip(SocketAddr),
-        Name(String, u16),
-    }
-    let request = read_msg(app, &mut buf, |b| {
-        socks5::decode_request(b).map(|d| {
-            map_decoded(d, |r| {
-                let target = match r.address {
-                    Address::Ip(sa) => Ok(Target::Ip(sa)),
-                    Address::Domain { name, port } => match std::str::from_utf8(name) {
-                        Ok(n) => Ok(Target::Name(n.to_owned(), port)),
-                        Err(_) => Err(()),
-                    },
-                };
-                (r.command, target)
-            })
-        })
-    })
-    .await;
-    let (command, target) = match request {
-        Ok(r) => r,
-        Err(why) => {
-            let _ = app
-                .write_all(&socks5::encode_reply(ReplyCode::GeneralFailure, None))
-                .await;
-            return Err(why);
-        }
-    };
-    if command != Command::Connect {
-        let _ = app
-            .write_all(&socks5::encode_reply(ReplyCode::CommandNotSupported, None))
-            .await;
-        return Err(format!("command {command:?} not supported"));
-    }
-    let dest = match target {
-        Ok(Target::Ip(sa)) => sa,
-        Ok(Target::Name(name, port)) => match tokio::net::lookup_host((name.as_str(), port))
-            .await
-            .map(|mut it| it.next())
-        {
-            Ok(Some(sa)) => sa,
-            _ => {
-                let _ = app
-                    .write_all(&socks5::encode_reply(ReplyCode::HostUnreachable, None))
-                    .await;
-                return Err(format!("cannot resolve {name:?}"));
-            }
-        },
-        Err(()) => {
-            let _ = app
-                .write_all(&socks5::encode_reply(ReplyCode::HostUnreachable, None))
-                .await;
-            return Err("domain name is not UTF-8".into());
-        }
-    };
-    if !buf.is_empty() {
-        // A client must wait for our reply before sending data; one that did not is broken.
-        let _ = app
-            .write_all(&socks5::encode_reply(ReplyCode::GeneralFailure, None))
-            .await;
-        return Err("data sent before the SOCKS5 reply".into());
-    }
-    Ok(dest)
-}
-
-fn map_decoded<T, U>(d: Decoded<T>, f: impl FnOnce(T) -> U) -> Decoded<U> {
-    match d {
-        Decoded::Incomplete { needed } => Decoded::Incomplete { needed },
-        Decoded::Complete { value, consumed } => Decoded::Complete {
-            value: f(value),
-            consumed,
-        },
-    }
-}
-
-/// Reads until `decode` completes a message; consumes it from `buf` (keeping what follows).
-async fn read_msg<T>(
-    app: &mut TcpStream,
-    buf: &mut Vec<u8>,
-    decode: impl Fn(&[u8]) -> Result<Decoded<T>, socks5::Error>,
-) -> Result<T, String> {
-    loop {
-        match decode(buf) {
-            Ok(Decoded::Complete { value, consumed }) => {
-                buf.drain(..consumed);
-                return Ok(value);
-            }
-            Ok(Decoded::Incomplete { .. }) => {}
-            Err(e) => return Err(format!("malformed SOCKS5 message: {e}")),
-        }
-        if buf.len() > 1024 {
-            return Err("SOCKS5 message too long".into());
-        }
-        app.readable().await.map_err(|e| e.to_string())?;
-        let mut chunk = [0u8; 512];
-        match app.try_read(&mut chunk) {
-            Ok(0) => return Err("client closed during the SOCKS5 handshake".into()),
-            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-            Err(e) => return Err(e.to_string()),
-        }
-    }
-}
-
-/// A direct TCP connection (bypassed destination), marked so the output capture ignores it.
+/// A direct TCP connection (bypassed destination), marked so the output capture ignores it,
+/// with the configured congestion control like every other socket of the gateway.
 async fn direct(dest: SocketAddr, shared: &Shared) -> Result<TcpStream, String> {
-    let socket = match dest {
-        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4(),
-        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6(),
+    let socket = SocketSpec {
+        mark: shared.client.mark,
+        congestion_control: shared.client.congestion_control.clone(),
+        ..SocketSpec::default()
     }
-    .map_err(|e| e.to_string())?;
-    if let Some(mark) = shared.client.mark {
-        SockRef::from(&socket)
-            .set_mark(mark)
-            .map_err(|e| e.to_string())?;
-    }
+    .open_for(dest)
+    .map_err(|e| format!("direct socket to {dest}: {e}"))?;
+    let socket = tokio::net::TcpSocket::from_std_stream(socket.into());
     match tokio::time::timeout(shared.settings.connect_timeout, socket.connect(dest)).await {
         Ok(Ok(s)) => Ok(s),
         Ok(Err(e)) => Err(format!("direct connect to {dest}: {e}")),

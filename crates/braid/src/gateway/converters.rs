@@ -11,13 +11,18 @@ use std::net::SocketAddr;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use braid_proto::convert::ErrorCode;
+
 use crate::client::{self, ClientError, ClientOptions, Converted};
 
 /// Why no converter produced a connection.
 #[derive(Debug)]
 pub enum ConvertFailure {
-    /// A converter answered with this Error (code, value): the destination's verdict.
-    Refused { code: u8, converter: SocketAddr },
+    /// A converter answered with this Error: the destination's verdict.
+    Refused {
+        code: ErrorCode,
+        converter: SocketAddr,
+    },
     /// No converter could be used (all unreachable or in back-off).
     NoConverter(String),
 }
@@ -25,11 +30,9 @@ pub enum ConvertFailure {
 impl std::fmt::Display for ConvertFailure {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            ConvertFailure::Refused { code, converter } => write!(
-                f,
-                "converter {converter} refused: Error {code} ({})",
-                braid_proto::convert::ErrorCode::from(*code)
-            ),
+            ConvertFailure::Refused { code, converter } => {
+                write!(f, "converter {converter} refused: Error {code}")
+            }
             ConvertFailure::NoConverter(why) => write!(f, "no converter reachable: {why}"),
         }
     }
@@ -89,6 +92,17 @@ impl Converters {
         self.lock().avoid_until.insert(c, Instant::now() + backoff);
     }
 
+    /// `c` failed (busy, its network down, or unreachable): avoid it for its back-off, count it.
+    fn failed(&self, c: SocketAddr, backoff_secs: Option<u8>, stats: &super::stats::Stats) {
+        self.avoid(c, backoff_secs);
+        stats
+            .converter_failures
+            .get_or_create(&super::stats::Converter {
+                converter: c.to_string(),
+            })
+            .inc();
+    }
+
     /// Opens a converted connection to `dest`, trying converters in order.
     pub async fn connect(
         &self,
@@ -107,24 +121,24 @@ impl Converters {
                         self.lock().avoid_until.remove(&conv);
                         return Ok((c, conv));
                     }
-                    // The value of Error 3 is a 0 byte, then the cookie (convert-spec.md §5).
-                    Err(ClientError::Refused { code: 3, value }) if value.len() > 1 => {
+                    // The value of Error 3 is a 0 byte, then the cookie.
+                    Err(ClientError::Refused {
+                        code: ErrorCode::MissingCookie,
+                        value,
+                    }) if value.len() > 1 => {
                         tracing::debug!(%conv, "converter asked for a cookie; retrying with it");
                         self.lock().cookies.insert(conv, value[1..].to_vec());
                     }
-                    Err(ClientError::Refused { code, value }) if code == 64 || code == 65 => {
-                        self.avoid(conv, value.first().copied());
-                        stats
-                            .converter_failures
-                            .get_or_create(&super::stats::Converter {
-                                converter: conv.to_string(),
-                            })
-                            .inc();
+                    Err(ClientError::Refused {
+                        code: code @ (ErrorCode::ResourceExceeded | ErrorCode::NetworkFailure),
+                        value,
+                    }) => {
+                        self.failed(conv, value.first().copied(), stats);
                         last = format!("{conv}: Error {code}");
                         break;
                     }
                     Err(ClientError::Refused { code, .. }) => {
-                        if code == 32 {
+                        if code == ErrorCode::NotAuthorized {
                             // A stale cookie (the converter restarted) is refused as "not
                             // authorized": drop it so the next attempt asks for a new one.
                             self.lock().cookies.remove(&conv);
@@ -136,13 +150,7 @@ impl Converters {
                     }
                     Err(e) => {
                         tracing::warn!(%conv, error = %e, "converter failed; trying the next");
-                        self.avoid(conv, None);
-                        stats
-                            .converter_failures
-                            .get_or_create(&super::stats::Converter {
-                                converter: conv.to_string(),
-                            })
-                            .inc();
+                        self.failed(conv, None, stats);
                         last = format!("{conv}: {e}");
                         break;
                     }

@@ -7,43 +7,41 @@
 //! - [`capture`]: braid's own nftables table (and, for TPROXY, policy routing via
 //!   `braid_sys::route`), removed on exit and replaced after a crash;
 //! - [`converters`]: the ordered converter list with back-off and cookies;
-//! - [`conn`]: one captured connection, transparent or SOCKS5;
+//! - [`conn`]: one captured connection, transparent or SOCKS5; [`socks`]: the SOCKS5
+//!   exchange and its reply codes;
 //! - [`stats`]: Prometheus metrics.
 
 pub mod capture;
 pub mod config;
 pub mod conn;
 pub mod converters;
+pub mod socks;
 pub mod stats;
 
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 
 use anyhow::Context;
+use braid_sys::SocketSpec;
 use braid_sys::kernel::{self, TfoChange, TfoMode};
-use socket2::{Domain, SockRef, Socket, Type};
+use socket2::SockRef;
 use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
-use crate::cli::{GatewayArgs, TransparentMode};
 use crate::client::ClientOptions;
+use crate::daemon::{Daemon, Role};
+use crate::logging::LogFormat;
+use capture::TransparentMode;
 use config::Settings;
 use conn::{Mode, Shared};
 
-pub fn main(args: GatewayArgs) -> anyhow::Result<()> {
-    let settings = Settings::load(&args)?;
-    if args.check_config {
-        println!("configuration OK\n{settings:#?}");
-        return Ok(());
+impl Role for Settings {
+    fn log_format(&self) -> LogFormat {
+        self.log_format
     }
-    crate::logging::init(settings.log_format);
-    let _ = crate::daemon::raise_fd_limit();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("starting the async runtime")?;
-    runtime.block_on(run(settings))
+
+    async fn run(self, daemon: Daemon) -> anyhow::Result<()> {
+        run(self, daemon).await
+    }
 }
 
 async fn check_kernel(s: &Settings) -> anyhow::Result<()> {
@@ -81,7 +79,7 @@ async fn check_kernel(s: &Settings) -> anyhow::Result<()> {
             "uplinks listed; this version leaves their MPTCP endpoints to the system"
         );
     }
-    Ok(())
+    crate::daemon::check_congestion_control(s.congestion_control.as_deref())
 }
 
 /// Listeners for transparent capture, one per family: with TPROXY the sockets are
@@ -89,39 +87,31 @@ async fn check_kernel(s: &Settings) -> anyhow::Result<()> {
 fn transparent_listeners(mode: TransparentMode, port: u16) -> anyhow::Result<Vec<TcpListener>> {
     let mut out = Vec::new();
     for v6 in [false, true] {
-        let domain = if v6 { Domain::IPV6 } else { Domain::IPV4 };
-        let s = Socket::new(domain, Type::STREAM.nonblocking().cloexec(), None)?;
-        s.set_reuse_address(true)?;
-        if v6 {
-            s.set_only_v6(true)?;
-        }
-        if mode == TransparentMode::Tproxy {
-            if v6 {
-                s.set_ip_transparent_v6(true)
-            } else {
-                s.set_ip_transparent_v4(true)
-            }
-            .context("IP_TRANSPARENT needs CAP_NET_ADMIN (run as root)")?;
-        }
+        let spec = SocketSpec {
+            reuse_address: true,
+            only_v6: Some(true),
+            transparent: mode == TransparentMode::Tproxy,
+            ..SocketSpec::default()
+        };
         let addr: SocketAddr = if v6 {
             (Ipv6Addr::UNSPECIFIED, port).into()
         } else {
             (Ipv4Addr::UNSPECIFIED, port).into()
         };
-        if let Err(e) = s.bind(&addr.into()) {
-            if v6 && e.raw_os_error() == Some(libc::EADDRNOTAVAIL) {
+        match spec.listen(addr, 4096) {
+            Ok(l) => out.push(TcpListener::from_std(l)?),
+            Err(e) if v6 && e.raw_os_error() == Some(libc::EADDRNOTAVAIL) => {
                 tracing::warn!("no IPv6 here: capturing IPv4 only");
-                continue;
             }
-            return Err(e).with_context(|| format!("binding the capture port {addr}"));
+            Err(e) => {
+                return Err(e).with_context(|| format!("the capture listener on {addr}"));
+            }
         }
-        s.listen(4096)?;
-        out.push(TcpListener::from_std(s.into())?);
     }
     Ok(out)
 }
 
-async fn run(settings: Settings) -> anyhow::Result<()> {
+async fn run(settings: Settings, daemon: Daemon) -> anyhow::Result<()> {
     check_kernel(&settings).await?;
 
     let mut transparent = Vec::new();
@@ -155,7 +145,6 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
             .then(|| capture::own_mark(settings.fwmark)),
         ..ClientOptions::default()
     };
-    let stop = CancellationToken::new();
     let shared = Arc::new(Shared {
         converters: converters::Converters::new(
             settings.converters.clone(),
@@ -163,54 +152,37 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
         ),
         client,
         stats: stats::Stats::default(),
-        hard_stop: CancellationToken::new(),
+        hard_stop: daemon.hard_stop().clone(),
         settings,
     });
 
-    let tracker = TaskTracker::new();
-    crate::metrics::serve_stats(
-        shared.settings.metrics,
-        |r| shared.stats.register(r),
-        &stop,
-        &tracker,
-    )
-    .await?;
+    daemon
+        .serve_metrics(shared.settings.metrics, |r| shared.stats.register(r))
+        .await?;
     for (mode, l) in transparent {
         tracing::info!(addr = %l.local_addr()?, ?mode, "listening (transparent capture)");
         let shared = shared.clone();
-        tracker.spawn(crate::daemon::accept_loop(
-            l,
-            stop.clone(),
-            tracker.clone(),
-            move |stream, peer| serve_captured(stream, peer, mode, shared.clone()),
-        ));
+        daemon.accept(l, move |stream, peer| {
+            serve_captured(stream, peer, mode, shared.clone())
+        });
     }
     if let Some(l) = socks {
         tracing::info!(addr = %l.local_addr()?, "listening (SOCKS5)");
         let shared = shared.clone();
-        tracker.spawn(crate::daemon::accept_loop(
-            l,
-            stop.clone(),
-            tracker.clone(),
-            move |stream, peer| conn::serve_socks(stream, unmap(peer), shared.clone()),
-        ));
+        daemon.accept(l, move |stream, peer| {
+            conn::serve_socks(stream, unmap(peer), shared.clone())
+        });
     }
     tracing::info!(converters = ?shared.settings.converters, "gateway running");
 
-    crate::daemon::wait_for_signal().await?;
+    daemon.wait_for_signal().await?;
     // New connections go direct from here on; running ones drain.
     drop(capture);
     tracing::info!(
         active = shared.stats.active.get(),
         "stopping: capture removed, draining"
     );
-    crate::daemon::drain(
-        &stop,
-        &tracker,
-        shared.settings.drain_timeout,
-        &shared.hard_stop,
-    )
-    .await;
+    daemon.drain(shared.settings.drain_timeout).await;
     tracing::info!("stopped");
     Ok(())
 }

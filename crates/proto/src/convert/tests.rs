@@ -1,4 +1,5 @@
-//! Vectors of convert-spec.md §7, its malformed cases, and property tests.
+//! The byte vectors of the project's Convert specification (RFC 8803 as braid implements
+//! it), its malformed cases, and property tests.
 
 use super::*;
 use proptest::prelude::*;

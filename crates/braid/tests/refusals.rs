@@ -1,0 +1,294 @@
+//! Refusals every RFC 8803 client reads, and limits that keep one client from starving the
+//! others: real `braid converter` processes in the lab, clients written the way independent
+//! Convert clients are (the request in the SYN, then whatever the application does).
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use braid_lab::StandardConfig;
+use braid_proto::convert::{self, ErrorCode};
+use braid_sys::{FastOpen, SocketSpec};
+use common::*;
+
+/// What an application does right after its `connect()` was turned into a Convert connection.
+#[derive(Debug, Clone, Copy)]
+enum Shape {
+    /// Writes its request, then reads (HTTP, most clients). An application's "right after"
+    /// varies with what it does in between (TLS set-up, its own scheduling), so each try
+    /// pauses a little longer, from nothing to beyond the time the Error takes to arrive.
+    WriteThenRead,
+    /// Reads at once (a server-speaks-first protocol, or a SOCKS-style wait).
+    ReadAtOnce,
+    /// Writes a large request (an upload) before reading.
+    LargeRequest,
+    /// Writes its request and half-closes, then reads.
+    HalfClose,
+}
+
+const REQUEST: &[u8] = b"GET / HTTP/1.1\r\nHost: example\r\n\r\n";
+
+/// One connection of `shape` through the converter at `conv` to `dest`: the Convert request
+/// goes in the SYN (as every RFC 8803 client sends it), then the application's part. Returns
+/// the Error code read, once the whole Error message arrived and the connection then ended;
+/// a failed write, a reset before the Error, or a hang is an `Err` saying so.
+fn refused_as(
+    conv: SocketAddr,
+    dest: SocketAddr,
+    shape: Shape,
+    pause: Duration,
+) -> Result<ErrorCode, String> {
+    let spec = SocketSpec {
+        mptcp: true,
+        fast_open: Some(FastOpen::ConnectNoCookie),
+        ..SocketSpec::default()
+    };
+    let s = spec.open_for(conv).map_err(|e| e.to_string())?;
+    s.set_nonblocking(false).map_err(|e| e.to_string())?;
+    match s.connect(&conv.into()) {
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
+        Err(e) => return Err(format!("connect: {e}")),
+    }
+    let mut s: std::net::TcpStream = s.into();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.set_write_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(&convert::encode_connect_request(dest, None))
+        .map_err(|e| format!("sending the Convert request: {e}"))?;
+    std::thread::sleep(pause);
+    let app = match shape {
+        Shape::WriteThenRead | Shape::HalfClose => s.write_all(REQUEST),
+        Shape::ReadAtOnce => Ok(()),
+        Shape::LargeRequest => s.write_all(&vec![b'x'; 256 * 1024]),
+    };
+    app.map_err(|e| format!("the application's write failed: {e}"))?;
+    if let Shape::HalfClose = shape {
+        s.shutdown(std::net::Shutdown::Write)
+            .map_err(|e| format!("half-close: {e}"))?;
+    }
+    let mut got = Vec::new();
+    let mut buf = [0u8; 2048];
+    let ended = loop {
+        match s.read(&mut buf) {
+            Ok(0) => break "eof",
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break "reset",
+            Err(e) => return Err(format!("reading after {} bytes: {e}", got.len())),
+        }
+    };
+    match convert::decode_reply(&got) {
+        Ok(convert::Decoded::Complete { value, consumed }) if consumed == got.len() => value
+            .error()
+            .map(|e| e.code)
+            .ok_or_else(|| format!("a success reply, not an Error ({ended})")),
+        _ => Err(format!("no complete Error before the {ended}: {got:02x?}")),
+    }
+}
+
+/// `tries` connections of `shape`, ten at a time, the application pausing 0 to `max_pause`
+/// before its part; panics with every failure unless all read `want`.
+fn all_read(
+    ns: &braid_lab::Netns,
+    conv: SocketAddr,
+    dest: SocketAddr,
+    shape: Shape,
+    want: ErrorCode,
+    tries: usize,
+    max_pause: Duration,
+) {
+    let failures: Vec<String> = ns
+        .enter(move || {
+            std::thread::scope(|s| {
+                let workers: Vec<_> = (0..10)
+                    .map(|_| {
+                        s.spawn(move || {
+                            let steps = (tries / 10).max(1) as u32;
+                            (0..steps)
+                                .map(|i| max_pause * i / steps)
+                                .filter_map(|pause| match refused_as(conv, dest, shape, pause) {
+                                    Ok(code) if code == want => None,
+                                    Ok(code) => Some(format!("Error {code}")),
+                                    Err(e) => Some(e),
+                                })
+                                .collect::<Vec<_>>()
+                        })
+                    })
+                    .collect();
+                workers
+                    .into_iter()
+                    .flat_map(|w| w.join().unwrap())
+                    .collect()
+            })
+        })
+        .unwrap();
+    assert!(
+        failures.is_empty(),
+        "{shape:?} to {dest} (Error {want}): {} of {tries} failed: {:?}",
+        failures.len(),
+        &failures[..failures.len().min(5)]
+    );
+}
+
+/// Converter flags that make each of the four errors reachable: 96 (a closed port), 97 (a
+/// destination the converter has no route to), 32 (a denied destination), 1 (multicast).
+fn converter_args() -> Vec<String> {
+    let mut args = default_converter_args();
+    for a in [
+        "--allow-client",
+        "127.0.0.0/8",
+        "--deny-dest",
+        "10.2.0.99/32",
+        "--allow-dest",
+        "10.4.0.0/16",
+    ] {
+        args.push(a.into());
+    }
+    args
+}
+
+fn destinations(cl: &ConverterLab) -> [(SocketAddr, ErrorCode); 4] {
+    cl.lab
+        .converter
+        .ip(&["route", "add", "unreachable", "10.4.0.0/24"])
+        .unwrap();
+    [
+        ((cl.lab.server_v4(), 9).into(), ErrorCode::ConnectionReset),
+        (
+            ([10, 4, 0, 1], 80).into(),
+            ErrorCode::DestinationUnreachable,
+        ),
+        (([10, 2, 0, 99], 80).into(), ErrorCode::NotAuthorized),
+        (([224, 0, 0, 1], 80).into(), ErrorCode::MalformedMessage),
+    ]
+}
+
+#[test]
+fn a_client_that_writes_first_reads_every_error_on_loopback() {
+    let cl = ConverterLab::new(StandardConfig::default(), &converter_args());
+    let conv: SocketAddr = ([127, 0, 0, 1], CONVERTER_PORT).into();
+    let pause = Duration::from_millis(5);
+    for (dest, code) in destinations(&cl) {
+        all_read(
+            &cl.lab.converter,
+            conv,
+            dest,
+            Shape::WriteThenRead,
+            code,
+            100,
+            pause,
+        );
+    }
+    // The other shapes, to the closed port.
+    let closed: SocketAddr = (cl.lab.server_v4(), 9).into();
+    for shape in [Shape::ReadAtOnce, Shape::LargeRequest, Shape::HalfClose] {
+        all_read(
+            &cl.lab.converter,
+            conv,
+            closed,
+            shape,
+            ErrorCode::ConnectionReset,
+            30,
+            pause,
+        );
+    }
+}
+
+/// Resident memory of a process, in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+#[test]
+fn one_flooding_client_does_not_starve_the_others() {
+    let mut args = default_converter_args();
+    let cfg = std::env::temp_dir().join(format!("braid-flood-{}.toml", std::process::id()));
+    std::fs::write(&cfg, "backoff_secs = 7\nhandshake_timeout_ms = 8000\n").unwrap();
+    args.extend(["--config".into(), cfg.display().to_string()]);
+    let mut cl = ConverterLab::new(StandardConfig::default(), &args);
+    let _ = std::fs::remove_file(&cfg);
+    let _srv = HashServer::start(&cl.lab.server, HASH_PORT);
+    let pid = cl.converter.as_mut().unwrap().pid();
+    let conv = cl.converter_addr_v4();
+    let dest: SocketAddr = (cl.lab.server_v4(), HASH_PORT).into();
+    // The flood comes from uplink 1's address; the normal client from uplink 2's, another /24.
+    let flood_src = cl.lab.uplinks[0].gateway_v4;
+    let normal_src: SocketAddr = (cl.lab.uplinks[1].gateway_v4, 0).into();
+    // Twice the default limit of pending handshakes (4096), all from one address.
+    const FLOOD: usize = 8192;
+    braid::daemon::raise_fd_limit();
+
+    let rss_before = rss_kib(pid);
+    let (flood, served_in, peak_rss) = cl
+        .lab
+        .gateway
+        .enter(move || {
+            // Each slow client sends the first byte of a Convert header and holds.
+            let mut flood = Vec::with_capacity(FLOOD);
+            for _ in 0..FLOOD {
+                let spec = SocketSpec {
+                    bind: Some((flood_src, 0).into()),
+                    ..SocketSpec::default()
+                };
+                let s = spec.open_for(conv).unwrap();
+                s.set_nonblocking(false).unwrap();
+                if s.connect(&conv.into()).is_err() {
+                    continue;
+                }
+                let _ = s.send(&[1]);
+                s.set_nonblocking(true).unwrap();
+                flood.push(std::net::TcpStream::from(s));
+            }
+            let peak_rss = rss_kib(pid);
+            // During the flood, a normal client elsewhere is served at once.
+            let t = Instant::now();
+            let opts = braid::client::ClientOptions {
+                bind: Some(normal_src),
+                ..braid::client::ClientOptions::default()
+            };
+            let served = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap()
+                .block_on(converted_exchange(conv, dest, 1000, 1000, 100, &opts));
+            assert!(served.is_ok(), "normal client refused: {served:?}");
+            (flood, t.elapsed(), peak_rss.max(rss_kib(pid)))
+        })
+        .unwrap();
+    assert!(
+        served_in < Duration::from_secs(1),
+        "the normal client took {served_in:?}"
+    );
+    // What the flood got: most were refused with Error 64 and the back-off, a share is held.
+    let (mut error_64, mut held) = (0, 0);
+    let want = convert::error_reply(ErrorCode::ResourceExceeded, &[7]);
+    for mut s in flood.iter() {
+        let mut buf = [0u8; 16];
+        match s.read(&mut buf) {
+            Ok(n) if buf[..n].starts_with(&want) => error_64 += 1,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => held += 1,
+            _ => {}
+        }
+    }
+    drop(flood);
+    eprintln!(
+        "flood of {FLOOD}: {held} held, {error_64} read Error 64; converter RSS {rss_before} \
+         KiB before, {peak_rss} KiB at the peak"
+    );
+    assert!(held <= 256, "one prefix held {held} pending handshakes");
+    assert!(error_64 > FLOOD / 2, "only {error_64} read Error 64 (7 s)");
+    assert!(
+        peak_rss < rss_before + 16 * 1024,
+        "RSS grew from {rss_before} KiB to {peak_rss} KiB"
+    );
+    assert!(
+        cl.log_text().contains("pending_per_prefix limit reached"),
+        "the limit is not in the log"
+    );
+}
