@@ -2,13 +2,17 @@
 //! - new connections per second, short request/response (16 bytes up, 100 bytes down, server
 //!   closes), through `braid converter` with the request riding in the SYN, against the same
 //!   exchange over plain TCP with the converter namespace forwarding IP (baseline);
-//! - memory per idle connection with many converted connections open: the converter's RSS and
-//!   the kernel's slab and TCP buffer memory (whole machine: both ends, the converter's MPTCP
-//!   socket with its two subflows and its upstream TCP socket).
+//! - memory per idle connection with many converted connections open, each after one small
+//!   exchange through the relay (100 bytes each way, like a keep-alive connection between
+//!   requests): the converter's RSS and the kernel's slab and TCP buffer memory (whole machine:
+//!   both ends, the converter's MPTCP socket with its two subflows and its upstream TCP socket);
+//! - memory per pending handshake: connections that sent one byte of a Convert header and
+//!   stall (the converter's RSS).
 //!
 //! Run: `cargo bench -p braid --bench conns` (as root). Knobs: `BRAID_BENCH_ROUNDS` (3),
 //! `BRAID_BENCH_SECS` (3), `BRAID_BENCH_CONCURRENCY` (64), `BRAID_BENCH_IDLE` (10000),
-//! `BRAID_BENCH_CONVERTERS` (2: converter processes sharing the idle connections).
+//! `BRAID_BENCH_CONVERTERS` (2: converter processes sharing the idle connections),
+//! `BRAID_BENCH_PENDING` (4000).
 
 mod support;
 
@@ -37,6 +41,7 @@ fn main() {
     let secs: f64 = env_or("BRAID_BENCH_SECS", 3.0);
     let concurrency: usize = env_or("BRAID_BENCH_CONCURRENCY", 64);
     let idle: usize = env_or("BRAID_BENCH_IDLE", 10_000);
+    let pending: usize = env_or("BRAID_BENCH_PENDING", 4_000);
     braid::daemon::raise_fd_limit();
 
     let lab = StandardLab::new(StandardConfig::default()).expect("lab");
@@ -67,7 +72,9 @@ fn main() {
             &config,
             format!(
                 "listen = [\"[::]:{port}\"]\nallow_client = [\"10.1.0.0/16\"]\n\
-                 allow_dest = [\"10.2.0.0/24\"]\nmax_connections_per_client = 100000\n"
+                 allow_dest = [\"10.2.0.0/24\"]\nmax_connections_per_client = 100000\n\
+                 max_pending_handshakes = 100000\nmax_pending_per_prefix = 100000\n\
+                 handshake_timeout_ms = 120000\n"
             ),
         )
         .unwrap();
@@ -111,15 +118,34 @@ fn main() {
         c / f
     );
 
+    let rss = |ps: &Vec<braid_lab::Process>| ps.iter().map(|p| rss_kib(p.pid())).sum::<u64>();
+    // Pending handshakes: one byte of a Convert header, then nothing.
+    std::thread::sleep(Duration::from_secs(2));
+    let pending_rss0 = rss(&converters);
+    let stalled = hold_pending(&lab.gateway, &convs, pending);
+    std::thread::sleep(Duration::from_secs(2));
+    let pending_rss1 = rss(&converters);
+    println!();
+    println!("| {} pending handshakes | per connection |", stalled.len());
+    println!("|---|---|");
+    println!(
+        "| converter RSS | {:.1} KiB |",
+        (pending_rss1 as f64 - pending_rss0 as f64) / stalled.len().max(1) as f64
+    );
+    drop(stalled);
+    // Let the converters finish with the stalled connections before the next measure.
+    std::thread::sleep(Duration::from_secs(1));
+
     // Idle connections: open them, let the subflows settle, then measure.
     std::thread::sleep(Duration::from_secs(2));
-    let rss = |ps: &Vec<braid_lab::Process>| ps.iter().map(|p| rss_kib(p.pid())).sum::<u64>();
     let rss0 = rss(&converters);
     let slab0 = slab_bytes();
     let tcp0 = tcp_mem_bytes();
     let idle_dest: SocketAddr = (lab.server_v4(), IDLE_PORT).into();
     let held = hold_idle(&lab.gateway, convs.clone(), idle_dest, idle);
-    std::thread::sleep(Duration::from_secs(3));
+    // Past the relay's buffer hold time and the allocator's decay of freed pages (jemalloc
+    // returns them within 10 s): what is measured is what idling costs.
+    std::thread::sleep(braid::relay::BUFFER_IDLE + Duration::from_secs(12));
     let opened = held.count;
     let rss1 = rss(&converters);
     let slab1 = slab_bytes();
@@ -164,6 +190,7 @@ fn main() {
         per(tcp1 as i64 - tcp0 as i64) / 1024.0
     );
     drop(held);
+
     for mut p in converters {
         let _ = p.stop();
     }
@@ -262,7 +289,25 @@ struct Held {
     _streams: Vec<tokio::net::TcpStream>,
 }
 
-/// Opens `n` converted connections, round-robin over `convs`, and keeps them open.
+/// Opens `n` connections round-robin over `convs` that send one byte of a Convert header and
+/// stall.
+fn hold_pending(ns: &Netns, convs: &[SocketAddr], n: usize) -> Vec<std::net::TcpStream> {
+    let convs = convs.to_vec();
+    ns.enter(move || {
+        (0..n)
+            .filter_map(|i| {
+                use std::io::Write;
+                let mut s = std::net::TcpStream::connect(convs[i % convs.len()]).ok()?;
+                s.write_all(&[1]).ok()?;
+                Some(s)
+            })
+            .collect()
+    })
+    .expect("enter")
+}
+
+/// Opens `n` converted connections, round-robin over `convs`, has each exchange 100 bytes
+/// each way with the server, and keeps them open.
 fn hold_idle(ns: &Netns, convs: Vec<SocketAddr>, dest: SocketAddr, n: usize) -> Held {
     ns.enter(move || {
         let rt = tokio::runtime::Builder::new_multi_thread()
@@ -277,9 +322,18 @@ fn hold_idle(ns: &Netns, convs: Vec<SocketAddr>, dest: SocketAddr, n: usize) -> 
                 let conv = convs[i % convs.len()];
                 let permit = sem.clone().acquire_owned().await.unwrap();
                 tasks.push(tokio::spawn(async move {
-                    let r = client::connect(conv, dest, None, b"", &ClientOptions::default()).await;
+                    let r = async {
+                        let mut c = client::connect(conv, dest, None, b"", &ClientOptions::default())
+                            .await
+                            .map_err(|e| e.to_string())?;
+                        let mut echo = [0u8; RESPONSE];
+                        c.stream.write_all(&echo).await.map_err(|e| e.to_string())?;
+                        c.stream.read_exact(&mut echo).await.map_err(|e| e.to_string())?;
+                        Ok::<_, String>(c.stream)
+                    }
+                    .await;
                     drop(permit);
-                    r.map(|c| c.stream).map_err(|e| e.to_string())
+                    r
                 }));
             }
             let mut out = Vec::with_capacity(n);
@@ -337,9 +391,14 @@ fn serve_forever() -> ! {
             loop {
                 match idle.accept().await {
                     Ok((mut s, _)) => {
+                        // An echo: each idle connection's one exchange moves data both ways.
                         tokio::spawn(async move {
-                            let mut b = [0u8; 64];
-                            while matches!(s.read(&mut b).await, Ok(n) if n > 0) {}
+                            let mut b = [0u8; RESPONSE];
+                            while let Ok(n) = s.read(&mut b).await {
+                                if n == 0 || s.write_all(&b[..n]).await.is_err() {
+                                    break;
+                                }
+                            }
                         });
                     }
                     Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,

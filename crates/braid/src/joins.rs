@@ -125,19 +125,19 @@ impl SubflowPeak {
         }
     }
 
-    /// Samples 200 ms in (subflows appear once the connection carries data), then every second;
-    /// never returns, so it runs beside the relay in a `select!`.
+    /// Samples 200 ms in (subflows appear once the connection carries data), then after 1, 2,
+    /// 4 ... seconds, at most every 30 s: a long idle connection should not wake the daemon
+    /// every second (ten thousand of them would be ten thousand wake-ups a second). Never
+    /// returns, so it runs beside the relay in a `select!`.
     pub async fn watch(&self, s: &TcpStream) -> ! {
         if !self.mptcp {
             std::future::pending().await
         }
-        let mut tick = tokio::time::interval_at(
-            tokio::time::Instant::now() + Duration::from_millis(200),
-            Duration::from_secs(1),
-        );
+        let mut pause = Duration::from_millis(200);
         loop {
-            tick.tick().await;
+            tokio::time::sleep(pause).await;
             self.sample(s);
+            pause = (pause * 2).clamp(Duration::from_secs(1), Duration::from_secs(30));
         }
     }
 

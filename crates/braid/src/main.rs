@@ -6,6 +6,13 @@ use braid::cli::{Cli, Command};
 use braid::daemon;
 use clap::Parser;
 
+/// jemalloc returns freed memory to the system (with the purging thread the daemons start),
+/// where glibc's allocator keeps the relay's freed buffers resident: 4 against 21 KiB of RSS
+/// per idle connection.
+#[cfg(feature = "jemalloc")]
+#[global_allocator]
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {

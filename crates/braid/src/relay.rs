@@ -5,9 +5,13 @@
 //! the other direction keeps flowing (towards an MPTCP socket, once its extra subflows are
 //! open, see [`crate::joins`]); a reset (or any hard error) on one side becomes a reset of
 //! the other (`SO_LINGER {1,0}`, applied here, sent when the caller drops the socket); a
-//! connection with no bytes either way for `idle_timeout` is reset on both sides. Memory per
-//! direction is bounded by one buffer (copy) or one pipe (splice), allocated on first data so
-//! idle connections cost only their sockets.
+//! connection with no bytes either way for `idle_timeout` is reset on both sides.
+//!
+//! Memory per direction is one buffer (copy) or one pipe (splice), held only while data flows:
+//! taken when bytes arrive, and given back after [`BUFFER_IDLE`] without any, so an idle
+//! connection — a keep-alive HTTP connection between requests, a chat session — costs only its
+//! sockets. The copy buffer starts small and grows to the configured size when a read fills it,
+//! so a request and its short answer never touch the large buffer.
 
 use std::io;
 use std::os::fd::OwnedFd;
@@ -31,6 +35,12 @@ pub enum Engine {
     /// splice(2) socket → pipe → socket; the bytes never enter user space.
     Splice,
 }
+
+/// How long a direction may be quiet before its buffer or pipe is given back.
+pub const BUFFER_IDLE: Duration = Duration::from_secs(2);
+/// The first copy buffer of a direction (it grows to [`RelayConfig::buffer`] when a read fills
+/// it).
+const FIRST_BUFFER: usize = 4 * 1024;
 
 #[derive(Debug, Clone)]
 pub struct RelayConfig {
@@ -211,14 +221,33 @@ async fn pump(src: &TcpStream, dst: &TcpStream, moved: &AtomicU64, cfg: &RelayCo
     end
 }
 
+/// Waits until `src` is readable; when `holding` (a buffer or pipe) and nothing comes for
+/// [`BUFFER_IDLE`], returns `Ok(false)` first so the caller can give it back.
+async fn readable_or_idle(src: &TcpStream, holding: bool) -> io::Result<bool> {
+    if !holding {
+        return src.readable().await.map(|()| true);
+    }
+    tokio::select! {
+        // Ready data wins; the timer is only armed when the read would wait.
+        biased;
+        r = src.readable() => r.map(|()| true),
+        _ = tokio::time::sleep(BUFFER_IDLE) => Ok(false),
+    }
+}
+
 async fn pump_copy(src: &TcpStream, dst: &TcpStream, moved: &AtomicU64, size: usize) -> PumpEnd {
     let mut buf = Vec::new();
     loop {
-        if let Err(e) = src.readable().await {
-            return PumpEnd::ReadFailed(e);
+        match readable_or_idle(src, !buf.is_empty()).await {
+            Ok(true) => {}
+            Ok(false) => {
+                buf = Vec::new();
+                continue;
+            }
+            Err(e) => return PumpEnd::ReadFailed(e),
         }
         if buf.is_empty() {
-            buf = vec![0u8; size];
+            buf = vec![0u8; FIRST_BUFFER.min(size)];
         }
         let n = match src.try_read(&mut buf) {
             Ok(0) => return PumpEnd::Eof,
@@ -238,6 +267,10 @@ async fn pump_copy(src: &TcpStream, dst: &TcpStream, moved: &AtomicU64, size: us
             }
         }
         moved.fetch_add(n as u64, Relaxed);
+        if n == buf.len() && buf.len() < size {
+            // A full read: bulk data is flowing, take the configured size.
+            buf = vec![0u8; size];
+        }
     }
 }
 
@@ -256,8 +289,14 @@ async fn pump_splice(src: &TcpStream, dst: &TcpStream, moved: &AtomicU64, size: 
     let flags = SpliceFFlags::SPLICE_F_MOVE | SpliceFFlags::SPLICE_F_NONBLOCK;
     let mut pipe: Option<(OwnedFd, OwnedFd)> = None;
     loop {
-        if let Err(e) = src.readable().await {
-            return PumpEnd::ReadFailed(e);
+        match readable_or_idle(src, pipe.is_some()).await {
+            Ok(true) => {}
+            Ok(false) => {
+                // Quiet: the pipe (two descriptors) goes back; it is empty here.
+                pipe = None;
+                continue;
+            }
+            Err(e) => return PumpEnd::ReadFailed(e),
         }
         let (pr, pw) = match &pipe {
             Some(p) => (&p.0, &p.1),
@@ -432,6 +471,48 @@ mod tests {
     #[tokio::test]
     async fn splice_propagates_reset() {
         reset(Engine::Splice).await;
+    }
+
+    /// Bytes keep flowing after a direction went quiet long enough to give its buffer (or
+    /// pipe) back, and through the growth from the first small buffer to the full one.
+    async fn quiet_then_busy(engine: Engine) {
+        let ((mut app_a, relay_a), (relay_b, mut app_b)) = pairs().await;
+        let cfg = RelayConfig {
+            engine,
+            ..RelayConfig::default()
+        };
+        let task = tokio::spawn(async move { relay(&relay_a, &relay_b, &cfg).await });
+        let mut got = vec![0u8; 5];
+        app_a.write_all(b"hello").await.unwrap();
+        app_b.read_exact(&mut got).await.unwrap();
+        assert_eq!(got, b"hello");
+        tokio::time::sleep(BUFFER_IDLE + Duration::from_millis(300)).await;
+        let big = pattern(4 << 20, 7);
+        let (_, got) = tokio::join!(
+            async {
+                app_a.write_all(&big).await.unwrap();
+                app_a.shutdown().await.unwrap();
+            },
+            async {
+                let mut v = Vec::new();
+                app_b.read_to_end(&mut v).await.unwrap();
+                v
+            }
+        );
+        assert!(got == big, "bytes after the quiet spell differ");
+        drop(app_b);
+        let r = task.await.unwrap();
+        assert_eq!(r.a_to_b, 5 + big.len() as u64);
+    }
+
+    #[tokio::test]
+    async fn copy_gives_its_buffer_back_and_keeps_working() {
+        quiet_then_busy(Engine::Copy).await;
+    }
+
+    #[tokio::test]
+    async fn splice_gives_its_pipe_back_and_keeps_working() {
+        quiet_then_busy(Engine::Splice).await;
     }
 
     #[tokio::test]
