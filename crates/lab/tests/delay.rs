@@ -385,6 +385,14 @@ fn delay_composes_with_loss_blackhole_and_down() {
     let _echo = Echo::start(&b, dst);
     link.a.set_delay(ms(10)).unwrap();
     assert_rtt("10 ms", rtts(&a, None, dst, 5), ms(10));
+    // After up() the kernel attaches the interface's qdisc only when its link watch runs
+    // (up to a second later) and drops what is sent before: wait for an answer first.
+    let reachable = |what: &str| {
+        let deadline = Instant::now() + Duration::from_secs(3);
+        while rtts(&a, None, dst, 1)[0].is_none() {
+            assert!(Instant::now() < deadline, "{what}: no answer for 3 s");
+        }
+    };
     let lost = |what: &str| {
         let r = rtts(&a, None, dst, 3);
         assert!(r.iter().all(Option::is_none), "{what}: answered {r:?}");
@@ -393,11 +401,13 @@ fn delay_composes_with_loss_blackhole_and_down() {
     link.set_blackhole(true).unwrap();
     lost("blackhole");
     link.set_blackhole(false).unwrap();
+    reachable("after blackhole");
     assert_rtt("after blackhole", rtts(&a, None, dst, 5), ms(10));
 
     link.set_loss(Direction::AtoB, 100.0).unwrap();
     lost("100% loss");
     link.set_loss(Direction::AtoB, 0.0).unwrap();
+    reachable("after loss");
     assert_rtt("after loss", rtts(&a, None, dst, 5), ms(10));
 
     // Down: the peer sees no carrier, as without a delay line.
@@ -408,6 +418,7 @@ fn delay_composes_with_loss_blackhole_and_down() {
     assert!(r[0].is_none(), "answered over a down link");
     link.up().unwrap();
     assert_eq!(link.a.delay(), Delay::ms(10));
+    reachable("after down/up");
     assert_rtt("after down/up", rtts(&a, None, dst, 5), ms(10));
 
     // The delayed end losing its carrier (peer down) works the same.
@@ -415,6 +426,7 @@ fn delay_composes_with_loss_blackhole_and_down() {
     let mine = a.run(["ip", "link", "show", "co-a"]).unwrap();
     assert!(mine.contains("NO-CARRIER"), "{mine}");
     link.up().unwrap();
+    reachable("after peer down/up");
     assert_rtt("after peer down/up", rtts(&a, None, dst, 5), ms(10));
     let stats = link.a.delay_stats().unwrap();
     eprintln!("{stats:?}");
