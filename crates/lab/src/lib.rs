@@ -5,7 +5,10 @@
 //!   ([`Netns::run`], [`Netns::spawn`], [`Netns::command`]), addresses, routes, rules,
 //!   sysctls, MPTCP limits and endpoints, `/etc/hosts`; and [`sweep`] for crashed runs.
 //! - [`link`]: [`Link`], a veth pair between two namespaces, and what tests do to it while
-//!   traffic runs: shaping (tbf), random loss and blackholing (nft), down/up, address removal.
+//!   traffic runs: shaping (tbf), one-way delay and jitter, random loss and blackholing (nft),
+//!   down/up, address removal and replacement.
+//! - [`delay`]: the user-space delay line behind [`LinkEnd::set_delay`] (this kernel has no
+//!   netem), and its [`Delay`] setting.
 //! - [`lab`]: [`Lab`], a set of namespaces deleted together when it drops, panics included.
 //! - [`standard`]: [`StandardLab`], the project's client → gateway ⇉ converter → server
 //!   topology (shared/lab-reference.sh) in one call.
@@ -42,20 +45,25 @@
 //! println!("uplink 2: {t}"); // ~28.7 Mbit/s of payload on a 30 Mbit/s link
 //! up.link.down()?; // failover
 //! up.link.up()?; // addresses and routes come back
+//! // 20 ms each way on uplink 2 (RTT 40 ms), changeable while traffic runs.
+//! up.link.set_delay(braid_lab::Direction::Both, Duration::from_millis(20))?;
 //! // Rust code inside a namespace, e.g. to open sockets there.
 //! let listener = lab.server.enter(|| std::net::TcpListener::bind("0.0.0.0:9000"))?;
 //! # Ok(()) }
 //! ```
 
 pub mod bulk;
+pub mod delay;
 mod error;
 pub mod lab;
 pub mod link;
 pub mod netns;
 pub mod process;
+mod rawio;
 pub mod routing;
 pub mod standard;
 
+pub use delay::{Delay, DelayStats};
 pub use error::{Error, Result};
 pub use lab::Lab;
 pub use link::{Direction, Link, LinkEnd};

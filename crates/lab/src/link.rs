@@ -1,6 +1,12 @@
 //! veth links between two namespaces and what tests do to them at runtime: shaping (tbf),
-//! random loss and blackholing (nft), down/up and address removal. Everything here can be
-//! called while traffic runs.
+//! one-way delay with jitter (a user-space delay line, see [`crate::delay`]), random loss and
+//! blackholing (nft), down/up, address removal and address replacement. Everything here can
+//! be called while traffic runs.
+//!
+//! Where these act on a packet leaving an end: nft loss and blackhole first (postrouting),
+//! then the delay line, then the tbf queue, then the wire. A delayed packet is therefore
+//! shaped after its delay, which for a transfer adds up the same as a queue before a long
+//! wire, and it cannot be lost by nft twice.
 
 use std::fs::File;
 use std::os::fd::AsRawFd as _;
@@ -9,6 +15,7 @@ use ipnet::IpNet;
 use netlink_packet_route::link::{InfoData, InfoVeth};
 use rtnetlink::{LinkUnspec, LinkVeth};
 
+use crate::delay::{Delay, DelayStats};
 use crate::error::{Error, Result};
 use crate::netns::Netns;
 
@@ -31,6 +38,9 @@ pub enum Direction {
 pub struct LinkEnd {
     ns: Netns,
     ifname: String,
+    /// The other end, for what changes there with this one (routes via this end's address).
+    peer_ns: Netns,
+    peer_if: String,
 }
 
 impl LinkEnd {
@@ -78,6 +88,63 @@ impl LinkEnd {
     /// Puts back what [`LinkEnd::remove_addrs`] removed, and the routes that went with them.
     pub fn restore_addrs(&self) -> Result<()> {
         self.ns.restore(&self.ifname)
+    }
+
+    /// Gives this end a new address in place of `old`, as a DHCP renewal or a PPP reconnect
+    /// that changes the address would, and updates what the lab configured around it, so
+    /// that [`LinkEnd::up`] and [`LinkEnd::restore_addrs`] later put back `new`:
+    ///
+    /// - here: `new` is added before `old` is removed (IPv4 secondaries are promoted), so the
+    ///   interface never loses all its addresses, which would make the kernel flush its
+    ///   routes; the lab's routes with preferred source `old` (any table) get source `new`;
+    ///   the lab's rules `from old/32` (`/128`) become `from new/32`;
+    /// - at the peer end: the lab's routes via `old` (through the peer's interface or with
+    ///   no device) go via `new`.
+    ///
+    /// Routes and rules added outside the lab, MPTCP endpoints and the addresses kept in
+    /// [`crate::Uplink`] or [`crate::Segment`] are left alone: moving an endpoint is the path
+    /// manager's job, which tests usually want to watch. `new` should be in a subnet the peer
+    /// reaches (normally the same one), or the peer's routes via it cannot be installed.
+    /// While the interface is down only the lab's records change; [`LinkEnd::up`] installs
+    /// them.
+    pub fn replace_addr(&self, old: IpNet, new: IpNet) -> Result<()> {
+        self.ns.replace_addr(&self.ifname, old, new)?;
+        self.peer_ns
+            .replace_gateway(&self.peer_if, old.addr(), new.addr())
+    }
+
+    /// Delays every packet leaving this end by `delay` (one way), in a user-space delay line
+    /// that keeps packet order even with jitter. Can be changed while traffic runs (packets
+    /// already held keep their release times); [`Delay::NONE`] removes the line.
+    ///
+    /// Composes with the rest: nft loss and blackhole act before the delay, tbf shaping after
+    /// it, and down/up behave as without a delay (held packets are lost while the link is
+    /// down, as on a real one). A ping across a link with delay `D` on one end only has an
+    /// RTT of `D`; with `D` on both ends, `2 D`.
+    ///
+    /// ```no_run
+    /// # fn main() -> braid_lab::Result<()> {
+    /// # let lab = braid_lab::StandardLab::new(Default::default())?;
+    /// use std::time::Duration;
+    /// use braid_lab::Delay;
+    /// let end = &lab.uplinks[0].link.a;
+    /// end.set_delay(Duration::from_millis(20))?;
+    /// end.set_delay(Delay::ms(20).with_jitter(Duration::from_millis(5)))?;
+    /// end.set_delay(Delay::NONE)?;
+    /// # Ok(()) }
+    /// ```
+    pub fn set_delay(&self, delay: impl Into<Delay>) -> Result<()> {
+        self.ns.set_delay(&self.ifname, delay.into())
+    }
+
+    /// The delay set on this end ([`Delay::NONE`] without one).
+    pub fn delay(&self) -> Delay {
+        self.ns.delay(&self.ifname)
+    }
+
+    /// What this end's delay line has done, if it has one.
+    pub fn delay_stats(&self) -> Option<DelayStats> {
+        self.ns.delay_stats(&self.ifname)
     }
 
     /// Limits the rate of packets leaving this end: `tc qdisc replace dev IF root tbf rate R
@@ -179,10 +246,14 @@ impl Link {
             a: LinkEnd {
                 ns: a.clone(),
                 ifname: a_if.to_string(),
+                peer_ns: b.clone(),
+                peer_if: b_if.to_string(),
             },
             b: LinkEnd {
                 ns: b.clone(),
                 ifname: b_if.to_string(),
+                peer_ns: a.clone(),
+                peer_if: a_if.to_string(),
             },
         })
     }
@@ -216,6 +287,15 @@ impl Link {
     /// Random loss of `pct` percent in the given direction(s); 0 removes it.
     pub fn set_loss(&self, dir: Direction, pct: f64) -> Result<()> {
         self.ends(dir).into_iter().try_for_each(|e| e.set_loss(pct))
+    }
+
+    /// One-way delay in the given direction(s) (see [`LinkEnd::set_delay`]);
+    /// [`Delay::NONE`] removes it. `Direction::Both` with `D` makes the RTT `2 D`.
+    pub fn set_delay(&self, dir: Direction, delay: impl Into<Delay>) -> Result<()> {
+        let delay = delay.into();
+        self.ends(dir)
+            .into_iter()
+            .try_for_each(|e| e.set_delay(delay))
     }
 
     /// Drops everything in both directions (nft), or stops doing so. The interfaces stay up,

@@ -1,7 +1,8 @@
 //! One network namespace: creation the `ip netns add` way (so `ip netns exec` works on it),
 //! running code and commands inside it, and its addresses, routes, rules and sysctls.
-//! The namespace, its processes and its `/etc/netns` files go away when the last handle drops
-//! (or at [`Netns::delete`]), and [`sweep`] removes what crashed runs left behind.
+//! The namespace, its processes, its delay lines and its `/etc/netns` files go away when the
+//! last handle drops (or at [`Netns::delete`]), and [`sweep`] removes what crashed runs left
+//! behind.
 
 use std::collections::BTreeMap;
 use std::ffi::OsStr;
@@ -20,12 +21,14 @@ use std::time::{Duration, Instant};
 use futures::TryStreamExt as _;
 use ipnet::IpNet;
 use netlink_packet_route::address::{AddressAttribute, AddressFlags};
+use netlink_packet_route::link::LinkFlags;
 use netlink_packet_route::route::{RouteMessage, RouteScope, RouteType};
 use nix::sched::CloneFlags;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use rtnetlink::{LinkUnspec, RouteMessageBuilder};
 
+use crate::delay::{Delay, DelayLine, DelayStats};
 use crate::error::{Error, Result};
 use crate::process::{NsCommand, Process};
 use crate::routing::{MptcpEndpoint, Route, RouteKind, Rule};
@@ -53,6 +56,9 @@ struct Inner {
     name: String,
     deleted: AtomicBool,
     state: Mutex<State>,
+    /// Delay lines by interface. Apart from `state`, because starting or removing one runs
+    /// commands (and waits) that must not block the rest of the namespace's bookkeeping.
+    delays: Mutex<BTreeMap<String, DelayLine>>,
 }
 
 /// What the lab configured, so it can be restored after a link goes down and up again.
@@ -60,6 +66,7 @@ struct Inner {
 struct State {
     addrs: Vec<(String, IpNet)>,
     routes: Vec<Route>,
+    rules: Vec<Rule>,
     /// Egress drop rules per interface, rendered into the namespace's nft table.
     egress: BTreeMap<String, Egress>,
     hosts_written: bool,
@@ -122,6 +129,7 @@ impl Netns {
                 name,
                 deleted: AtomicBool::new(false),
                 state: Mutex::new(State::default()),
+                delays: Mutex::new(BTreeMap::new()),
             }),
         };
         // `default` values are copied into devices created later, so veths made after this
@@ -468,16 +476,138 @@ impl Netns {
         })
     }
 
-    /// Adds a policy rule (`ip rule add ...`).
+    /// Adds a policy rule (`ip rule add ...`) and remembers it (for [`Netns::replace_addr`];
+    /// rules do not go away with a link).
     pub fn add_rule(&self, rule: &Rule) -> Result<()> {
-        self.ip(&rule.ip_args()).map(drop)
+        self.ip(&rule.ip_args())?;
+        let mut st = self.state();
+        if !st.rules.contains(rule) {
+            st.rules.push(rule.clone());
+        }
+        Ok(())
     }
 
-    /// Deletes a policy rule (`ip rule del ...`).
+    /// Deletes a policy rule (`ip rule del ...`) and forgets it.
     pub fn del_rule(&self, rule: &Rule) -> Result<()> {
+        self.state().rules.retain(|r| r != rule);
         let mut args = rule.ip_args();
         args[2] = "del".into();
         self.ip(&args).map(drop)
+    }
+
+    /// Replaces address `old` of `ifname` by `new` in the kernel and in what the lab restores,
+    /// and moves the lab's routes with preferred source `old` and its rules `from old/32`
+    /// (`/128`) to `new`. `new` is added before `old` is removed, with IPv4 secondaries
+    /// promoted, so the interface keeps an address throughout and the kernel flushes none of
+    /// its routes. See [`LinkEnd::replace_addr`](crate::LinkEnd::replace_addr), which also
+    /// updates the peer's routes via `old`.
+    pub fn replace_addr(&self, ifname: &str, old: IpNet, new: IpNet) -> Result<()> {
+        if old.addr().is_ipv4() != new.addr().is_ipv4() {
+            return Err(Error::Config(format!(
+                "replace {old} by {new} on {ifname}: not the same family"
+            )));
+        }
+        if !self.addrs(ifname).contains(&old) {
+            return Err(Error::Config(format!(
+                "replace {old} on {ifname} in {self}: the lab did not configure it"
+            )));
+        }
+        if old == new {
+            return Ok(());
+        }
+        self.addr_kernel_add(ifname, new)?;
+        {
+            let mut st = self.state();
+            for (i, a) in st.addrs.iter_mut() {
+                if i == ifname && *a == old {
+                    *a = new;
+                }
+            }
+            dedup(&mut st.addrs);
+        }
+        let (old_ip, new_ip) = (old.addr(), new.addr());
+        self.rewrite_routes(|r| {
+            (r.src == Some(old_ip)).then(|| Route {
+                src: Some(new_ip),
+                ..r.clone()
+            })
+        })?;
+        let host = |ip: IpAddr| IpNet::new(ip, if ip.is_ipv4() { 32 } else { 128 }).ok();
+        let rules: Vec<Rule> = self
+            .state()
+            .rules
+            .iter()
+            .filter(|r| r.from.is_some() && r.from == host(old_ip))
+            .cloned()
+            .collect();
+        for r in rules {
+            let moved = Rule {
+                from: host(new_ip),
+                ..r.clone()
+            };
+            self.del_rule(&r)?;
+            self.add_rule(&moved)?;
+        }
+        if old_ip.is_ipv4() {
+            // Without this, deleting the primary address also deletes `new` if it is a
+            // secondary in the same subnet.
+            self.sysctl(&format!("net.ipv4.conf.{ifname}.promote_secondaries"), 1)?;
+        }
+        self.addr_kernel_del(ifname, old)?;
+        tracing::debug!(ns = %self, ifname, %old, %new, "address replaced");
+        Ok(())
+    }
+
+    /// Makes the lab's routes via `old` (through `dev` or through no device) go via `new`.
+    pub(crate) fn replace_gateway(&self, dev: &str, old: IpAddr, new: IpAddr) -> Result<()> {
+        self.rewrite_routes(|r| {
+            (r.via == Some(old) && r.dev.as_deref().is_none_or(|d| d == dev)).then(|| Route {
+                via: Some(new),
+                ..r.clone()
+            })
+        })
+    }
+
+    /// Rewrites the remembered routes `f` picks and installs the new versions. Only the
+    /// next hop or the source changes, which are not part of a route's key, so the kernel
+    /// replaces each route in place. A route through a device that is down cannot be
+    /// installed; it stays remembered and comes back with [`LinkEnd::up`](crate::LinkEnd::up).
+    fn rewrite_routes(&self, f: impl Fn(&Route) -> Option<Route>) -> Result<()> {
+        let moved: Vec<Route> = {
+            let mut st = self.state();
+            let mut moved = Vec::new();
+            for r in st.routes.iter_mut() {
+                if let Some(n) = f(r) {
+                    *r = n.clone();
+                    moved.push(n);
+                }
+            }
+            dedup(&mut st.routes);
+            moved
+        };
+        for r in &moved {
+            if let Err(e) = self.route_kernel(r, true) {
+                match &r.dev {
+                    Some(dev) if !self.is_up(dev)? => {
+                        tracing::debug!(ns = %self, route = %r, "device down, route kept for up");
+                    }
+                    _ => return Err(e),
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether interface `ifname` is administratively up.
+    pub fn is_up(&self, ifname: &str) -> Result<bool> {
+        let name = ifname.to_string();
+        self.netlink(format!("get link {ifname}"), move |h| async move {
+            let mut links = h.link().get().match_name(name).execute();
+            match links.try_next().await? {
+                Some(msg) => Ok(msg.header.flags.contains(LinkFlags::Up)),
+                None => Err(rtnetlink::Error::RequestFailed),
+            }
+        })
     }
 
     /// `ip mptcp limits set subflows N add_addr_accepted M`.
@@ -575,6 +705,40 @@ impl Netns {
         self.nft(&script)
     }
 
+    /// Delays the packets leaving `ifname` (see [`LinkEnd::set_delay`](crate::LinkEnd::set_delay)):
+    /// starts, changes or (with [`Delay::NONE`]) removes its delay line.
+    pub(crate) fn set_delay(&self, ifname: &str, delay: Delay) -> Result<()> {
+        delay.validate()?;
+        let mut lines = self.delays();
+        if delay.is_none() {
+            let Some(line) = lines.remove(ifname) else {
+                return Ok(());
+            };
+            drop(lines);
+            return line.remove(self);
+        }
+        if let Some(line) = lines.get(ifname) {
+            line.set(delay);
+            return Ok(());
+        }
+        // Started under the lock, so two callers cannot put two lines on one interface.
+        let line = DelayLine::start(self, ifname, delay)?;
+        lines.insert(ifname.to_string(), line);
+        Ok(())
+    }
+
+    /// The delay set on `ifname` ([`Delay::NONE`] if none).
+    pub(crate) fn delay(&self, ifname: &str) -> Delay {
+        self.delays()
+            .get(ifname)
+            .map_or(Delay::NONE, DelayLine::delay)
+    }
+
+    /// Counters of the delay line on `ifname`, if it has one.
+    pub(crate) fn delay_stats(&self, ifname: &str) -> Option<DelayStats> {
+        self.delays().get(ifname).map(DelayLine::stats)
+    }
+
     /// Waits until a TCP connect from inside the namespace to `addr` succeeds.
     pub fn wait_for_tcp(&self, addr: SocketAddr, timeout: Duration) -> Result<()> {
         let deadline = Instant::now() + timeout;
@@ -637,6 +801,8 @@ impl Netns {
         if self.inner.deleted.swap(true, Ordering::SeqCst) {
             return Ok(());
         }
+        // Threads first: they hold the TAPs, which the namespace's deletion would pull away.
+        drop(std::mem::take(&mut *self.delays()));
         let hosts = self.state().hosts_written;
         let r = remove_namespace(self.name());
         if hosts {
@@ -644,6 +810,14 @@ impl Netns {
         }
         tracing::debug!(ns = %self, "namespace deleted");
         r
+    }
+
+    fn delays(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, DelayLine>> {
+        // As for `state`: what a panicking holder left is still right for cleanup.
+        self.inner
+            .delays
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
@@ -661,6 +835,11 @@ impl Drop for Inner {
         if self.deleted.swap(true, Ordering::SeqCst) {
             return;
         }
+        let lines = self
+            .delays
+            .get_mut()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        drop(std::mem::take(lines));
         if let Err(e) = remove_namespace(&self.name) {
             tracing::warn!(ns = %self.name, error = %e, "could not delete namespace");
         }
@@ -693,6 +872,18 @@ impl<R> NsThread<R> {
     /// Whether the thread has finished.
     pub fn is_finished(&self) -> bool {
         self.handle.is_finished()
+    }
+}
+
+/// Removes later duplicates, keeping the first of each.
+fn dedup<T: PartialEq>(v: &mut Vec<T>) {
+    let mut i = 0;
+    while i < v.len() {
+        if v[..i].contains(&v[i]) {
+            v.remove(i);
+        } else {
+            i += 1;
+        }
     }
 }
 

@@ -17,9 +17,10 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 
+use crate::delay::Delay;
 use crate::error::{Error, Result};
 use crate::lab::Lab;
-use crate::link::Link;
+use crate::link::{Direction, Link};
 use crate::netns::Netns;
 use crate::routing::{MptcpEndpoint, Route, Rule};
 
@@ -62,6 +63,10 @@ pub struct StandardConfig {
     pub uplinks: usize,
     /// tbf rate in bit/s per uplink (both directions); `None` leaves them unshaped.
     pub rates: Option<Vec<u64>>,
+    /// One-way delay (and jitter) per uplink, applied in both directions, so uplink i's RTT
+    /// is twice its delay; `None` adds none. Changeable later with
+    /// [`Link::set_delay`](crate::Link::set_delay).
+    pub delays: Option<Vec<Delay>>,
     /// Configure IPv6 addresses and routes as well.
     pub ipv6: bool,
     /// Give the gateway MPTCP limits and a `subflow` endpoint with `dev` on every uplink but the
@@ -83,6 +88,7 @@ impl Default for StandardConfig {
         StandardConfig {
             uplinks: 2,
             rates: None,
+            delays: None,
             ipv6: true,
             mptcp_gateway_endpoints: true,
             fast_open: FastOpen::default(),
@@ -203,7 +209,8 @@ fn net6(a: Ipv6Addr, len: u8) -> IpNet {
 impl StandardLab {
     /// Builds the topology: namespaces, links, addresses, routes (both families), forwarding
     /// on gateway and converter, one routing table and `from` rule per uplink on the gateway,
-    /// MPTCP limits on the converter (and endpoints on the gateway if asked), sysctls, shaping.
+    /// MPTCP limits on the converter (and endpoints on the gateway if asked), sysctls, shaping,
+    /// delays.
     ///
     /// Anything that fails half-way is undone before the error is returned.
     pub fn new(config: StandardConfig) -> Result<StandardLab> {
@@ -215,6 +222,12 @@ impl StandardLab {
             if r.len() != n {
                 return Err(Error::Config(format!("{} rates for {n} uplinks", r.len())));
             }
+        }
+        if let Some(d) = &config.delays {
+            if d.len() != n {
+                return Err(Error::Config(format!("{} delays for {n} uplinks", d.len())));
+            }
+            d.iter().try_for_each(Delay::validate)?;
         }
         let lab = Lab::new()?;
         let client = lab.add_ns("cl")?;
@@ -409,6 +422,11 @@ impl StandardLab {
         if let Some(rates) = &config.rates {
             for (u, &r) in uplinks.iter().zip(rates) {
                 u.link.shape(r)?;
+            }
+        }
+        if let Some(delays) = &config.delays {
+            for (u, &d) in uplinks.iter().zip(delays) {
+                u.link.set_delay(Direction::Both, d)?;
             }
         }
 

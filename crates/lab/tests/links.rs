@@ -1,5 +1,6 @@
-//! Runtime link control: shaping gives the configured rate per uplink, and a link taken down
-//! stops traffic until it comes back up.
+//! Runtime link control: shaping gives the configured rate per uplink, a link taken down
+//! stops traffic until it comes back up, and an end can change its address (with the routes
+//! that use it) and keep it across a flap.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -270,4 +271,129 @@ fn loss_and_blackhole() {
     .measure()
     .unwrap();
     assert!(t.bytes > 0, "{dst}: nothing after restoring addresses");
+}
+
+#[test]
+fn replace_addr_moves_routes_and_survives_a_flap() {
+    let lab = StandardLab::new(StandardConfig {
+        uplinks: 2,
+        mptcp_gateway_endpoints: false,
+        rto_min_us: Some(20_000),
+        ..StandardConfig::default()
+    })
+    .unwrap();
+    let u = &lab.uplinks[0];
+    let end = &u.link.a;
+    let (old4, new4) = (
+        "10.1.1.1/24".parse().unwrap(),
+        "10.1.1.7/24".parse().unwrap(),
+    );
+    let (old6, new6) = (
+        "fd00:1:1::1/64".parse().unwrap(),
+        "fd00:1:1::7/64".parse().unwrap(),
+    );
+    // Refused: an address the lab did not put there, and a change of family.
+    assert!(end.replace_addr(new4, old4).is_err());
+    assert!(end.replace_addr(old4, new6).is_err());
+
+    end.replace_addr(old4, new4).unwrap();
+    end.replace_addr(old6, new6).unwrap();
+    assert_eq!(end.addrs(), vec![new4, new6]);
+
+    let check = |when: &str| {
+        let gw = |args: &[&str]| lab.gateway.run(args).unwrap();
+        let addrs = gw(&["ip", "-br", "addr", "show", "g-v1"]);
+        assert!(
+            addrs.contains("10.1.1.7/24") && addrs.contains("fd00:1:1::7/64"),
+            "{when}: {addrs}"
+        );
+        assert!(
+            !addrs.contains("10.1.1.1/") && !addrs.contains("fd00:1:1::1/"),
+            "{when}: old address back: {addrs}"
+        );
+        // The uplink's table: source moved; routes via the converter unchanged.
+        let t4 = gw(&["ip", "route", "show", "table", "101"]);
+        assert!(t4.contains("src 10.1.1.7"), "{when}: {t4}");
+        assert!(t4.contains("10.2.0.0/24 via 10.1.1.2"), "{when}: {t4}");
+        let t6 = gw(&["ip", "-6", "route", "show", "table", "101"]);
+        assert!(t6.contains("src fd00:1:1::7"), "{when}: {t6}");
+        let rules = gw(&["ip", "rule", "show"]);
+        assert!(
+            rules.contains("from 10.1.1.7 lookup 101"),
+            "{when}: {rules}"
+        );
+        assert!(!rules.contains("from 10.1.1.1 "), "{when}: {rules}");
+        let rules6 = gw(&["ip", "-6", "rule", "show"]);
+        assert!(
+            rules6.contains("from fd00:1:1::7 lookup 101"),
+            "{when}: {rules6}"
+        );
+        // The peer's routes to the LAN now go via the new address.
+        let cv = lab.converter.run(["ip", "route", "show"]).unwrap();
+        assert!(
+            cv.contains("10.0.0.0/24 via 10.1.1.7 dev v-g1"),
+            "{when}: {cv}"
+        );
+        let cv6 = lab.converter.run(["ip", "-6", "route", "show"]).unwrap();
+        assert!(
+            cv6.contains("fd00::/64 via fd00:1:1::7 dev v-g1"),
+            "{when}: {cv6}"
+        );
+        // Traffic: client to server through uplink 1 (both families; the way back uses the
+        // converter's moved routes), and from the new address itself.
+        for (i, dst) in [
+            SocketAddr::new(lab.server_v4().into(), 5500),
+            SocketAddr::new(lab.server_v6().into(), 5501),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let t = Bulk::new(&lab.client, &lab.server, dst)
+                .duration(Duration::from_millis(300))
+                .measure()
+                .unwrap_or_else(|e| panic!("{when}: client → {dst} ({i}): {e}"));
+            assert!(t.bytes > 0, "{when}: nothing reached {dst}");
+        }
+        let t = Bulk::new(
+            &lab.gateway,
+            &lab.server,
+            SocketAddr::new(lab.server_v4().into(), 5502),
+        )
+        .src("10.1.1.7".parse().unwrap())
+        .duration(Duration::from_millis(300))
+        .measure()
+        .unwrap();
+        assert!(t.bytes > 0, "{when}: nothing from the new address");
+    };
+    check("after replace");
+
+    // A flap restores the new address and the moved routes, not the old ones.
+    u.link.down().unwrap();
+    u.link.up().unwrap();
+    check("after down/up");
+    end.remove_addrs().unwrap();
+    end.restore_addrs().unwrap();
+    check("after remove/restore");
+
+    // Replaced while the link is down: recorded, installed by up().
+    u.link.down().unwrap();
+    end.replace_addr(new4, "10.1.1.9/24".parse().unwrap())
+        .unwrap();
+    u.link.up().unwrap();
+    let t4 = lab
+        .gateway
+        .run(["ip", "route", "show", "table", "101"])
+        .unwrap();
+    assert!(t4.contains("src 10.1.1.9"), "{t4}");
+    let cv = lab.converter.run(["ip", "route", "show"]).unwrap();
+    assert!(cv.contains("10.0.0.0/24 via 10.1.1.9 dev v-g1"), "{cv}");
+    let t = Bulk::new(
+        &lab.client,
+        &lab.server,
+        SocketAddr::new(lab.server_v4().into(), 5503),
+    )
+    .duration(Duration::from_millis(300))
+    .measure()
+    .unwrap();
+    assert!(t.bytes > 0, "nothing after a change while down");
 }
