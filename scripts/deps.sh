@@ -1,6 +1,11 @@
 # Sourced by scripts/test and scripts/demo: installs the Debian packages braid's tests and demo
-# run for real (iproute2 for namespaces, nftables, curl, iperf3, nginx, mptcpize, tcpdump),
-# only when missing, so a warm machine pays nothing.
+# run for real, only when missing, so a warm machine pays nothing:
+#   iproute2     ip, tc, ss, nstat (the lab's namespaces, links and shaping; kernel counters)
+#   nftables     nft (the lab's loss and blackholes; tests read braid's own tables)
+#   iperf3       unmodified iperf3 through the gateway (tests, gateway benchmark)
+#   nginx-light  an unmodified web server behind the converter (tests)
+#   curl         an unmodified client through the gateway (tests, demo)
+#   procps       sysctl (lab tests)
 braid_require_root() {
   if [ "$(id -u)" != 0 ]; then
     echo "$0: needs root (it builds network namespaces); run: sudo $0" >&2
@@ -9,7 +14,7 @@ braid_require_root() {
 }
 
 braid_install_deps() {
-  local pkgs=(iproute2 nftables iperf3 nginx-light curl mptcpd tcpdump socat procps ethtool)
+  local pkgs=(iproute2 nftables iperf3 nginx-light curl procps)
   local missing=() p
   for p in "${pkgs[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")

@@ -323,12 +323,16 @@ fn hold_idle(ns: &Netns, convs: Vec<SocketAddr>, dest: SocketAddr, n: usize) -> 
                 let permit = sem.clone().acquire_owned().await.unwrap();
                 tasks.push(tokio::spawn(async move {
                     let r = async {
-                        let mut c = client::connect(conv, dest, None, b"", &ClientOptions::default())
-                            .await
-                            .map_err(|e| e.to_string())?;
+                        let mut c =
+                            client::connect(conv, dest, None, b"", &ClientOptions::default())
+                                .await
+                                .map_err(|e| e.to_string())?;
                         let mut echo = [0u8; RESPONSE];
                         c.stream.write_all(&echo).await.map_err(|e| e.to_string())?;
-                        c.stream.read_exact(&mut echo).await.map_err(|e| e.to_string())?;
+                        c.stream
+                            .read_exact(&mut echo)
+                            .await
+                            .map_err(|e| e.to_string())?;
                         Ok::<_, String>(c.stream)
                     }
                     .await;

@@ -9,10 +9,8 @@
 
 mod support;
 
-use std::time::Duration;
-
 use braid::demo::{lab_converter_args, spawn_daemon};
-use braid_lab::{Process, StandardConfig, StandardLab};
+use braid_lab::{StandardConfig, StandardLab};
 use support::{env_or, median};
 
 const CAPTURED: u16 = 5201;
@@ -61,17 +59,6 @@ fn main() {
         "gateway running",
     )
     .expect("gateway");
-    let mut servers: Vec<Process> = [CAPTURED, FORWARDED]
-        .iter()
-        .map(|p| {
-            lab.server
-                .command("iperf3")
-                .args(["-s", "-p", &p.to_string()])
-                .spawn()
-                .expect("iperf3 (Debian package iperf3)")
-        })
-        .collect();
-    std::thread::sleep(Duration::from_millis(500));
 
     println!(
         "# braid gateway benchmark: iperf3 LAN client → server, {rounds} interleaved rounds of \
@@ -100,41 +87,28 @@ fn main() {
             );
         }
     }
-    for s in &mut servers {
-        let _ = s.stop();
-    }
     let _ = gateway.stop();
     let _ = converter.stop();
 }
 
-/// Gbit/s received, from iperf3's JSON (`end.sum_received`).
+/// Gbit/s received (`end.sum_received`), NaN if the run failed.
 fn iperf(lab: &StandardLab, port: u16, streams: u32, secs: u32, reverse: bool) -> f64 {
-    let server = lab.server_v4().to_string();
-    let mut args = vec![
-        "-c".to_string(),
-        server,
-        "-p".into(),
-        port.to_string(),
-        "-t".into(),
-        secs.to_string(),
-        "-P".into(),
-        streams.to_string(),
-        "-J".into(),
-    ];
+    let (secs, streams) = (secs.to_string(), streams.to_string());
+    let mut args = vec!["-t", secs.as_str(), "-P", streams.as_str()];
     if reverse {
-        args.push("-R".into());
+        args.push("-R");
     }
-    let out = match lab.client.command("iperf3").args(&args).output() {
-        Ok(o) => o.stdout,
+    match braid_lab::iperf3::run(
+        &lab.server,
+        &lab.client,
+        lab.server_v4().into(),
+        port,
+        &args,
+    ) {
+        Ok(run) => run.received_bps / 1e9,
         Err(e) => {
             eprintln!("iperf3 failed: {e}");
-            return f64::NAN;
+            f64::NAN
         }
-    };
-    out.split("\"sum_received\":")
-        .nth(1)
-        .and_then(|s| s.split("\"bits_per_second\":").nth(1))
-        .and_then(|s| s.split([',', '}']).next())
-        .and_then(|s| s.trim().parse::<f64>().ok())
-        .map_or(f64::NAN, |b| b / 1e9)
+    }
 }

@@ -148,37 +148,28 @@ fn tproxy_carries_curl_and_iperf3_over_two_subflows() {
         "the Convert request did not ride in the SYN (no TFO from the gateway)"
     );
 
-    // iperf3 both ways, unmodified.
-    let mut srv = cl
-        .lab
-        .server
-        .command("iperf3")
-        .args(["-s", "-p", "5201"])
-        .spawn()
-        .unwrap();
-    std::thread::sleep(Duration::from_millis(300));
+    // iperf3 both ways, unmodified; each run with a server of its own.
     for reverse in [false, true] {
-        let mut args = vec!["-c", "10.2.0.2", "-p", "5201", "-t", "2", "-J"];
+        let mut args = vec!["-t", "2"];
         if reverse {
             args.push("-R");
         }
-        let out = cl.lab.client.command("iperf3").args(&args).output();
-        let out = out.expect("iperf3 through the gateway");
-        let bits: f64 = out
-            .stdout
-            .split("\"bits_per_second\":")
-            .last()
-            .and_then(|s| s.split([',', '}']).next())
-            .and_then(|s| s.trim().parse().ok())
-            .unwrap_or(0.0);
+        let run = braid_lab::iperf3::run(
+            &cl.lab.server,
+            &cl.lab.client,
+            cl.lab.server_v4().into(),
+            5201,
+            &args,
+        )
+        .expect("iperf3 through the gateway");
+        let bits = run.received_bps;
         eprintln!("iperf3 reverse={reverse}: {:.0} Mbit/s", bits / 1e6);
         assert!(
             bits > 10e6,
             "iperf3 reverse={reverse} moved almost nothing: {}",
-            out.stdout
+            run.json
         );
     }
-    let _ = srv.stop();
     let n = || gw.log_text().matches("mode=\"tproxy\"").count();
     assert!(
         eventually(|| n() >= 3),

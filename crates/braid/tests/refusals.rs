@@ -26,6 +26,12 @@ enum Shape {
     LargeRequest,
     /// Writes its request and half-closes, then reads.
     HalfClose,
+    /// Writes its request, reads, and on the Error closes with a reset at once, as RFC 8803
+    /// clients do (libconvert, braid's own gateway).
+    ResetAfterError,
+    /// A plain TCP client (no MPTCP, as an LD_PRELOAD client on an unmodified application is)
+    /// that reads at once.
+    TcpReadAtOnce,
 }
 
 const REQUEST: &[u8] = b"GET / HTTP/1.1\r\nHost: example\r\n\r\n";
@@ -41,7 +47,7 @@ fn refused_as(
     pause: Duration,
 ) -> Result<ErrorCode, String> {
     let spec = SocketSpec {
-        mptcp: true,
+        mptcp: !matches!(shape, Shape::TcpReadAtOnce),
         fast_open: Some(FastOpen::ConnectNoCookie),
         ..SocketSpec::default()
     };
@@ -59,8 +65,8 @@ fn refused_as(
         .map_err(|e| format!("sending the Convert request: {e}"))?;
     std::thread::sleep(pause);
     let app = match shape {
-        Shape::WriteThenRead | Shape::HalfClose => s.write_all(REQUEST),
-        Shape::ReadAtOnce => Ok(()),
+        Shape::WriteThenRead | Shape::HalfClose | Shape::ResetAfterError => s.write_all(REQUEST),
+        Shape::ReadAtOnce | Shape::TcpReadAtOnce => Ok(()),
         Shape::LargeRequest => s.write_all(&vec![b'x'; 256 * 1024]),
     };
     app.map_err(|e| format!("the application's write failed: {e}"))?;
@@ -70,6 +76,21 @@ fn refused_as(
     }
     let mut got = Vec::new();
     let mut buf = [0u8; 2048];
+    if let Shape::ResetAfterError = shape {
+        let want = convert::error_reply(ErrorCode::ConnectionReset, &[0]);
+        got.resize(want.len(), 0);
+        s.read_exact(&mut got)
+            .map_err(|e| format!("reading the Error: {e}"))?;
+        socket2::SockRef::from(&s)
+            .set_linger(Some(Duration::ZERO))
+            .unwrap();
+        return match convert::decode_reply(&got) {
+            Ok(convert::Decoded::Complete { value, .. }) => {
+                value.error().map(|e| e.code).ok_or("not an Error".into())
+            }
+            _ => Err(format!("no Error: {got:02x?}")),
+        };
+    }
     let ended = loop {
         match s.read(&mut buf) {
             Ok(0) => break "eof",
@@ -195,6 +216,22 @@ fn a_client_that_writes_first_reads_every_error_on_loopback() {
     }
 }
 
+/// The longest `duration_ms` of the converter's close lines in `log`.
+fn slowest_close(log: &str) -> u64 {
+    log.lines()
+        .filter(|l| l.contains("connection closed"))
+        .filter_map(|l| {
+            l.split("duration_ms=")
+                .nth(1)?
+                .split(' ')
+                .next()?
+                .parse()
+                .ok()
+        })
+        .max()
+        .unwrap_or(0)
+}
+
 /// Resident memory of a process, in KiB.
 fn rss_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
@@ -291,4 +328,82 @@ fn one_flooding_client_does_not_starve_the_others() {
         cl.log_text().contains("pending_per_prefix limit reached"),
         "the limit is not in the log"
     );
+}
+
+#[test]
+fn a_client_that_writes_first_reads_every_error_across_a_delayed_link() {
+    // 20 ms each way and a shaped rate on both uplinks: a WAN, where the Error, the reset of
+    // old and the application's write cross in flight.
+    let config = StandardConfig {
+        rates: Some(vec![20_000_000, 30_000_000]),
+        delays: Some(vec![braid_lab::Delay::ms(20), braid_lab::Delay::ms(20)]),
+        ..StandardConfig::default()
+    };
+    let cl = ConverterLab::new(config, &converter_args());
+    let conv = cl.converter_addr_v4();
+    // Pauses up to four round trips: the write lands before the Error, with it, and after
+    // the reset an Error used to be followed by (about two and a half round trips in).
+    let pause = Duration::from_millis(160);
+    for (dest, code) in destinations(&cl) {
+        all_read(
+            &cl.lab.gateway,
+            conv,
+            dest,
+            Shape::WriteThenRead,
+            code,
+            100,
+            pause,
+        );
+    }
+    // A refused small request is over in a few round trips: the client reads the Error and
+    // closes, and the converter lets go at once.
+    let slowest = cl
+        .log_text()
+        .lines()
+        .filter(|l| l.contains("connection closed"))
+        .filter_map(|l| {
+            l.split("duration_ms=")
+                .nth(1)?
+                .split(' ')
+                .next()?
+                .parse::<u64>()
+                .ok()
+        })
+        .max()
+        .unwrap_or(0);
+    assert!(slowest < 1000, "a refusal took {slowest} ms");
+    let closed: SocketAddr = (cl.lab.server_v4(), 9).into();
+    // A client that resets as soon as it has the Error lets the converter go at once too.
+    let before = cl.log_text().len();
+    all_read(
+        &cl.lab.gateway,
+        conv,
+        closed,
+        Shape::ResetAfterError,
+        ErrorCode::ConnectionReset,
+        50,
+        Duration::ZERO,
+    );
+    let log = cl.log_text();
+    let slowest = slowest_close(&log[before..]);
+    assert!(
+        slowest < 1000,
+        "a refusal to a resetting client took {slowest} ms"
+    );
+    for shape in [
+        Shape::ReadAtOnce,
+        Shape::TcpReadAtOnce,
+        Shape::LargeRequest,
+        Shape::HalfClose,
+    ] {
+        all_read(
+            &cl.lab.gateway,
+            conv,
+            closed,
+            shape,
+            ErrorCode::ConnectionReset,
+            20,
+            pause,
+        );
+    }
 }

@@ -32,7 +32,7 @@ use socket2::Socket;
 
 use crate::error::{Error, Result};
 use crate::netns::Netns;
-use crate::rawio::{self, VNET_HDR_LEN};
+use braid_sys::rawio::{self, VNET_HDR_LEN};
 
 /// `SO_MARK` of the packets a delay line sends on; the line's filter lets packets with this
 /// mark pass. The mark is cleared when a packet crosses into the peer's namespace.

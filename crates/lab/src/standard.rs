@@ -1,4 +1,4 @@
-//! The project's standard topology (shared/lab-reference.sh) in one call:
+//! The project's standard topology in one call:
 //!
 //! ```text
 //! client ── LAN ── gateway ══ uplink 1..N ══ converter ── server link ── server

@@ -11,6 +11,8 @@
 //! - [`route`]: the TPROXY policy routing over rtnetlink (a rule and a `local` route braid
 //!   owns) and whether an address is one of the machine's own.
 //! - [`nft`]: a small nftables netlink client for the tables braid owns.
+//! - [`rawio`]: TAP devices, packet sockets and real-time scheduling for the test lab's
+//!   user-space delay line.
 //!
 //! `SO_ORIGINAL_DST`, linger and nodelay come from socket2 directly. All `unsafe` of the project
 //! lives here, each block with its `SAFETY:` reason.
@@ -18,6 +20,7 @@
 pub mod kernel;
 pub mod nft;
 pub mod pm;
+pub mod rawio;
 pub mod route;
 pub mod socket;
 pub mod sockopt;

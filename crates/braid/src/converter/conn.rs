@@ -47,8 +47,11 @@ pub struct Shared {
 
 /// Longest wait for the client's handshake ACK before writing a reply anyway.
 const HANDSHAKE_ACK: Duration = Duration::from_secs(3);
-/// How long a refusal (or an Info answer) may take to be delivered and the client to close.
-const FINAL_LINGER: Duration = Duration::from_secs(3);
+/// How long a refused client (or one answered Info) may stay silent before the converter lets
+/// go, and how long it may linger at most while it still sends (a large request on a slow link
+/// takes its time to arrive, and its sender reads only once it is written).
+const FINAL_QUIET: Duration = Duration::from_secs(3);
+const FINAL_LINGER: Duration = Duration::from_secs(10);
 /// Bytes a refused client may still send (and have discarded) while it gets to reading the
 /// Error: enough for any request and a modest body.
 const FINAL_DRAIN: usize = 1 << 20;
@@ -319,8 +322,9 @@ async fn refuse(client: &TcpStream, r: &Refusal, stats: &Stats) {
 }
 
 /// Sends a final reply and a FIN, then reads and discards what the client sends until it
-/// closes; true once the client has closed and our reply and FIN are acknowledged, false at
-/// the deadline, on a reset, or when the client sends more than [`FINAL_DRAIN`].
+/// closes; true once the client has closed and our reply and FIN are acknowledged, false
+/// after [`FINAL_QUIET`] without a byte or [`FINAL_LINGER`] in all, on a reset, or when the
+/// client sends more than [`FINAL_DRAIN`].
 ///
 /// Waiting for the client's close (rather than for our bytes' ACK, as RFC 8803's "Error, then
 /// RST" would) is what lets a client that writes before it reads still read the reply: its
@@ -333,7 +337,10 @@ async fn finish(client: &TcpStream, reply: &[u8]) -> bool {
             .ok()?;
         let mut discarded = 0usize;
         loop {
-            client.readable().await.ok()?;
+            tokio::time::timeout(FINAL_QUIET, client.readable())
+                .await
+                .ok()?
+                .ok()?;
             let mut chunk = [0u8; 4096];
             match client.try_read(&mut chunk) {
                 Ok(0) => break,
@@ -347,12 +354,16 @@ async fn finish(client: &TcpStream, reply: &[u8]) -> bool {
                 Err(_) => return None,
             }
         }
-        // The client closed. Our reply and FIN may still be unacknowledged (it may have sent
-        // its FIN right after its request, before reading): a reset now would discard them.
-        while unsent_bytes(client).map(|n| n > 0).unwrap_or(false) {
-            tokio::time::sleep(Duration::from_millis(2)).await;
-        }
-        Some(())
+        // The client closed. Our reply may still be unacknowledged (it may have sent its FIN
+        // right after its request, before reading): a reset now would discard it. Our FIN
+        // counts one in the send queue and is not waited for: once the reply is acknowledged
+        // the client has it, and a reset after that costs it nothing.
+        let acked = async {
+            while unsent_bytes(client).map(|n| n > 1).unwrap_or(false) {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        };
+        tokio::time::timeout(FINAL_QUIET, acked).await.ok()
     };
     matches!(
         tokio::time::timeout(FINAL_LINGER, delivered).await,

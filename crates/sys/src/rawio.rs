@@ -1,7 +1,7 @@
-//! The two kernel interfaces of the delay line that std, socket2 and nix do not wrap safely: a
-//! TAP device that hands over whole offloaded frames (virtio-net header, GSO), and a send-only
-//! packet socket bound to one interface that takes such frames back. All of the lab's
-//! `unsafe` is in this file.
+//! Raw frame I/O that std, socket2 and nix do not wrap safely: a TAP device that hands over
+//! whole offloaded frames (virtio-net header, GSO), a send-only packet socket bound to one
+//! interface that takes such frames back, and real-time scheduling for the thread that moves
+//! them. The test lab's user-space delay line is built on these; the daemons do not use them.
 
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -12,7 +12,7 @@ use socket2::{Domain, Socket, Type};
 
 /// Length of the `struct virtio_net_hdr` in front of every frame, on both sides: the TAP's
 /// default header size and what `PACKET_VNET_HDR` expects.
-pub(crate) const VNET_HDR_LEN: usize = 10;
+pub const VNET_HDR_LEN: usize = 10;
 
 /// `PACKET_VNET_HDR` from `<linux/if_packet.h>` (not exported by the libc crate).
 const PACKET_VNET_HDR: libc::c_int = 15;
@@ -37,7 +37,7 @@ struct TunIfReq {
 /// Creates TAP device `name` in the calling thread's network namespace and returns its
 /// non-blocking file. The device lives as long as the file stays open: closing it (or the
 /// process dying) removes the device.
-pub(crate) fn open_tap(name: &str) -> io::Result<File> {
+pub fn open_tap(name: &str) -> io::Result<File> {
     if name.is_empty() || name.len() >= libc::IFNAMSIZ {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
@@ -85,7 +85,7 @@ fn set_offload(tap: &File, flags: libc::c_uint) -> io::Result<()> {
 /// virtio-net header, out of interface `ifindex` through its qdisc (so tbf shaping applies),
 /// with `SO_MARK` = `mark` and a send buffer of `sndbuf` bytes. Protocol 0: it receives
 /// nothing, so the kernel never copies traffic to it. Non-blocking.
-pub(crate) fn packet_sender(ifindex: u32, mark: u32, sndbuf: usize) -> io::Result<Socket> {
+pub fn packet_sender(ifindex: u32, mark: u32, sndbuf: usize) -> io::Result<Socket> {
     let s = Socket::new(Domain::PACKET, Type::RAW, None)?;
     s.set_mark(mark)?;
     s.set_nonblocking(true)?;
@@ -145,7 +145,7 @@ fn setsockopt_int(
 /// Moves the calling thread to `SCHED_FIFO` at the lowest real-time priority, so that it runs
 /// as soon as it wakes even when the test's own threads keep every core busy. The kernel's
 /// real-time throttling (95% of each second by default) still bounds what it can take.
-pub(crate) fn set_realtime() -> io::Result<()> {
+pub fn set_realtime() -> io::Result<()> {
     let param = libc::sched_param { sched_priority: 1 };
     // SAFETY: `param` is a valid `sched_param` that lives across the call; pid 0 is the
     // calling thread.
