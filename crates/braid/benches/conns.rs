@@ -438,12 +438,7 @@ fn listen(port: u16) -> tokio::net::TcpListener {
 }
 
 fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0)
+    braid_lab::process::rss_kib(pid).unwrap_or(0)
 }
 
 /// Bytes in all slab caches (`num_objs × objsize` summed), machine-wide.

@@ -27,7 +27,8 @@ use crate::relay::Engine;
                   accepts those MPTCP connections, learns the destination from the Convert \
                   protocol (RFC 8803, carried in the SYN with TCP Fast Open: no extra round \
                   trip) and relays to the server over plain TCP.\n\nTry `braid demo` (as root) \
-                  for a self-contained demonstration in network namespaces."
+                  for a self-contained demonstration in network namespaces (builds with the \
+                  default `demo` feature)."
 )]
 pub struct Cli {
     #[command(subcommand)]

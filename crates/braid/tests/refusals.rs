@@ -185,22 +185,24 @@ fn destinations(cl: &ConverterLab) -> [(SocketAddr, ErrorCode); 4] {
     ]
 }
 
+/// 100 tries of [`Shape::WriteThenRead`] for each of the four errors, from `ns`.
+fn every_error_read_by_a_client_that_writes_first(
+    cl: &ConverterLab,
+    ns: &braid_lab::Netns,
+    conv: SocketAddr,
+    pause: Duration,
+) {
+    for (dest, code) in destinations(cl) {
+        all_read(ns, conv, dest, Shape::WriteThenRead, code, 100, pause);
+    }
+}
+
 #[test]
 fn a_client_that_writes_first_reads_every_error_on_loopback() {
     let cl = ConverterLab::new(StandardConfig::default(), &converter_args());
     let conv: SocketAddr = ([127, 0, 0, 1], CONVERTER_PORT).into();
     let pause = Duration::from_millis(5);
-    for (dest, code) in destinations(&cl) {
-        all_read(
-            &cl.lab.converter,
-            conv,
-            dest,
-            Shape::WriteThenRead,
-            code,
-            100,
-            pause,
-        );
-    }
+    every_error_read_by_a_client_that_writes_first(&cl, &cl.lab.converter, conv, pause);
     // The other shapes, to the closed port.
     let closed: SocketAddr = (cl.lab.server_v4(), 9).into();
     for shape in [Shape::ReadAtOnce, Shape::LargeRequest, Shape::HalfClose] {
@@ -232,16 +234,6 @@ fn slowest_close(log: &str) -> u64 {
         .unwrap_or(0)
 }
 
-/// Resident memory of a process, in KiB.
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0)
-}
-
 #[test]
 fn one_flooding_client_does_not_starve_the_others() {
     let mut args = default_converter_args();
@@ -252,6 +244,7 @@ fn one_flooding_client_does_not_starve_the_others() {
     let _ = std::fs::remove_file(&cfg);
     let _srv = HashServer::start(&cl.lab.server, HASH_PORT);
     let pid = cl.converter.as_mut().unwrap().pid();
+    let rss_kib = |pid| braid_lab::process::rss_kib(pid).unwrap_or(0);
     let conv = cl.converter_addr_v4();
     let dest: SocketAddr = (cl.lab.server_v4(), HASH_PORT).into();
     // The flood comes from uplink 1's address; the normal client from uplink 2's, another /24.
@@ -344,17 +337,7 @@ fn a_client_that_writes_first_reads_every_error_across_a_delayed_link() {
     // Pauses up to four round trips: the write lands before the Error, with it, and after
     // the reset an Error used to be followed by (about two and a half round trips in).
     let pause = Duration::from_millis(160);
-    for (dest, code) in destinations(&cl) {
-        all_read(
-            &cl.lab.gateway,
-            conv,
-            dest,
-            Shape::WriteThenRead,
-            code,
-            100,
-            pause,
-        );
-    }
+    every_error_read_by_a_client_that_writes_first(&cl, &cl.lab.gateway, conv, pause);
     // A refused small request is over in a few round trips: the client reads the Error and
     // closes, and the converter lets go at once.
     let slowest = cl

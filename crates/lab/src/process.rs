@@ -245,6 +245,15 @@ impl fmt::Debug for Process {
     }
 }
 
+/// Resident memory of process `pid` in KiB (`VmRSS`), `None` once it is gone.
+pub fn rss_kib(pid: u32) -> Option<u64> {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+}
+
 impl Process {
     /// The program's pid.
     pub fn pid(&self) -> u32 {
