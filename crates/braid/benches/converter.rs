@@ -176,7 +176,7 @@ fn start_converter(lab: &StandardLab, port: u16, engine: &str, cc: &str) -> Proc
         .converter
         .command(bin)
         .arg("converter")
-        .args(braid::demo::lab_converter_args(port))
+        .args(braid_lab::standard::converter_args(port))
         .args(["--relay-engine", engine, "--congestion-control", cc])
         .env("RUST_LOG", "warn")
         .spawn()

@@ -9,7 +9,8 @@
 
 mod support;
 
-use braid::demo::{lab_converter_args, spawn_daemon};
+use braid_lab::process::spawn_daemon;
+use braid_lab::standard::converter_args as lab_converter_args;
 use braid_lab::{StandardConfig, StandardLab};
 use support::{env_or, median};
 

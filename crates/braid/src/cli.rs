@@ -10,7 +10,7 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::converter::config::File as ConverterFile;
 use crate::gateway::capture::TransparentMode;
-use crate::gateway::config::File as GatewayFile;
+use crate::gateway::config::{File as GatewayFile, UplinkFile};
 use crate::logging::LogFormat;
 use crate::relay::Engine;
 
@@ -166,6 +166,27 @@ pub struct GatewayArgs {
     /// SOCKS5 username:password (repeatable); without any, SOCKS5 needs no authentication.
     #[arg(long, value_name = "USER:PASSWORD")]
     pub socks5_user: Vec<String>,
+    /// An uplink to bond (repeatable; `,backup` for a metered link used only when no primary
+    /// works) [default: every interface with a default route].
+    #[arg(long, value_name = "IFACE[,backup]", value_parser = parse_uplink)]
+    pub uplink: Vec<UplinkFile>,
+    /// Leave routing tables, source rules and MPTCP endpoints to the system.
+    #[arg(long)]
+    pub no_manage_uplinks: bool,
+}
+
+/// `IFACE` or `IFACE,backup`.
+fn parse_uplink(s: &str) -> Result<UplinkFile, String> {
+    let (interface, backup) = match s.split_once(',') {
+        None => (s, false),
+        Some((i, "backup")) => (i, true),
+        Some((_, other)) => return Err(format!("{other:?}: expected IFACE or IFACE,backup")),
+    };
+    Ok(UplinkFile {
+        interface: interface.to_string(),
+        name: None,
+        backup: Some(backup),
+    })
 }
 
 impl ConverterArgs {
@@ -210,6 +231,8 @@ impl GatewayArgs {
             capture_output: given(self.capture_output),
             metrics: self.common.metrics,
             log_format: self.common.log_format,
+            uplink: list(&self.uplink),
+            manage_uplinks: self.no_manage_uplinks.then_some(false),
             ..GatewayFile::default()
         }
     }
@@ -307,10 +330,23 @@ mod tests {
             "--transparent",
             "redirect",
             "--capture-output",
+            "--uplink",
+            "wan0",
+            "--uplink",
+            "lte0,backup",
         ]);
         let s = crate::gateway::config::Settings::validate(a.overlay(), None).unwrap();
         assert_eq!(s.transparent, Some(TransparentMode::Redirect));
         assert!(s.capture_output);
+        let Some(crate::gateway::uplinks::Selection::Listed(ups)) = &s.uplinks else {
+            panic!("uplinks not listed: {:?}", s.uplinks)
+        };
+        assert_eq!(
+            ups.iter()
+                .map(|u| (u.interface.as_str(), u.backup))
+                .collect::<Vec<_>>(),
+            [("wan0", false), ("lte0", true)]
+        );
         let mut file = GatewayFile {
             converter: Some(vec!["192.0.2.1:1".parse().unwrap()]),
             socks5: Some("127.0.0.1:1080".parse().unwrap()),

@@ -12,7 +12,7 @@
 //!   failed write or a reset is taken to mean "converter down".
 
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use braid_proto::convert::{self, ErrorCode};
@@ -41,6 +41,16 @@ pub struct ClientOptions {
     /// `SO_MARK` for the socket (the gateway marks its own sockets so that its output capture
     /// leaves them alone).
     pub mark: Option<u32>,
+    /// Local addresses to start the connection from, in order of preference (the gateway's
+    /// uplinks that work): the first is tried; when its SYN is not answered within
+    /// `attempt_delay`, the next is tried as well, and the first answer wins. Empty: `bind`,
+    /// or the routing table's choice. Addresses of the other family than the converter's are
+    /// skipped (unless `dual_stack` lets an IPv6 socket use IPv4 addresses).
+    pub sources: Vec<std::net::IpAddr>,
+    pub attempt_delay: Duration,
+    /// Reach an IPv4 converter through an IPv6 socket (its `::ffff:` mapped address): only such
+    /// a socket can add IPv6 subflows when the converter announces an IPv6 address.
+    pub dual_stack: bool,
 }
 
 impl Default for ClientOptions {
@@ -53,6 +63,9 @@ impl Default for ClientOptions {
             timeout: Duration::from_secs(10),
             congestion_control: None,
             mark: None,
+            sources: Vec::new(),
+            attempt_delay: Duration::from_millis(500),
+            dual_stack: false,
         }
     }
 }
@@ -102,7 +115,7 @@ pub async fn connect(
 }
 
 impl ClientOptions {
-    /// The socket recipe these options describe.
+    /// The socket recipe these options describe (`bind` is set per attempt).
     fn socket(&self) -> SocketSpec {
         SocketSpec {
             mptcp: self.mptcp,
@@ -113,8 +126,148 @@ impl ClientOptions {
             recv_buffer: self.rcvbuf,
             congestion_control: self.congestion_control.clone(),
             mark: self.mark,
-            bind: self.bind,
             ..SocketSpec::default()
+        }
+    }
+
+    /// Where to connect and which local addresses to try, in the socket's family.
+    fn plan(&self, converter: SocketAddr) -> (SocketAddr, Vec<Option<SocketAddr>>) {
+        let mapped = |ip: IpAddr| match ip {
+            IpAddr::V4(v4) => IpAddr::V6(v4.to_ipv6_mapped()),
+            v6 => v6,
+        };
+        let v4_via_v6 = self.dual_stack && converter.is_ipv4();
+        let target = if v4_via_v6 {
+            SocketAddr::new(mapped(converter.ip()), converter.port())
+        } else {
+            converter
+        };
+        let sources: Vec<Option<SocketAddr>> = self
+            .sources
+            .iter()
+            .filter(|ip| ip.is_ipv4() == converter.is_ipv4())
+            .map(|&ip| {
+                let ip = if v4_via_v6 { mapped(ip) } else { ip };
+                Some(SocketAddr::new(ip, 0))
+            })
+            .collect();
+        if sources.is_empty() {
+            let bind = self.bind.map(|b| {
+                if v4_via_v6 {
+                    SocketAddr::new(mapped(b.ip()), b.port())
+                } else {
+                    b
+                }
+            });
+            (target, vec![bind])
+        } else {
+            (target, sources)
+        }
+    }
+}
+
+/// A connection attempt's socket, reset when dropped unless it is taken: a losing attempt
+/// whose SYN did reach the converter must not leave it converting for nobody.
+struct Attempt(Option<TcpStream>);
+
+impl Drop for Attempt {
+    fn drop(&mut self) {
+        if let Some(s) = &self.0 {
+            crate::relay::reset_on_close(s);
+        }
+    }
+}
+
+/// One attempt from `src`: the socket is connected (the SYN answered) when it returns, with
+/// how many bytes of `first` went out in the SYN.
+async fn attempt(
+    target: SocketAddr,
+    src: Option<SocketAddr>,
+    first: &[u8],
+    opts: &ClientOptions,
+) -> Result<(Attempt, usize), ClientError> {
+    let spec = SocketSpec {
+        bind: src,
+        only_v6: target.is_ipv6().then_some(false),
+        ..opts.socket()
+    };
+    let s = spec.open_for(target).map_err(ClientError::Unreachable)?;
+    if !opts.fast_open {
+        let sock = tokio::net::TcpSocket::from_std_stream(std::net::TcpStream::from(s));
+        let stream = sock
+            .connect(target)
+            .await
+            .map_err(ClientError::Unreachable)?;
+        return Ok((Attempt(Some(stream)), 0));
+    }
+    // With TCP_FASTOPEN_CONNECT, connect() returns at once and the first write goes out in
+    // the SYN; the socket turns writable when the SYN is answered.
+    match s.connect(&target.into()) {
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
+        Err(e) => return Err(ClientError::Unreachable(e)),
+    }
+    let stream = Attempt(Some(
+        TcpStream::from_std(s.into()).map_err(ClientError::Unreachable)?,
+    ));
+    let sock = stream.0.as_ref().expect("just set");
+    sock.writable().await.map_err(ClientError::Unreachable)?;
+    let sent = match sock.try_write(first) {
+        Ok(n) => n,
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
+        Err(e) => return Err(ClientError::Unreachable(e)),
+    };
+    sock.writable().await.map_err(ClientError::Unreachable)?;
+    match sock.take_error().map_err(ClientError::Unreachable)? {
+        // Answered, then reset: an Error reply may be queued before the reset, and the reply
+        // reader is what can tell.
+        Some(e) if e.kind() == io::ErrorKind::ConnectionReset => Ok((stream, sent)),
+        // Refused or unreachable through this uplink: the next one may work.
+        Some(e) => Err(ClientError::Unreachable(e)),
+        None => Ok((stream, sent)),
+    }
+}
+
+/// The attempts of [`ClientOptions::sources`], staggered by `attempt_delay`: the first whose
+/// SYN is answered wins and the others are reset. A failed attempt starts the next at once.
+async fn race(
+    target: SocketAddr,
+    sources: &[Option<SocketAddr>],
+    first: &[u8],
+    opts: &ClientOptions,
+) -> Result<(TcpStream, usize), ClientError> {
+    use futures::StreamExt;
+    let mut running = futures::stream::FuturesUnordered::new();
+    let mut next = 0;
+    let mut last_error = None;
+    loop {
+        if running.is_empty() {
+            match sources.get(next) {
+                Some(src) => {
+                    running.push(attempt(target, *src, first, opts));
+                    next += 1;
+                }
+                None => {
+                    return Err(last_error.unwrap_or_else(|| {
+                        ClientError::Unreachable(io::Error::other("no source to connect from"))
+                    }));
+                }
+            }
+        }
+        tokio::select! {
+            done = running.next() => match done {
+                Some(Ok((mut won, sent))) => {
+                    let stream = won.0.take().expect("an attempt holds its socket");
+                    return Ok((stream, sent));
+                }
+                Some(Err(e)) => last_error = Some(e),
+                None => {}
+            },
+            _ = tokio::time::sleep(opts.attempt_delay), if next < sources.len() => {
+                tracing::debug!(source = ?sources[next], "SYN unanswered: trying the next uplink too");
+                running.push(attempt(target, sources[next], first, opts));
+                next += 1;
+            }
         }
     }
 }
@@ -124,27 +277,9 @@ async fn exchange(
     first: &[u8],
     opts: &ClientOptions,
 ) -> Result<Converted, ClientError> {
-    let s = opts
-        .socket()
-        .open_for(converter)
-        .map_err(ClientError::Unreachable)?;
-    let stream = if opts.fast_open {
-        // With TCP_FASTOPEN_CONNECT, connect() returns at once and the first write goes out
-        // in the SYN.
-        match s.connect(&converter.into()) {
-            Ok(()) => {}
-            Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
-            Err(e) => return Err(ClientError::Unreachable(e)),
-        }
-        TcpStream::from_std(s.into()).map_err(ClientError::Unreachable)?
-    } else {
-        let std_stream: std::net::TcpStream = s.into();
-        let sock = tokio::net::TcpSocket::from_std_stream(std_stream);
-        sock.connect(converter)
-            .await
-            .map_err(ClientError::Unreachable)?
-    };
-    let write_error = crate::relay::write_all(&stream, first).await.err();
+    let (target, sources) = opts.plan(converter);
+    let (stream, sent) = race(target, &sources, first, opts).await?;
+    let write_error = crate::relay::write_all(&stream, &first[sent..]).await.err();
     match read_reply(&stream).await {
         Ok(leftover) => {
             let mptcp = opts.mptcp && is_mptcp(&stream).unwrap_or(false);

@@ -38,12 +38,6 @@ pub fn main<R: Role>(settings: Result<R, ConfigError>, check_config: bool) -> an
         return Ok(());
     }
     crate::logging::init(settings.log_format());
-    // Without its background thread jemalloc purges freed pages only when the process
-    // allocates again: an idle daemon would keep them resident.
-    #[cfg(feature = "jemalloc")]
-    if let Err(e) = tikv_jemalloc_ctl::background_thread::write(true) {
-        tracing::warn!(error = %e, "could not start jemalloc's purging thread");
-    }
     settings.fit_fd_limit(raise_fd_limit());
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

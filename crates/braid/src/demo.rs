@@ -6,30 +6,17 @@
 //! also on Ctrl-C.
 
 use std::io::{Read, Write};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use braid_lab::{Netns, Output, Process, StandardConfig, StandardLab};
+use braid_lab::{Netns, Output, StandardConfig, StandardLab};
 use sha2::{Digest, Sha256};
 
 const CONVERTER_PORT: u16 = 5124;
 const HTTP_PORT: u16 = 80;
-
-/// `braid converter` flags for a converter in the standard lab: listening on `port`, clients
-/// from the uplinks, destinations on the server link (the tests' converters use these too).
-pub fn lab_converter_args(port: u16) -> Vec<String> {
-    let mut a = vec!["--listen".to_string(), format!("[::]:{port}")];
-    for p in braid_lab::standard::UPLINK_PREFIXES {
-        a.extend(["--allow-client".into(), p.into()]);
-    }
-    for p in braid_lab::standard::SERVER_PREFIXES {
-        a.extend(["--allow-dest".into(), p.into()]);
-    }
-    a
-}
 
 /// What the demo runs.
 #[derive(Debug, Clone)]
@@ -96,16 +83,16 @@ fn run(args: &Options, stop: &AtomicBool) -> anyhow::Result<()> {
     std::fs::create_dir_all(&logs)?;
 
     let digest = serve_file(&lab.server, size)?;
-    let mut converter = spawn_daemon(
+    let mut converter = braid_lab::process::spawn_daemon(
         &lab.converter,
         &exe,
         "converter",
-        &lab_converter_args(CONVERTER_PORT),
+        &braid_lab::standard::converter_args(CONVERTER_PORT),
         logs.join("converter.log"),
         "listening",
     )?;
     let converter_addr = format!("{}:{CONVERTER_PORT}", lab.converter_v4());
-    let mut gateway = spawn_daemon(
+    let mut gateway = braid_lab::process::spawn_daemon(
         &lab.gateway,
         &exe,
         "gateway",
@@ -214,37 +201,6 @@ fn run(args: &Options, stop: &AtomicBool) -> anyhow::Result<()> {
         bail!("the download did not arrive intact");
     }
     Ok(())
-}
-
-/// Starts `exe ROLE ARGS...` (a braid binary) in `ns` with its log in `log`, and waits (10 s at
-/// most) until the log shows `ready`. Used by the demo and the gateway benchmark.
-pub fn spawn_daemon(
-    ns: &Netns,
-    exe: &Path,
-    role: &str,
-    args: &[String],
-    log: PathBuf,
-    ready: &str,
-) -> anyhow::Result<Process> {
-    let mut p = ns
-        .command(exe)
-        .arg(role)
-        .args(args)
-        .env("RUST_LOG", "warn,braid=info")
-        .stderr(Output::File(log.clone()))
-        .spawn()
-        .with_context(|| format!("starting braid {role}"))?;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let text = std::fs::read_to_string(&log).unwrap_or_default();
-        if text.contains(ready) {
-            return Ok(p);
-        }
-        if !p.is_running() || Instant::now() > deadline {
-            bail!("braid {role} did not start:\n{text}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 /// A minimal HTTP server in the server namespace: `GET` anything, get `size` bytes. Returns

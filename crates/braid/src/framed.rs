@@ -12,7 +12,7 @@ use braid_proto::Decoded;
 use tokio::net::TcpStream;
 
 /// Most bytes taken per read while looking for a message: a Convert request or reply is at
-/// most 1020 bytes and a SOCKS5 message 515; the rest is application data that rode along.
+/// most 1020 bytes and a SOCKS5 message 513; the rest is application data that rode along.
 const READ_CHUNK: usize = 2048;
 
 /// Why no message came.

@@ -1,4 +1,5 @@
 //! The `braid` binary: parses the command line and runs the chosen role.
+#![forbid(unsafe_code)]
 
 use std::process::ExitCode;
 
@@ -14,6 +15,12 @@ use clap::Parser;
 static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 fn main() -> ExitCode {
+    // Without its background thread jemalloc purges freed pages only when the process
+    // allocates again: an idle daemon would keep them resident.
+    #[cfg(feature = "jemalloc")]
+    if let Err(e) = tikv_jemalloc_ctl::background_thread::write(true) {
+        eprintln!("braid: warning: jemalloc's purging thread did not start: {e}");
+    }
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Converter(a) => daemon::main(

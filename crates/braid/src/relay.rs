@@ -221,24 +221,54 @@ async fn pump(src: &TcpStream, dst: &TcpStream, moved: &AtomicU64, cfg: &RelayCo
     end
 }
 
-/// Waits until `src` is readable; when `holding` (a buffer or pipe) and nothing comes for
-/// [`BUFFER_IDLE`], returns `Ok(false)` first so the caller can give it back.
-async fn readable_or_idle(src: &TcpStream, holding: bool) -> io::Result<bool> {
-    if !holding {
-        return src.readable().await.map(|()| true);
+/// When a direction last moved data, and the one timer that tells it has been quiet for
+/// [`BUFFER_IDLE`]: armed once per quiet spell, not once per wait (a busy relay waits for
+/// readiness thousands of times a second).
+struct Quiet {
+    timer: std::pin::Pin<Box<tokio::time::Sleep>>,
+    last_data: tokio::time::Instant,
+}
+
+impl Quiet {
+    fn new() -> Quiet {
+        let now = tokio::time::Instant::now();
+        Quiet {
+            timer: Box::pin(tokio::time::sleep_until(now + BUFFER_IDLE)),
+            last_data: now,
+        }
     }
-    tokio::select! {
-        // Ready data wins; the timer is only armed when the read would wait.
-        biased;
-        r = src.readable() => r.map(|()| true),
-        _ = tokio::time::sleep(BUFFER_IDLE) => Ok(false),
+
+    /// Data moved (one clock read).
+    fn data(&mut self) {
+        self.last_data = tokio::time::Instant::now();
+    }
+
+    /// Waits until `src` is readable (`Ok(true)`); when `holding` a buffer or pipe and nothing
+    /// came for [`BUFFER_IDLE`], returns `Ok(false)` first so the caller can give it back.
+    async fn readable(&mut self, src: &TcpStream, holding: bool) -> io::Result<bool> {
+        loop {
+            tokio::select! {
+                biased;
+                r = src.readable() => return r.map(|()| true),
+                () = &mut self.timer, if holding => {
+                    let due = self.last_data + BUFFER_IDLE;
+                    if tokio::time::Instant::now() >= due {
+                        self.timer.as_mut().reset(due + BUFFER_IDLE);
+                        return Ok(false);
+                    }
+                    // Data came since the timer was armed: wait out the rest.
+                    self.timer.as_mut().reset(due);
+                }
+            }
+        }
     }
 }
 
 async fn pump_copy(src: &TcpStream, dst: &TcpStream, moved: &AtomicU64, size: usize) -> PumpEnd {
     let mut buf = Vec::new();
+    let mut quiet = Quiet::new();
     loop {
-        match readable_or_idle(src, !buf.is_empty()).await {
+        match quiet.readable(src, !buf.is_empty()).await {
             Ok(true) => {}
             Ok(false) => {
                 buf = Vec::new();
@@ -248,6 +278,7 @@ async fn pump_copy(src: &TcpStream, dst: &TcpStream, moved: &AtomicU64, size: us
         }
         if buf.is_empty() {
             buf = vec![0u8; FIRST_BUFFER.min(size)];
+            quiet.data();
         }
         let n = match src.try_read(&mut buf) {
             Ok(0) => return PumpEnd::Eof,
@@ -267,6 +298,7 @@ async fn pump_copy(src: &TcpStream, dst: &TcpStream, moved: &AtomicU64, size: us
             }
         }
         moved.fetch_add(n as u64, Relaxed);
+        quiet.data();
         if n == buf.len() && buf.len() < size {
             // A full read: bulk data is flowing, take the configured size.
             buf = vec![0u8; size];
@@ -288,8 +320,9 @@ fn make_pipe(size: usize) -> io::Result<(OwnedFd, OwnedFd)> {
 async fn pump_splice(src: &TcpStream, dst: &TcpStream, moved: &AtomicU64, size: usize) -> PumpEnd {
     let flags = SpliceFFlags::SPLICE_F_MOVE | SpliceFFlags::SPLICE_F_NONBLOCK;
     let mut pipe: Option<(OwnedFd, OwnedFd)> = None;
+    let mut quiet = Quiet::new();
     loop {
-        match readable_or_idle(src, pipe.is_some()).await {
+        match quiet.readable(src, pipe.is_some()).await {
             Ok(true) => {}
             Ok(false) => {
                 // Quiet: the pipe (two descriptors) goes back; it is empty here.
@@ -319,6 +352,7 @@ async fn pump_splice(src: &TcpStream, dst: &TcpStream, moved: &AtomicU64, size: 
             Err(e) => return PumpEnd::ReadFailed(e),
         };
         moved.fetch_add(in_pipe as u64, Relaxed);
+        quiet.data();
         while in_pipe > 0 {
             if let Err(e) = dst.writable().await {
                 return PumpEnd::WriteFailed(e);

@@ -415,10 +415,13 @@ fn run(tap: &File, sock: &Socket, shared: &Shared) {
                     }
                     let delay = shared.delay_ns.load(Ordering::Relaxed);
                     let jitter = shared.jitter_ns.load(Ordering::Relaxed);
+                    // The two are stored apart: a change while traffic runs may pair a new
+                    // jitter with the old delay for a packet, so clamp rather than trust it.
+                    let jitter = jitter.min(delay);
                     let hold = if jitter == 0 {
                         delay
                     } else {
-                        // Uniform in delay - jitter ..= delay + jitter (jitter <= delay).
+                        // Uniform in delay - jitter ..= delay + jitter.
                         delay - jitter + rng.next() % (2 * jitter + 1)
                     };
                     let release = (now + Duration::from_nanos(hold)).max(last_release);

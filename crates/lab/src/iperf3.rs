@@ -4,7 +4,7 @@
 //! control connection has closed on its side, which made tests fail on busy machines.
 
 use std::net::IpAddr;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::error::{Error, Result};
 use crate::netns::Netns;
@@ -33,21 +33,7 @@ pub fn run(
         .args(["-s", "-1", "-p", &port_s])
         .spawn()?;
     // Listening, as the kernel sees it: a probe connection would be taken as the one test.
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while server
-        .run(["ss", "-Hltn", &format!("sport = :{port}")])?
-        .trim()
-        .is_empty()
-    {
-        if Instant::now() > deadline || !srv.is_running() {
-            return Err(Error::Timeout {
-                what: format!("iperf3 server on port {port}"),
-                ns: server.name().into(),
-                after: Duration::from_secs(5),
-            });
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    server.wait_listening(port, Duration::from_secs(5))?;
     let dest_s = dest.to_string();
     let mut full = vec!["-c", dest_s.as_str(), "-p", port_s.as_str(), "-J"];
     full.extend_from_slice(args);

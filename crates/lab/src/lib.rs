@@ -33,10 +33,9 @@
 //!     rates: Some(vec![20_000_000, 30_000_000]),
 //!     ..StandardConfig::default()
 //! })?;
-//! // A server in its namespace, stopped when `srv` drops; the client waits for it.
-//! let _srv = lab.server.spawn(["socat", "TCP-LISTEN:80,fork,reuseaddr", "SYSTEM:echo hi"])?;
-//! lab.client.wait_for_tcp((lab.server_v4(), 80).into(), Duration::from_secs(2))?;
-//! assert_eq!(lab.client.run(["socat", "-", &format!("TCP:{}:80", lab.server_v4())])?, "hi\n");
+//! // A server in its namespace (a process, stopped when `srv` drops); the client waits for it.
+//! let _srv = lab.server.spawn(["iperf3", "-s", "-p", "5201"])?;
+//! lab.client.wait_for_tcp((lab.server_v4(), 5201).into(), Duration::from_secs(2))?;
 //! // Bulk transfer from the gateway over uplink 2 (its source address selects the link).
 //! let up = &lab.uplinks[1];
 //! let t = Bulk::new(&lab.gateway, &lab.converter, (up.converter_v4, 5001).into())

@@ -762,6 +762,31 @@ impl Netns {
         }
     }
 
+    /// Whether something in this namespace listens on TCP `port`, as the kernel sees it (`ss`):
+    /// unlike a probe connection, asking costs the listener nothing.
+    pub fn is_listening(&self, port: u16) -> Result<bool> {
+        Ok(!self
+            .run(["ss", "-Hltn", &format!("sport = :{port}")])?
+            .trim()
+            .is_empty())
+    }
+
+    /// Waits until something listens on TCP `port`.
+    pub fn wait_listening(&self, port: u16, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        while !self.is_listening(port)? {
+            if Instant::now() >= deadline {
+                return Err(Error::Timeout {
+                    what: format!("a listener on port {port}"),
+                    ns: self.name().into(),
+                    after: timeout,
+                });
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Ok(())
+    }
+
     /// Runs `f` with an rtnetlink handle whose socket lives in this namespace.
     ///
     /// Each call gets its own thread and current-thread runtime: netlink sockets belong to the

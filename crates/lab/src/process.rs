@@ -245,6 +245,39 @@ impl fmt::Debug for Process {
     }
 }
 
+/// Starts `exe ROLE ARGS...` (a braid binary) in `ns` with its log in `log`, and waits (10 s
+/// at most) until the log shows `ready`. The demo and the benchmarks start their daemons so.
+pub fn spawn_daemon(
+    ns: &Netns,
+    exe: &std::path::Path,
+    role: &str,
+    args: &[String],
+    log: std::path::PathBuf,
+    ready: &str,
+) -> Result<Process> {
+    let mut p = ns
+        .command(exe)
+        .arg(role)
+        .args(args)
+        .env("RUST_LOG", "warn,braid=info")
+        .stderr(Output::File(log.clone()))
+        .spawn()?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        if text.contains(ready) {
+            return Ok(p);
+        }
+        if !p.is_running() || Instant::now() > deadline {
+            let _ = p.kill();
+            return Err(Error::Config(format!(
+                "braid {role} did not start:\n{text}"
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// Resident memory of process `pid` in KiB (`VmRSS`), `None` once it is gone.
 pub fn rss_kib(pid: u32) -> Option<u64> {
     std::fs::read_to_string(format!("/proc/{pid}/status"))

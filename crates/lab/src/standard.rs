@@ -29,6 +29,20 @@ pub const UPLINK_PREFIXES: [&str; 2] = ["10.1.0.0/16", "fd00:1::/32"];
 /// The server link, both families: where converted connections go.
 pub const SERVER_PREFIXES: [&str; 2] = ["10.2.0.0/24", "fd00:2::/64"];
 
+/// `braid converter` flags for a converter in the standard lab: listening on `port`, clients
+/// from the uplinks, destinations on the server link (the demo, tests and benchmarks use
+/// them).
+pub fn converter_args(port: u16) -> Vec<String> {
+    let mut a = vec!["--listen".to_string(), format!("[::]:{port}")];
+    for p in UPLINK_PREFIXES {
+        a.extend(["--allow-client".into(), p.into()]);
+    }
+    for p in SERVER_PREFIXES {
+        a.extend(["--allow-dest".into(), p.into()]);
+    }
+    a
+}
+
 /// `net.ipv4.tcp_fastopen` per role. Bits: 0x1 client, 0x2 server, 0x4 client sends data in
 /// the SYN without a cookie, 0x200 server accepts data without a cookie.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

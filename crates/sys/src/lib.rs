@@ -10,6 +10,8 @@
 //! - [`pm`]: the MPTCP path manager over generic netlink: limits and endpoints, read and write.
 //! - [`route`]: the TPROXY policy routing over rtnetlink (a rule and a `local` route braid
 //!   owns) and whether an address is one of the machine's own.
+//! - [`rtnl`]: interfaces, addresses, routes and rules over rtnetlink as plain values, changes
+//!   to the ones braid owns, and a stream of link/address/route change notifications.
 //! - [`nft`]: a small nftables netlink client for the tables braid owns.
 //! - [`rawio`]: TAP devices, packet sockets and real-time scheduling for the test lab's
 //!   user-space delay line.
@@ -22,9 +24,10 @@ pub mod nft;
 pub mod pm;
 pub mod rawio;
 pub mod route;
+pub mod rtnl;
 pub mod socket;
 pub mod sockopt;
 
 pub use kernel::{KernelError, TfoMode};
 pub use socket::{FastOpen, SocketSpec};
-pub use sockopt::{MptcpInfo, mptcp_socket};
+pub use sockopt::MptcpInfo;

@@ -317,7 +317,9 @@ impl PathManager {
         Ok(out)
     }
 
-    /// `ip mptcp endpoint add ...`. Fails with EADDRINUSE if the address is already an endpoint.
+    /// `ip mptcp endpoint add ...`. Fails if the address is already an endpoint (EADDRINUSE
+    /// through this call on Linux 6.18, as the tests check), beyond 8 endpoints (ERANGE) or for
+    /// an id in use (EBUSY).
     pub async fn add_endpoint(&mut self, ep: &Endpoint) -> io::Result<()> {
         let mut attrs = vec![];
         match ep.addr {

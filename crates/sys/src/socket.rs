@@ -55,9 +55,39 @@ pub struct SocketSpec {
     pub bind: Option<SocketAddr>,
 }
 
-/// Names the option in an error, so "Operation not permitted" says which one.
+/// A socket option the kernel refused: names it, so "Operation not permitted" says which one,
+/// and keeps the errno (see [`os_error`]).
+#[derive(Debug)]
+struct OptionError {
+    name: &'static str,
+    source: io::Error,
+}
+
+impl std::fmt::Display for OptionError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.name, self.source)
+    }
+}
+
+impl std::error::Error for OptionError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.source)
+    }
+}
+
 fn option(name: &'static str) -> impl FnOnce(io::Error) -> io::Error {
-    move |e| io::Error::new(e.kind(), format!("{name}: {e}"))
+    move |source| io::Error::new(source.kind(), OptionError { name, source })
+}
+
+/// The errno of an error from [`SocketSpec`] (or any `io::Error`), also when an option's name
+/// was added to it.
+pub fn os_error(e: &io::Error) -> Option<i32> {
+    e.raw_os_error().or_else(|| {
+        e.get_ref()?
+            .downcast_ref::<OptionError>()?
+            .source
+            .raw_os_error()
+    })
 }
 
 impl SocketSpec {
@@ -192,6 +222,11 @@ mod tests {
         };
         let e = spec.open(Domain::IPV4).unwrap_err();
         assert!(e.to_string().contains("TCP_CONGESTION"), "{e}");
+        assert_eq!(
+            os_error(&e),
+            Some(libc::ENOENT),
+            "the errno survives the naming"
+        );
         let e = check_congestion_control("no_such_cc").unwrap_err();
         assert!(
             e.to_string()

@@ -5,8 +5,6 @@ use std::io;
 use std::mem::{MaybeUninit, size_of};
 use std::os::fd::{AsFd, AsRawFd};
 
-use socket2::{Domain, Protocol, Socket, Type};
-
 /// `IPPROTO_MPTCP`.
 pub const IPPROTO_MPTCP: i32 = 262;
 /// `SOL_MPTCP`.
@@ -23,19 +21,6 @@ const SIOCOUTQ: libc::c_ulong = 0x5411;
 pub const MPTCP_INFO_FLAG_FALLBACK: u32 = 1 << 0;
 /// `mptcpi_flags` bit: the peer's key arrived, i.e. the MPTCP handshake completed.
 pub const MPTCP_INFO_FLAG_REMOTE_KEY_RECEIVED: u32 = 1 << 1;
-
-/// Opens a non-blocking MPTCP stream socket for `domain` (IPv4 or IPv6).
-///
-/// Fails with `EPROTONOSUPPORT`/`ENOPROTOOPT` when MPTCP is compiled out, and with `ENOPROTOOPT`
-/// when `net.mptcp.enabled=0`; [`crate::kernel::check_mptcp`] turns that into a useful message.
-pub fn mptcp_socket(domain: Domain) -> io::Result<Socket> {
-    let s = Socket::new(
-        domain,
-        Type::STREAM.nonblocking().cloexec(),
-        Some(Protocol::MPTCP),
-    )?;
-    Ok(s)
-}
 
 fn setsockopt_int(fd: &impl AsFd, level: i32, name: i32, value: i32) -> io::Result<()> {
     let fd = fd.as_fd().as_raw_fd();
@@ -230,6 +215,7 @@ pub fn take_icmp_error(fd: &impl AsFd) -> Option<IcmpError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use socket2::Domain;
     use std::io::{Read, Write};
     use std::net::{SocketAddr, TcpStream};
 
@@ -244,7 +230,11 @@ mod tests {
     /// A loopback MPTCP connection: the options read back as the kernel reports them.
     #[test]
     fn loopback_mptcp_connection_reports_mptcp() {
-        let listener = match mptcp_socket(Domain::IPV4) {
+        let mptcp = crate::SocketSpec {
+            mptcp: true,
+            ..Default::default()
+        };
+        let listener = match mptcp.open(Domain::IPV4) {
             Ok(s) => s,
             Err(e) => panic!("MPTCP socket: {e} (is net.mptcp.enabled=1?)"),
         };
@@ -256,7 +246,7 @@ mod tests {
         listener.listen(16).unwrap();
         let addr = listener.local_addr().unwrap().as_socket().unwrap();
 
-        let client = mptcp_socket(Domain::IPV4).unwrap();
+        let client = mptcp.open(Domain::IPV4).unwrap();
         client.set_nonblocking(false).unwrap();
         client.connect(&addr.into()).unwrap();
         let mut client: TcpStream = client.into();

@@ -2,7 +2,7 @@
 //! benchmark of its own).
 #![allow(dead_code)]
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use braid_lab::Netns;
 
@@ -23,18 +23,6 @@ pub fn median(mut v: Vec<f64>) -> f64 {
 
 /// Waits until something in `ns` listens on TCP `port`.
 pub fn wait_listening(ns: &Netns, port: u16) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while ns
-        .run(["ss", "-Hltn", &format!("sport = :{port}")])
-        .unwrap_or_default()
-        .trim()
-        .is_empty()
-    {
-        assert!(
-            Instant::now() < deadline,
-            "nothing listening on :{port} in {}",
-            ns.name()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    ns.wait_listening(port, Duration::from_secs(10))
+        .expect("listener");
 }

@@ -45,6 +45,7 @@ pub struct File {
     pub max_connections_per_client: Option<usize>,
     pub max_pending_handshakes: Option<usize>,
     pub max_pending_per_prefix: Option<usize>,
+    pub max_connecting_per_prefix: Option<usize>,
     pub client_prefix_v4: Option<u8>,
     pub client_prefix_v6: Option<u8>,
     pub backoff_secs: Option<u8>,
@@ -85,10 +86,12 @@ pub struct Settings {
     pub drain_timeout: Duration,
     pub max_connections: usize,
     pub max_connections_per_client: usize,
-    /// Connections not yet answered (request incomplete, upstream connect in progress, or an
-    /// Error reply being delivered), in all and per client prefix.
+    /// Connections whose request is incomplete or whose Error or Info reply is being
+    /// delivered, in all and per client prefix.
     pub max_pending_handshakes: usize,
     pub max_pending_per_prefix: usize,
+    /// Upstream connects in flight per client prefix.
+    pub max_connecting_per_prefix: usize,
     /// Prefix lengths that group client addresses for `max_pending_per_prefix`: one subscriber
     /// or one attacker usually holds a whole IPv4 /24 or IPv6 /48, not one address.
     pub client_prefix_v4: u8,
@@ -139,6 +142,7 @@ impl File {
             max_connections_per_client,
             max_pending_handshakes,
             max_pending_per_prefix,
+            max_connecting_per_prefix,
             client_prefix_v4,
             client_prefix_v6,
             backoff_secs,
@@ -226,6 +230,13 @@ impl Settings {
             f.max_pending_per_prefix,
             (max_pending_handshakes / 16).max(1),
         )?;
+        // A blackholed destination holds connects for the connect timeout: one prefix may hold
+        // 1/16 of the connection table that way, which no household's burst reaches.
+        let max_connecting_per_prefix = positive(
+            "max_connecting_per_prefix",
+            f.max_connecting_per_prefix,
+            (max_connections / 16).max(1),
+        )?;
         let client_prefix_v4 = f.client_prefix_v4.unwrap_or(24);
         if !(1..=32).contains(&client_prefix_v4) {
             return Err(err(
@@ -306,6 +317,7 @@ impl Settings {
             max_connections_per_client,
             max_pending_handshakes,
             max_pending_per_prefix,
+            max_connecting_per_prefix,
             client_prefix_v4,
             client_prefix_v6,
             backoff_secs: f.backoff_secs.unwrap_or(0),

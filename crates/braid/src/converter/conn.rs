@@ -9,8 +9,8 @@
 //! reset. Resetting right after the Error, as RFC 8803 describes it, loses the Error for a
 //! client whose first write comes after the reset arrived: its write fails with "connection
 //! reset" and it never reads. While it lingers, a refusal holds a pending-handshake slot, so a
-//! flood of refused connections stays bounded; one that finds no slot free is written if it
-//! can go at once and reset.
+//! flood of refused connections stays bounded; one that finds no slot free gets the Error
+//! only if its handshake is already complete, and is reset.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -24,9 +24,9 @@ use tokio_util::sync::CancellationToken;
 use super::config::Settings;
 use super::cookie::CookieJar;
 use super::handshake::{self, Refusal, Verdict};
-use super::limits::{Limits, PendingSlot};
+use super::limits::{LimitHit, Limits, PendingSlot};
 use super::policy::Policy;
-use super::stats::{Direction, Reason, Stats};
+use super::stats::{Direction, Stats};
 use super::upstream::{self, UpstreamOptions};
 use super::wire::{self, Request};
 use crate::framed::{ReadError, read_message};
@@ -83,15 +83,9 @@ pub async fn serve(client: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
         Err(hit) => {
             // The close line below says which limit (outcome `limited`); a flood would
             // double its log with a line of its own.
-            shared
-                .stats
-                .limited
-                .get_or_create(&Reason {
-                    reason: hit.as_str(),
-                })
-                .inc();
+            shared.stats.limit_hit(hit.as_str());
             let refusal = Refusal::limited(hit, shared.settings.backoff_secs);
-            refuse_if_room(&client, peer, &refusal, &shared).await;
+            refuse_if_room(&client, peer, &refusal, &shared, Some(hit)).await;
             Closed::refused(None, refusal)
         }
     };
@@ -147,7 +141,7 @@ async fn converse(
     let s = &shared.settings;
     let stats = &shared.stats;
     if let Err(r) = handshake::admit_client(peer.ip(), &shared.policy) {
-        refuse(client, &r, stats).await;
+        refuse(client, &r, shared).await;
         return Closed::refused(None, r);
     }
 
@@ -181,12 +175,12 @@ async fn converse(
             return Closed::early(None, "handshake_error", e.to_string());
         }
         Ok(Err(ReadError::Invalid(r))) => {
-            refuse(client, &r, stats).await;
+            refuse(client, &r, shared).await;
             return Closed::refused(None, r);
         }
         Ok(Err(ReadError::TooLong)) => {
             let r = Refusal::too_long();
-            refuse(client, &r, stats).await;
+            refuse(client, &r, shared).await;
             return Closed::refused(None, r);
         }
     };
@@ -195,19 +189,25 @@ async fn converse(
     let dest = match handshake::decide(&request, peer.ip(), &shared.policy, shared.cookies.as_ref())
     {
         Verdict::Connect(dest) => {
-            // The request is in: the upstream connect is not a pending handshake.
+            // The request is in: the upstream connect is counted apart (see limits.rs).
             drop(pending);
             dest
         }
         Verdict::Info => {
             // The extensions converted (MPTCP, kind 30); then the connection ends.
-            if !finish(client, &wire::supported_extensions_reply()).await {
+            if !finish(
+                client,
+                &wire::supported_extensions_reply(),
+                &shared.hard_stop,
+            )
+            .await
+            {
                 reset_on_close(client);
             }
             return Closed::early(None, "info", "answered Info");
         }
         Verdict::Refuse(r) => {
-            refuse(client, &r, stats).await;
+            refuse(client, &r, shared).await;
             return Closed::refused(request.dest, r);
         }
     };
@@ -217,11 +217,22 @@ async fn converse(
         congestion_control: s.congestion_control.clone(),
         fastopen: s.upstream_fastopen,
     };
-    let (server, sent_in_syn) = match upstream::connect(dest, &opts, &early_data).await {
+    let connecting = match shared.limits.connecting_slot(peer.ip()) {
+        Ok(slot) => slot,
+        Err(hit) => {
+            stats.limit_hit(hit.as_str());
+            let r = Refusal::limited(hit, s.backoff_secs);
+            refuse_if_room(client, peer, &r, shared, None).await;
+            return Closed::refused(Some(dest), r);
+        }
+    };
+    let connected = upstream::connect(dest, &opts, &early_data).await;
+    drop(connecting);
+    let (server, sent_in_syn) = match connected {
         Ok(connected) => connected,
         Err(e) => {
             let r = Refusal::upstream(&e, s.backoff_secs);
-            refuse_if_room(client, peer, &r, shared).await;
+            refuse_if_room(client, peer, &r, shared, None).await;
             return Closed::refused(Some(dest), r);
         }
     };
@@ -301,23 +312,47 @@ async fn write_reply(client: &TcpStream, reply: &[u8]) -> std::io::Result<()> {
     client.set_nodelay(true)
 }
 
-/// Delivers a refusal holding a pending-handshake slot of the client's prefix, if one is free;
-/// otherwise writes the Error if it can go at once and resets.
-async fn refuse_if_room(client: &TcpStream, peer: SocketAddr, r: &Refusal, shared: &Shared) {
-    match shared.limits.pending_slot(peer.ip()) {
-        Ok(_slot) => refuse(client, r, &shared.stats).await,
-        Err(_) => {
+/// Delivers a refusal holding a pending-handshake slot of the client's prefix, if one is free
+/// (`hit` says the pending limits are already known to be full); otherwise the Error is
+/// written only if the handshake is complete (bytes written earlier stay queued and a reset
+/// would discard them anyway), and the connection is reset.
+async fn refuse_if_room(
+    client: &TcpStream,
+    peer: SocketAddr,
+    r: &Refusal,
+    shared: &Shared,
+    hit: Option<LimitHit>,
+) {
+    let pending_full = matches!(hit, Some(LimitHit::Pending | LimitHit::PendingPerPrefix));
+    let slot = if pending_full {
+        None
+    } else {
+        shared.limits.pending_slot(peer.ip()).ok()
+    };
+    match slot {
+        Some(_slot) => refuse(client, r, shared).await,
+        None => {
             shared.stats.error_sent(r.code);
-            let _ = client.try_write(&r.reply());
+            if handshake_complete(client) {
+                let _ = client.try_write(&r.reply());
+            }
             reset_on_close(client);
         }
     }
 }
 
+/// The client's MPTCP handshake is complete (or it is plain TCP): bytes written now leave.
+fn handshake_complete(client: &TcpStream) -> bool {
+    match mptcp_info(client) {
+        Ok(info) => info.remote_key_received() || info.fell_back(),
+        Err(_) => true,
+    }
+}
+
 /// Delivers a refusal (see the module docs), then resets.
-async fn refuse(client: &TcpStream, r: &Refusal, stats: &Stats) {
-    stats.error_sent(r.code);
-    let _ = finish(client, &r.reply()).await;
+async fn refuse(client: &TcpStream, r: &Refusal, shared: &Shared) {
+    shared.stats.error_sent(r.code);
+    let _ = finish(client, &r.reply(), &shared.hard_stop).await;
     reset_on_close(client);
 }
 
@@ -329,7 +364,7 @@ async fn refuse(client: &TcpStream, r: &Refusal, stats: &Stats) {
 /// Waiting for the client's close (rather than for our bytes' ACK, as RFC 8803's "Error, then
 /// RST" would) is what lets a client that writes before it reads still read the reply: its
 /// writes land on an open socket instead of drawing a reset.
-async fn finish(client: &TcpStream, reply: &[u8]) -> bool {
+async fn finish(client: &TcpStream, reply: &[u8], hard_stop: &CancellationToken) -> bool {
     let delivered = async {
         write_reply(client, reply).await.ok()?;
         SockRef::from(client)
@@ -365,10 +400,11 @@ async fn finish(client: &TcpStream, reply: &[u8]) -> bool {
         };
         tokio::time::timeout(FINAL_QUIET, acked).await.ok()
     };
-    matches!(
-        tokio::time::timeout(FINAL_LINGER, delivered).await,
-        Ok(Some(()))
-    )
+    tokio::select! {
+        r = tokio::time::timeout(FINAL_LINGER, delivered) => matches!(r, Ok(Some(()))),
+        // Shutting down: the drain deadline is not extended for a refusal.
+        _ = hard_stop.cancelled() => false,
+    }
 }
 
 /// Runs a closure when dropped (decrementing a gauge on every exit path).

@@ -1,6 +1,7 @@
 //! The converter's decisions about one connection, as plain functions of what it knows: the
 //! client's address, its request, the policy, the cookie jar, what a limit or the upstream
-//! connect said. No sockets and no clock; `conn.rs` does the I/O around them.
+//! connect said. No sockets; the one clock read is the cookie jar's hour. `conn.rs` does the
+//! I/O around them.
 //!
 //! Every refusal is one [`Refusal`] value: the Error code, its value bytes, the outcome label
 //! and the detail for the log all come from it, so the bytes sent and the metric counted can
@@ -357,7 +358,13 @@ mod tests {
 
     #[test]
     fn error_64_limits_and_local_exhaustion_carry_the_backoff() {
-        for hit in [LimitHit::Total, LimitHit::PerClient, LimitHit::Pending] {
+        for hit in [
+            LimitHit::Total,
+            LimitHit::PerClient,
+            LimitHit::Pending,
+            LimitHit::PendingPerPrefix,
+            LimitHit::ConnectingPerPrefix,
+        ] {
             let r = Refusal::limited(hit, 9);
             assert_eq!(code_of(&r), ErrorCode::ResourceExceeded);
             assert_eq!(r.value, [9]);

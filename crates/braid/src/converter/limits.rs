@@ -3,16 +3,21 @@
 //! slot back when dropped, so every exit path of a connection releases what it took.
 //!
 //! A *pending handshake* is a connection whose request is not complete yet, or whose Error
-//! reply is being delivered. Well-behaved clients hold one for microseconds (their request
-//! rides in the SYN) or, when refused, for about a round trip; slow or stuck ones hold it until
-//! the handshake deadline. So pending slots are what a flood of slow clients takes, and they
-//! are shared out per prefix (an IPv4 /24 or IPv6 /48 by default, what one subscriber or one
-//! attacker usually has): one prefix can take only its share, and everybody else is still
-//! served. The upstream connect is not counted: a household opening a thousand connections at
-//! once holds a thousand connects in flight, which is normal, not a flood.
+//! (or Info) reply is being delivered. Well-behaved clients hold one for microseconds (their
+//! request rides in the SYN) or, when refused, until they have read the Error and closed; slow
+//! or stuck ones hold it until the handshake deadline. So pending slots are what a flood of
+//! slow clients takes, and they are shared out per client prefix (an IPv4 /24 or IPv6 /48 by
+//! default, what one subscriber or one attacker usually has): one prefix can take only its
+//! share, and everybody else is still served.
 //!
-//! A refusal that finds no pending slot free is not delivered with care: the Error is written
-//! if it can go at once, and the connection is reset. A flood thus costs a bounded amount.
+//! The upstream connect is counted apart, with a much larger share per prefix: a household
+//! opening a thousand connections at once holds a thousand connects in flight, which is normal,
+//! but a prefix sending complete requests to a blackholed destination must not hold the whole
+//! connection table for the connect timeout.
+//!
+//! A refusal that finds no pending slot free is not lingered over: the Error is written only if
+//! the client's handshake is already complete, and the connection is reset. A flood thus costs
+//! a bounded amount.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -28,6 +33,7 @@ pub struct LimitConfig {
     pub max_per_client: usize,
     pub max_pending: usize,
     pub max_pending_per_prefix: usize,
+    pub max_connecting_per_prefix: usize,
     pub prefix_v4: u8,
     pub prefix_v6: u8,
 }
@@ -45,8 +51,20 @@ pub struct Limits {
 #[derive(Debug, Default)]
 struct Counts {
     per_client: HashMap<IpAddr, usize>,
-    /// Pending handshakes per client prefix.
-    per_prefix: HashMap<IpNet, usize>,
+    per_prefix: HashMap<IpNet, PrefixCounts>,
+}
+
+/// What one client prefix holds.
+#[derive(Debug, Default, Clone, Copy)]
+struct PrefixCounts {
+    pending: usize,
+    connecting: usize,
+}
+
+impl PrefixCounts {
+    fn is_empty(&self) -> bool {
+        self.pending == 0 && self.connecting == 0
+    }
 }
 
 /// Which limit refused an admission (a metrics label).
@@ -56,6 +74,7 @@ pub enum LimitHit {
     PerClient,
     Pending,
     PendingPerPrefix,
+    ConnectingPerPrefix,
 }
 
 impl LimitHit {
@@ -65,6 +84,7 @@ impl LimitHit {
             LimitHit::PerClient => "per_client",
             LimitHit::Pending => "pending",
             LimitHit::PendingPerPrefix => "pending_per_prefix",
+            LimitHit::ConnectingPerPrefix => "connecting_per_prefix",
         }
     }
 }
@@ -79,6 +99,13 @@ pub struct ConnSlot {
 /// A counted pending handshake; dropping it frees the slot.
 #[derive(Debug)]
 pub struct PendingSlot {
+    limits: Arc<Limits>,
+    prefix: IpNet,
+}
+
+/// A counted upstream connect in flight; dropping it frees the slot.
+#[derive(Debug)]
+pub struct ConnectingSlot {
     limits: Arc<Limits>,
     prefix: IpNet,
 }
@@ -109,7 +136,7 @@ impl Limits {
     }
 
     /// The prefix `client` is counted in.
-    pub fn prefix_of(&self, client: IpAddr) -> IpNet {
+    fn prefix_of(&self, client: IpAddr) -> IpNet {
         let len = match client {
             IpAddr::V4(_) => self.cfg.prefix_v4,
             IpAddr::V6(_) => self.cfg.prefix_v6,
@@ -123,57 +150,85 @@ impl Limits {
     /// full.
     pub fn admit(self: &Arc<Self>, client: IpAddr) -> Result<(ConnSlot, PendingSlot), LimitHit> {
         let client = client.to_canonical();
+        let prefix = self.prefix_of(client);
         if !try_take(&self.total, self.cfg.max_total) {
             return Err(LimitHit::Total);
         }
-        {
-            let mut counts = self.counts();
-            let n = counts.per_client.entry(client).or_insert(0);
-            if *n >= self.cfg.max_per_client {
-                if *n == 0 {
-                    counts.per_client.remove(&client);
-                }
-                drop(counts);
-                self.total.fetch_sub(1, Ordering::AcqRel);
-                return Err(LimitHit::PerClient);
-            }
-            *n += 1;
-        }
-        let conn = ConnSlot {
-            limits: self.clone(),
-            client,
+        let mut counts = self.counts();
+        let n = counts.per_client.get(&client).copied().unwrap_or(0);
+        let hit = if n >= self.cfg.max_per_client {
+            Some(LimitHit::PerClient)
+        } else {
+            self.take_pending(&mut counts, prefix).err()
         };
-        // Dropping `conn` on failure gives the connection slot back.
-        let pending = self.pending_slot(client)?;
-        Ok((conn, pending))
+        if let Some(hit) = hit {
+            drop(counts);
+            self.total.fetch_sub(1, Ordering::AcqRel);
+            return Err(hit);
+        }
+        *counts.per_client.entry(client).or_insert(0) += 1;
+        drop(counts);
+        Ok((
+            ConnSlot {
+                limits: self.clone(),
+                client,
+            },
+            PendingSlot {
+                limits: self.clone(),
+                prefix,
+            },
+        ))
     }
 
-    /// A pending-handshake slot for `client` (for its request, or for delivering a refusal).
+    /// A pending-handshake slot for `client` again (to deliver a refusal).
     pub fn pending_slot(self: &Arc<Self>, client: IpAddr) -> Result<PendingSlot, LimitHit> {
         let prefix = self.prefix_of(client.to_canonical());
         let mut counts = self.counts();
-        let p = counts.per_prefix.entry(prefix).or_insert(0);
-        let hit = if *p >= self.cfg.max_pending_per_prefix {
-            Some(LimitHit::PendingPerPrefix)
-        } else if !try_take(&self.pending, self.cfg.max_pending) {
-            Some(LimitHit::Pending)
-        } else {
-            None
-        };
-        match hit {
-            Some(hit) => {
-                if *p == 0 {
-                    counts.per_prefix.remove(&prefix);
-                }
-                Err(hit)
+        self.take_pending(&mut counts, prefix)?;
+        Ok(PendingSlot {
+            limits: self.clone(),
+            prefix,
+        })
+    }
+
+    fn take_pending(&self, counts: &mut Counts, prefix: IpNet) -> Result<(), LimitHit> {
+        let held = counts.per_prefix.get(&prefix).map_or(0, |c| c.pending);
+        if held >= self.cfg.max_pending_per_prefix {
+            return Err(LimitHit::PendingPerPrefix);
+        }
+        if !try_take(&self.pending, self.cfg.max_pending) {
+            return Err(LimitHit::Pending);
+        }
+        counts.per_prefix.entry(prefix).or_default().pending += 1;
+        self.pending_gauge.inc();
+        Ok(())
+    }
+
+    /// A slot for an upstream connect from `client`.
+    pub fn connecting_slot(self: &Arc<Self>, client: IpAddr) -> Result<ConnectingSlot, LimitHit> {
+        let prefix = self.prefix_of(client.to_canonical());
+        let mut counts = self.counts();
+        let c = counts.per_prefix.entry(prefix).or_default();
+        if c.connecting >= self.cfg.max_connecting_per_prefix {
+            if c.is_empty() {
+                counts.per_prefix.remove(&prefix);
             }
-            None => {
-                *p += 1;
-                self.pending_gauge.inc();
-                Ok(PendingSlot {
-                    limits: self.clone(),
-                    prefix,
-                })
+            return Err(LimitHit::ConnectingPerPrefix);
+        }
+        c.connecting += 1;
+        Ok(ConnectingSlot {
+            limits: self.clone(),
+            prefix,
+        })
+    }
+
+    /// Gives back one count of `prefix`, forgetting the prefix when nothing is left.
+    fn release(&self, prefix: IpNet, f: impl FnOnce(&mut PrefixCounts)) {
+        let mut counts = self.counts();
+        if let Some(c) = counts.per_prefix.get_mut(&prefix) {
+            f(c);
+            if c.is_empty() {
+                counts.per_prefix.remove(&prefix);
             }
         }
     }
@@ -204,13 +259,13 @@ impl Drop for PendingSlot {
     fn drop(&mut self) {
         self.limits.pending.fetch_sub(1, Ordering::AcqRel);
         self.limits.pending_gauge.dec();
-        let mut counts = self.limits.counts();
-        if let Some(n) = counts.per_prefix.get_mut(&self.prefix) {
-            *n -= 1;
-            if *n == 0 {
-                counts.per_prefix.remove(&self.prefix);
-            }
-        }
+        self.limits.release(self.prefix, |c| c.pending -= 1);
+    }
+}
+
+impl Drop for ConnectingSlot {
+    fn drop(&mut self) {
+        self.limits.release(self.prefix, |c| c.connecting -= 1);
     }
 }
 
@@ -225,6 +280,7 @@ mod tests {
                 max_per_client: per_client,
                 max_pending: pending,
                 max_pending_per_prefix: per_prefix,
+                max_connecting_per_prefix: 3,
                 prefix_v4: 24,
                 prefix_v6: 48,
             },
@@ -298,6 +354,22 @@ mod tests {
         assert_eq!((l.active(), l.pending()), (1, 0));
         drop(conn);
         assert!(empty(&l));
+    }
+
+    #[test]
+    fn upstream_connects_have_their_own_share() {
+        let l = limits(100, 100, 100, 1);
+        let a: IpAddr = "10.0.0.1".parse().unwrap();
+        let held: Vec<_> = (0..3).map(|_| l.connecting_slot(a).unwrap()).collect();
+        assert_eq!(
+            l.connecting_slot("10.0.0.9".parse().unwrap()).unwrap_err(),
+            LimitHit::ConnectingPerPrefix
+        );
+        assert!(l.connecting_slot("10.0.1.1".parse().unwrap()).is_ok());
+        // Connects do not use up the pending share.
+        let (_c, _p) = l.admit(a).unwrap();
+        drop((held, _p));
+        assert!(l.connecting_slot(a).is_ok());
     }
 
     #[test]

@@ -47,7 +47,10 @@ impl Role for Settings {
     /// Running out of descriptors mid-connection helps nobody: cap the connection count so
     /// that the limit answers with Error 64 first.
     fn fit_fd_limit(&mut self, fd_limit: u64) {
-        let fits = fd_limit.saturating_sub(256) / fds_per_connection(self);
+        // Refusals being delivered hold a socket each beyond the connections (up to the pending
+        // handshakes), and 256 are kept for listeners, metrics and the like.
+        let spare = 256 + self.max_pending_handshakes as u64;
+        let fits = fd_limit.saturating_sub(spare) / fds_per_connection(self);
         if (self.max_connections as u64) > fits {
             tracing::warn!(
                 fd_limit,
@@ -129,6 +132,7 @@ async fn serve(settings: Settings, daemon: Daemon) -> anyhow::Result<()> {
                 max_per_client: settings.max_connections_per_client,
                 max_pending: settings.max_pending_handshakes,
                 max_pending_per_prefix: settings.max_pending_per_prefix,
+                max_connecting_per_prefix: settings.max_connecting_per_prefix,
                 prefix_v4: settings.client_prefix_v4,
                 prefix_v6: settings.client_prefix_v6,
             },

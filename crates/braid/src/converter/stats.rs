@@ -89,8 +89,8 @@ impl Stats {
         );
         r.register(
             "pending_handshakes",
-            "Connections not answered yet: request incomplete, upstream connect in progress, \
-             or an Error reply being delivered",
+            "Connections whose request is incomplete or whose Error or Info reply is being \
+             delivered",
             self.pending_handshakes.clone(),
         );
     }
@@ -101,6 +101,11 @@ impl Stats {
 
     pub fn error_sent(&self, code: ErrorCode) {
         self.errors.get_or_create(&Code { code: code.into() }).inc();
+    }
+
+    /// A connection refused because limit `reason` is full.
+    pub fn limit_hit(&self, reason: &'static str) {
+        self.limited.get_or_create(&Reason { reason }).inc();
     }
 
     /// A handshake that never delivered a request (`timeout`, `eof`, `io`).

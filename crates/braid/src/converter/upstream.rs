@@ -181,7 +181,7 @@ fn classify(e: io::Error, icmp: Option<IcmpError>) -> UpstreamError {
             };
         }
     }
-    match e.raw_os_error() {
+    match braid_sys::socket::os_error(&e) {
         // A reset that arrives just after the handshake (a server shedding load) is still the
         // server's reset: 96, not a converter failure.
         Some(libc::ECONNREFUSED | libc::ECONNRESET) => UpstreamError::Refused,

@@ -9,6 +9,7 @@ use ipnet::IpNet;
 use serde::{Deserialize, Deserializer};
 
 use super::capture::TransparentMode;
+use super::uplinks::{MAX_UPLINKS, Numbers, Selection, UplinkConf};
 use crate::config::{
     ConfigError, congestion_control, overlay, parse_prefixes, read_toml, relay_config,
 };
@@ -23,14 +24,23 @@ pub const DEFAULT_FWMARK: u32 = 0x4252;
 /// Routing table holding the `local default dev lo` route for TPROXY.
 pub const DEFAULT_ROUTE_TABLE: u32 = 5180;
 
-/// An uplink as listed in the file. Path management uses it in a later version; today the
-/// list is validated and logged so that configurations can already carry it.
+/// An uplink as listed in the file (`[[uplink]]`) or on the command line (`--uplink`).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct UplinkFile {
     pub interface: String,
+    /// For logs, metrics and status; the interface name by default.
+    pub name: Option<String>,
+    /// A metered link that should carry traffic only when no primary works.
     pub backup: Option<bool>,
 }
+
+/// First routing table (and rule priority) of the uplinks, after the TPROXY table.
+pub const UPLINK_TABLE_OFFSET: u32 = 1;
+/// First MPTCP endpoint id braid gives its uplinks (ids 200-215).
+pub const UPLINK_ENDPOINT_ID_BASE: u8 = 200;
+/// Where the gateway keeps what to restore after a crash.
+pub const DEFAULT_STATE_DIR: &str = "/run/braid";
 
 /// The file, as written, or the flags given on the command line (which win over the file, see
 /// [`File::overlay`]). Every key is optional; defaults live in [`Settings`].
@@ -61,7 +71,13 @@ pub struct File {
     pub relay_buffer: Option<usize>,
     pub fast_open: Option<bool>,
     pub congestion_control: Option<String>,
+    /// `[[uplink]]` tables.
+    pub uplink: Option<Vec<UplinkFile>>,
+    /// The same as `uplink` (the name of earlier versions).
     pub uplinks: Option<Vec<UplinkFile>>,
+    /// Program the uplinks (routing tables, source rules, MPTCP endpoints and limits).
+    pub manage_uplinks: Option<bool>,
+    pub state_dir: Option<std::path::PathBuf>,
 }
 
 /// `transparent = "tproxy" | "redirect" | "off"`.
@@ -111,7 +127,10 @@ impl File {
             relay_buffer,
             fast_open,
             congestion_control,
+            uplink,
             uplinks,
+            manage_uplinks,
+            state_dir,
         );
     }
 }
@@ -156,7 +175,10 @@ pub struct Settings {
     pub relay: RelayConfig,
     pub fast_open: bool,
     pub congestion_control: Option<String>,
-    pub uplinks: Vec<(String, bool)>,
+    /// The uplinks braid manages (`None`: left to the system, `manage_uplinks = false`).
+    pub uplinks: Option<Selection>,
+    pub uplink_numbers: Numbers,
+    pub state_dir: std::path::PathBuf,
 }
 
 impl Settings {
@@ -253,16 +275,61 @@ impl Settings {
                 format!("{route_table} is reserved; pick another table number"),
             ));
         }
-        let mut uplinks = Vec::new();
-        for (i, u) in f.uplinks.iter().flatten().enumerate() {
-            if u.interface.is_empty() || u.interface.len() > 15 {
+        let (key, listed) = match (f.uplink, f.uplinks) {
+            (Some(_), Some(_)) => {
                 return Err(err(
-                    &format!("uplinks[{i}].interface"),
+                    "uplinks",
+                    "give the uplinks once, as [[uplink]] tables".into(),
+                ));
+            }
+            (Some(l), None) => ("uplink", l),
+            (None, Some(l)) => ("uplinks", l),
+            (None, None) => ("uplink", Vec::new()),
+        };
+        let mut confs: Vec<UplinkConf> = Vec::new();
+        for (i, u) in listed.into_iter().enumerate() {
+            if u.interface.is_empty() || u.interface.len() > 15 || u.interface.contains(['/', ' '])
+            {
+                return Err(err(
+                    &format!("{key}[{i}].interface"),
                     format!("{:?} is not an interface name", u.interface),
                 ));
             }
-            uplinks.push((u.interface.clone(), u.backup.unwrap_or(false)));
+            if confs.iter().any(|c| c.interface == u.interface) {
+                return Err(err(
+                    &format!("{key}[{i}].interface"),
+                    format!("{} is listed twice", u.interface),
+                ));
+            }
+            confs.push(UplinkConf {
+                name: u.name.unwrap_or_else(|| u.interface.clone()),
+                interface: u.interface,
+                backup: u.backup.unwrap_or(false),
+            });
         }
+        if confs.len() > usize::from(MAX_UPLINKS) {
+            return Err(err(
+                key,
+                format!(
+                    "{} uplinks; a connection can use {MAX_UPLINKS} at most",
+                    confs.len()
+                ),
+            ));
+        }
+        let manage = f.manage_uplinks.unwrap_or(true);
+        if !manage && !confs.is_empty() {
+            return Err(err(
+                "manage_uplinks",
+                "false, but uplinks are listed: list none, or let braid manage them".into(),
+            ));
+        }
+        let uplinks = match (manage, confs.is_empty()) {
+            (false, _) => None,
+            (true, true) => Some(Selection::Auto {
+                exclude: Vec::new(),
+            }),
+            (true, false) => Some(Selection::Listed(confs)),
+        };
         let capture = parse_prefixes(path, "capture", f.capture.as_deref())?;
         let bypass = parse_prefixes(path, "bypass", f.bypass.as_deref())?;
         let capture_source = parse_prefixes(path, "capture_source", f.capture_source.as_deref())?;
@@ -288,6 +355,13 @@ impl Settings {
             fast_open: f.fast_open.unwrap_or(true),
             congestion_control: f.congestion_control,
             uplinks,
+            uplink_numbers: Numbers {
+                table_base: route_table + UPLINK_TABLE_OFFSET,
+                id_base: UPLINK_ENDPOINT_ID_BASE,
+            },
+            state_dir: f
+                .state_dir
+                .unwrap_or_else(|| std::path::PathBuf::from(DEFAULT_STATE_DIR)),
         })
     }
 

@@ -26,6 +26,8 @@ pub struct Shared {
     pub settings: Settings,
     pub converters: Converters,
     pub client: ClientOptions,
+    /// The uplinks as braid manages them (`None`: left to the system).
+    pub uplinks: Option<tokio::sync::watch::Receiver<Vec<super::uplinks::Uplink>>>,
     pub stats: Stats,
     pub hard_stop: CancellationToken,
 }

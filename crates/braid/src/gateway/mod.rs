@@ -15,8 +15,10 @@ pub mod capture;
 pub mod config;
 pub mod conn;
 pub mod converters;
+pub mod paths;
 pub mod socks;
 pub mod stats;
+pub mod uplinks;
 
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
@@ -57,27 +59,24 @@ async fn check_kernel(s: &Settings) -> anyhow::Result<()> {
             ),
         }
     }
-    let mut pm = braid_sys::pm::PathManager::new().context("opening the MPTCP path manager")?;
-    let limits = pm.limits().await.context("reading the MPTCP limits")?;
-    let subflow_endpoints = pm
-        .endpoints()
-        .await
-        .map(|eps| eps.iter().filter(|e| e.flags.subflow).count())
-        .unwrap_or(0);
-    if limits.subflows == 0 || subflow_endpoints == 0 {
-        tracing::warn!(
-            subflows = limits.subflows,
-            subflow_endpoints,
-            "connections will use one path only: add a `subflow` endpoint per extra uplink \
-             (`ip mptcp endpoint add ADDR dev IFACE subflow`) and raise the limit \
-             (`ip mptcp limits set subflows 8 add_addr_accepted 8`)"
-        );
-    }
-    if !s.uplinks.is_empty() {
-        tracing::info!(
-            uplinks = ?s.uplinks,
-            "uplinks listed; this version leaves their MPTCP endpoints to the system"
-        );
+    if s.uplinks.is_none() {
+        // The system's own path management, then: say so if it can give only one path.
+        let mut pm = braid_sys::pm::PathManager::new().context("opening the MPTCP path manager")?;
+        let limits = pm.limits().await.context("reading the MPTCP limits")?;
+        let subflow_endpoints = pm
+            .endpoints()
+            .await
+            .map(|eps| eps.iter().filter(|e| e.flags.subflow).count())
+            .unwrap_or(0);
+        if limits.subflows == 0 || subflow_endpoints == 0 {
+            tracing::warn!(
+                subflows = limits.subflows,
+                subflow_endpoints,
+                "manage_uplinks is off and connections will use one path only: add a `subflow` \
+                 endpoint per extra uplink (`ip mptcp endpoint add ADDR dev IFACE subflow`) and \
+                 raise the limit (`ip mptcp limits set subflows 8 add_addr_accepted 8`)"
+            );
+        }
     }
     crate::daemon::check_congestion_control(s.congestion_control.as_deref())
 }
@@ -128,6 +127,26 @@ async fn run(settings: Settings, daemon: Daemon) -> anyhow::Result<()> {
         ),
         None => None,
     };
+    let paths = match &settings.uplinks {
+        Some(selection) => {
+            let p = paths::Paths::start(paths::PathsConfig {
+                selection: selection.clone(),
+                numbers: settings.uplink_numbers,
+                state_dir: settings.state_dir.clone(),
+            })
+            .await
+            .context("managing the uplinks")?;
+            let found = p.uplinks.borrow().len();
+            if found == 0 {
+                tracing::warn!(
+                    "no uplink found: no interface has a default route (list them with \
+                     [[uplink]] or --uplink); connections use the main routing table"
+                );
+            }
+            Some(p)
+        }
+        None => None,
+    };
     let capture = match settings.transparent {
         Some(mode) => Some(
             capture::install(&settings, mode)
@@ -151,6 +170,7 @@ async fn run(settings: Settings, daemon: Daemon) -> anyhow::Result<()> {
             settings.default_backoff,
         ),
         client,
+        uplinks: paths.as_ref().map(|p| p.uplinks.clone()),
         stats: stats::Stats::default(),
         hard_stop: daemon.hard_stop().clone(),
         settings,
@@ -183,6 +203,9 @@ async fn run(settings: Settings, daemon: Daemon) -> anyhow::Result<()> {
         "stopping: capture removed, draining"
     );
     daemon.drain(shared.settings.drain_timeout).await;
+    if let Some(p) = paths {
+        p.stop().await;
+    }
     tracing::info!("stopped");
     Ok(())
 }

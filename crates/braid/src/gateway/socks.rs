@@ -36,8 +36,9 @@ pub fn reply_code(e: &ConvertFailure) -> ReplyCode {
     }
 }
 
-/// Reads the greeting, authenticates, reads the request and resolves its destination.
-/// Failures have already been answered when this returns `Err`.
+/// Reads the greeting, authenticates, reads the request and resolves its destination (the
+/// caller bounds it with [`HANDSHAKE_TIMEOUT`]). Failures have already been answered when this
+/// returns `Err`.
 pub async fn handshake(app: &mut TcpStream, shared: &Shared) -> Result<SocketAddr, String> {
     let users = &shared.settings.socks5_users;
     let mut buf = Vec::new();

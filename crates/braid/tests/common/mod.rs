@@ -47,7 +47,7 @@ pub struct ConverterLab {
 
 /// Flags every test converter gets: clients from the uplinks, destinations on the server link.
 pub fn default_converter_args() -> Vec<String> {
-    braid::demo::lab_converter_args(CONVERTER_PORT)
+    braid_lab::standard::converter_args(CONVERTER_PORT)
 }
 
 impl ConverterLab {
@@ -127,10 +127,7 @@ pub fn wait_listening(ns: &Netns, port: u16, p: &mut Process, log: &PathBuf) {
             .unwrap_or_default()
             .lines()
             .any(|l| l.contains("listening") && l.contains(&format!(":{port}")));
-        let out = ns
-            .run(["ss", "-Hltn", &format!("sport = :{port}")])
-            .unwrap_or_default();
-        if said && !out.trim().is_empty() {
+        if said && ns.is_listening(port).unwrap_or(false) {
             return;
         }
         if !p.is_running() || Instant::now() > deadline {
@@ -462,19 +459,11 @@ impl Nginx {
             .args(["-c", &format!("{d}/nginx.conf"), "-g", "daemon off;"])
             .spawn()
             .expect("nginx (Debian package nginx-light)");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while ns
-            .run(["ss", "-Hltn", "sport = :80"])
-            .unwrap_or_default()
-            .trim()
-            .is_empty()
-        {
-            assert!(
-                Instant::now() < deadline,
-                "nginx did not start: {}",
+        if let Err(e) = ns.wait_listening(80, Duration::from_secs(10)) {
+            panic!(
+                "nginx did not start ({e}): {}",
                 std::fs::read_to_string(dir.join("error.log")).unwrap_or_default()
             );
-            std::thread::sleep(Duration::from_millis(20));
         }
         Nginx {
             process,
