@@ -217,7 +217,21 @@ async fn attempt(
         Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
         Err(e) => return Err(ClientError::Unreachable(e)),
     };
-    sock.writable().await.map_err(ClientError::Unreachable)?;
+    // The readiness that let the write go is still set: forget it, then look at the state
+    // (an answer that came in between is seen here) before waiting for the next edge.
+    while braid_sys::sockopt::tcp_state(sock).map_err(ClientError::Unreachable)?
+        == braid_sys::sockopt::TCP_SYN_SENT
+    {
+        let _ = sock.try_io(tokio::io::Interest::WRITABLE, || {
+            Err::<(), _>(io::ErrorKind::WouldBlock.into())
+        });
+        if braid_sys::sockopt::tcp_state(sock).map_err(ClientError::Unreachable)?
+            != braid_sys::sockopt::TCP_SYN_SENT
+        {
+            break;
+        }
+        sock.writable().await.map_err(ClientError::Unreachable)?;
+    }
     match sock.take_error().map_err(ClientError::Unreachable)? {
         // Answered, then reset: an Error reply may be queued before the reset, and the reply
         // reader is what can tell.

@@ -22,29 +22,6 @@ fn shaped_lab() -> StandardLab {
     .expect("lab")
 }
 
-fn strings(v: &[&str]) -> Vec<String> {
-    v.iter().map(|s| s.to_string()).collect()
-}
-
-fn hex(d: &[u8]) -> String {
-    d.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-/// `curl URL | sha256sum` in `ns`; returns (exit ok, digest or stderr, seconds).
-fn curl_sha(ns: &Netns, extra: &[&str], url: &str) -> (bool, String, f64) {
-    let t = Instant::now();
-    let script = format!(
-        "set -o pipefail; curl -sS --max-time 60 {} '{url}' | sha256sum | cut -d' ' -f1",
-        extra.join(" ")
-    );
-    let out = ns.command("bash").args(["-c", &script]).output();
-    let secs = t.elapsed().as_secs_f64();
-    match out {
-        Ok(o) => (true, o.stdout.trim().to_string(), secs),
-        Err(e) => (false, e.to_string(), secs),
-    }
-}
-
 /// curl that is expected to fail: returns (exit code, stderr, seconds).
 fn curl_fail(ns: &Netns, extra: &[&str], url: &str) -> (i32, String, f64) {
     let t = Instant::now();
@@ -85,13 +62,6 @@ fn converter_saw_two_subflows(cl: &ConverterLab) -> bool {
             .lines()
             .any(|l| l.contains("connection closed") && l.contains("subflows=2"))
     })
-}
-
-/// Starts a gateway in the lab's gateway namespace with the lab's converter (IPv4) and `extra`.
-fn gateway_to(cl: &ConverterLab, extra: &[&str]) -> Gateway {
-    let mut args = strings(&["--converter", &cl.converter_addr_v4().to_string()]);
-    args.extend(strings(extra));
-    Gateway::start(&cl.lab.gateway, &args)
 }
 
 /// The gateway's Prometheus page (tests start it with `--metrics 127.0.0.1:9125`).

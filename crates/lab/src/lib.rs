@@ -71,4 +71,6 @@ pub use link::{Direction, Link, LinkEnd};
 pub use netns::{CmdOutput, Netns, NsThread, PREFIX, lab_namespaces, sweep};
 pub use process::{NsCommand, Output, Process, Signal};
 pub use routing::{EndpointKind, MptcpEndpoint, Route, RouteKind, Rule};
-pub use standard::{FastOpen, Segment, StandardConfig, StandardLab, Uplink};
+pub use standard::{
+    Families, FastOpen, GatewayRouting, Segment, StandardConfig, StandardLab, Uplink,
+};

@@ -70,6 +70,37 @@ impl Default for FastOpen {
     }
 }
 
+/// How the gateway's uplinks are routed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GatewayRouting {
+    /// Set up by hand as a careful user would: source policy routing (`from <uplink address>
+    /// lookup 100+i`, with the uplink's subnet and the server link in table 100+i), the server
+    /// link through uplink 1 in the main table, and no default route. With
+    /// [`StandardConfig::mptcp_gateway_endpoints`] the kernel then bonds by itself.
+    ByHand,
+    /// Like a real router out of the box: one default route per uplink (metric 100·i, through
+    /// the converter's address on it, each family the uplink has), no source rules, no
+    /// endpoints, strict reverse-path filtering (`rp_filter=1`). Bonding is left to braid.
+    Router,
+}
+
+/// Which address families an uplink has.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Families {
+    Both,
+    V4Only,
+    V6Only,
+}
+
+impl Families {
+    fn v4(self) -> bool {
+        self != Families::V6Only
+    }
+    fn v6(self) -> bool {
+        self != Families::V4Only
+    }
+}
+
 /// Options of [`StandardLab::new`].
 #[derive(Debug, Clone)]
 pub struct StandardConfig {
@@ -84,8 +115,13 @@ pub struct StandardConfig {
     /// Configure IPv6 addresses and routes as well.
     pub ipv6: bool,
     /// Give the gateway MPTCP limits and a `subflow` endpoint with `dev` on every uplink but the
-    /// first (both families), so the kernel opens one subflow per uplink by itself.
+    /// first (both families), so the kernel opens one subflow per uplink by itself. Only with
+    /// [`GatewayRouting::ByHand`].
     pub mptcp_gateway_endpoints: bool,
+    pub gateway_routing: GatewayRouting,
+    /// The address families of each uplink (`None`: both, as `ipv6` allows). An uplink
+    /// without a family still gets the family's addresses in [`Uplink`], unconfigured.
+    pub uplink_families: Option<Vec<Families>>,
     /// `net.ipv4.tcp_fastopen` per role.
     pub fast_open: FastOpen,
     /// `net.ipv4.tcp_rto_min_us` in every namespace (20000 cuts failover stalls to ~0.35 s);
@@ -105,6 +141,8 @@ impl Default for StandardConfig {
             delays: None,
             ipv6: true,
             mptcp_gateway_endpoints: true,
+            gateway_routing: GatewayRouting::ByHand,
+            uplink_families: None,
             fast_open: FastOpen::default(),
             rto_min_us: None,
             congestion_control: None,
@@ -237,6 +275,26 @@ impl StandardLab {
                 return Err(Error::Config(format!("{} rates for {n} uplinks", r.len())));
             }
         }
+        let families = config
+            .uplink_families
+            .clone()
+            .unwrap_or_else(|| vec![Families::Both; n]);
+        if families.len() != n {
+            return Err(Error::Config(format!(
+                "{} uplink families for {n} uplinks",
+                families.len()
+            )));
+        }
+        if (!config.ipv6
+            && families
+                .iter()
+                .any(|f| *f != Families::V4Only && *f != Families::Both))
+            || (config.mptcp_gateway_endpoints && config.gateway_routing == GatewayRouting::Router)
+        {
+            return Err(Error::Config(
+                "IPv6-only uplinks need ipv6; gateway endpoints need GatewayRouting::ByHand".into(),
+            ));
+        }
         if let Some(d) = &config.delays {
             if d.len() != n {
                 return Err(Error::Config(format!("{} delays for {n} uplinks", d.len())));
@@ -255,14 +313,17 @@ impl StandardLab {
                        upper: &Netns,
                        upper_if: &str,
                        net: [u8; 3],
-                       net6: [u16; 3]|
+                       net6: [u16; 3],
+                       fam: Families|
          -> Result<Segment> {
             let link = lab.link(lower, lower_if, upper, upper_if)?;
             let lower_v4 = v4(net[0], net[1], net[2], 1);
             let upper_v4 = v4(net[0], net[1], net[2], 2);
-            link.a.add_addr(net4(lower_v4, 24))?;
-            link.b.add_addr(net4(upper_v4, 24))?;
-            let (lower_v6, upper_v6) = if ipv6 {
+            if fam.v4() {
+                link.a.add_addr(net4(lower_v4, 24))?;
+                link.b.add_addr(net4(upper_v4, 24))?;
+            }
+            let (lower_v6, upper_v6) = if ipv6 && fam.v6() {
                 let (l, u) = (v6(net6, 1), v6(net6, 2));
                 link.a.add_addr(net6_(l))?;
                 link.b.add_addr(net6_(u))?;
@@ -284,7 +345,15 @@ impl StandardLab {
             net6(a, 64)
         }
 
-        let lan = segment(&client, "c-g", &gateway, "g-c", [10, 0, 0], [0xfd00, 0, 0])?;
+        let lan = segment(
+            &client,
+            "c-g",
+            &gateway,
+            "g-c",
+            [10, 0, 0],
+            [0xfd00, 0, 0],
+            Families::Both,
+        )?;
         let server_link = segment(
             &converter,
             "v-s",
@@ -292,6 +361,7 @@ impl StandardLab {
             "s-v",
             [10, 2, 0],
             [0xfd00, 2, 0],
+            Families::Both,
         )?;
         let mut uplinks = Vec::with_capacity(n);
         for i in 1..=n as u8 {
@@ -303,6 +373,7 @@ impl StandardLab {
                 &cif,
                 [10, 1, i],
                 [0xfd00, 1, i.into()],
+                families[usize::from(i) - 1],
             )?;
             uplinks.push(Uplink {
                 index: i,
@@ -340,79 +411,118 @@ impl StandardLab {
             }
         }
 
-        // Plain routing: everything not bound to an uplink address uses uplink 1.
-        let up1 = &uplinks[0];
+        // The client and the server: a default route to their neighbour.
         client.add_route(&Route::default_v4().via(lan.upper_v4.into()).dev("c-g"))?;
         server.add_route(
             &Route::default_v4()
                 .via(server_link.lower_v4.into())
                 .dev("s-v"),
         )?;
-        gateway.add_route(
-            &Route::to(server_link.net_v4.into())
-                .via(up1.converter_v4.into())
-                .dev(&up1.gateway_if),
-        )?;
-        converter.add_route(
-            &Route::to(lan.net_v4.into())
-                .via(up1.gateway_v4.into())
-                .dev(&up1.converter_if),
-        )?;
         if ipv6 {
-            let (Some(lan_gw), Some(srv_gw), Some(c1), Some(g1)) = (
-                lan.upper_v6,
-                server_link.lower_v6,
-                up1.converter_v6,
-                up1.gateway_v6,
-            ) else {
+            let (Some(lan_gw), Some(srv_gw)) = (lan.upper_v6, server_link.lower_v6) else {
                 unreachable!("ipv6 addresses are set when ipv6 is on");
             };
             client.add_route(&Route::default_v6().via(lan_gw.into()).dev("c-g"))?;
             server.add_route(&Route::default_v6().via(srv_gw.into()).dev("s-v"))?;
-            gateway.add_route(
-                &Route::to(server_link.net_v6.into())
-                    .via(c1.into())
-                    .dev(&up1.gateway_if),
-            )?;
+        }
+        let has_v4 = |u: &&Uplink| families[usize::from(u.index) - 1].v4();
+        let first_v4 = uplinks.iter().find(has_v4);
+        let first_v6 = uplinks.iter().find(|u| u.gateway_v6.is_some());
+        // The converter reaches the LAN (forwarded traffic that is not converted) through the
+        // first uplink of each family.
+        if let Some(u) = first_v4 {
             converter.add_route(
-                &Route::to(lan.net_v6.into())
-                    .via(g1.into())
-                    .dev(&up1.converter_if),
+                &Route::to(lan.net_v4.into())
+                    .via(u.gateway_v4.into())
+                    .dev(&u.converter_if),
             )?;
         }
-
-        // Source policy routing on the gateway: traffic from uplink i's address leaves by
-        // uplink i. None on the converter: it would send join SYN-ACKs out of the wrong link.
-        let uplink_net4 = net4(v4(10, 1, 0, 0), 16);
-        let uplink_net6 = net6(v6([0xfd00, 1, 0], 0), 48);
-        for u in &uplinks {
-            gateway.add_rule(&Rule::from(net4(u.gateway_v4, 32), u.table).pref(u.table))?;
-            gateway.add_route(
-                &Route::to(uplink_net4)
-                    .dev(&u.gateway_if)
-                    .src(u.gateway_v4.into())
-                    .table(u.table),
+        if let (Some(u), true) = (first_v6, ipv6) {
+            converter.add_route(
+                &Route::to(lan.net_v6.into())
+                    .via(u.gateway_v6.expect("found by it").into())
+                    .dev(&u.converter_if),
             )?;
-            gateway.add_route(
-                &Route::to(server_link.net_v4.into())
-                    .via(u.converter_v4.into())
-                    .dev(&u.gateway_if)
-                    .table(u.table),
-            )?;
-            if let (Some(g6), Some(c6)) = (u.gateway_v6, u.converter_v6) {
-                gateway.add_rule(&Rule::from(net6(g6, 128), u.table).pref(u.table))?;
-                gateway.add_route(
-                    &Route::to(uplink_net6)
-                        .dev(&u.gateway_if)
-                        .src(g6.into())
-                        .table(u.table),
-                )?;
-                gateway.add_route(
-                    &Route::to(server_link.net_v6.into())
-                        .via(c6.into())
-                        .dev(&u.gateway_if)
-                        .table(u.table),
-                )?;
+        }
+        match config.gateway_routing {
+            GatewayRouting::ByHand => {
+                // Everything not bound to an uplink address uses the first uplink; source
+                // policy routing sends traffic from uplink i's address out of uplink i. None
+                // on the converter: it would send join SYN-ACKs out of the wrong link.
+                if let Some(u) = first_v4 {
+                    gateway.add_route(
+                        &Route::to(server_link.net_v4.into())
+                            .via(u.converter_v4.into())
+                            .dev(&u.gateway_if),
+                    )?;
+                }
+                if let (Some(u), true) = (first_v6, ipv6) {
+                    gateway.add_route(
+                        &Route::to(server_link.net_v6.into())
+                            .via(u.converter_v6.expect("with gateway_v6").into())
+                            .dev(&u.gateway_if),
+                    )?;
+                }
+                let uplink_net4 = net4(v4(10, 1, 0, 0), 16);
+                let uplink_net6 = net6(v6([0xfd00, 1, 0], 0), 48);
+                for u in &uplinks {
+                    if has_v4(&u) {
+                        gateway
+                            .add_rule(&Rule::from(net4(u.gateway_v4, 32), u.table).pref(u.table))?;
+                        gateway.add_route(
+                            &Route::to(uplink_net4)
+                                .dev(&u.gateway_if)
+                                .src(u.gateway_v4.into())
+                                .table(u.table),
+                        )?;
+                        gateway.add_route(
+                            &Route::to(server_link.net_v4.into())
+                                .via(u.converter_v4.into())
+                                .dev(&u.gateway_if)
+                                .table(u.table),
+                        )?;
+                    }
+                    if let (Some(g6), Some(c6)) = (u.gateway_v6, u.converter_v6) {
+                        gateway.add_rule(&Rule::from(net6(g6, 128), u.table).pref(u.table))?;
+                        gateway.add_route(
+                            &Route::to(uplink_net6)
+                                .dev(&u.gateway_if)
+                                .src(g6.into())
+                                .table(u.table),
+                        )?;
+                        gateway.add_route(
+                            &Route::to(server_link.net_v6.into())
+                                .via(c6.into())
+                                .dev(&u.gateway_if)
+                                .table(u.table),
+                        )?;
+                    }
+                }
+            }
+            GatewayRouting::Router => {
+                // A default route per uplink and family, the first uplink preferred, and strict
+                // reverse-path filtering, as a router's DHCP/PPP client leaves it.
+                gateway.sysctl("net.ipv4.conf.all.rp_filter", 1)?;
+                for u in &uplinks {
+                    let metric = 100 * u32::from(u.index);
+                    gateway.sysctl(&format!("net.ipv4.conf.{}.rp_filter", u.gateway_if), 1)?;
+                    if has_v4(&u) {
+                        gateway.add_route(
+                            &Route::default_v4()
+                                .via(u.converter_v4.into())
+                                .dev(&u.gateway_if)
+                                .metric(metric),
+                        )?;
+                    }
+                    if let Some(c6) = u.converter_v6 {
+                        gateway.add_route(
+                            &Route::default_v6()
+                                .via(c6.into())
+                                .dev(&u.gateway_if)
+                                .metric(metric),
+                        )?;
+                    }
+                }
             }
         }
 
@@ -422,10 +532,12 @@ impl StandardLab {
         if config.mptcp_gateway_endpoints {
             gateway.mptcp_limits(limit, limit)?;
             for u in &uplinks[1..] {
-                gateway.mptcp_endpoint_add(&MptcpEndpoint::subflow(
-                    u.gateway_v4.into(),
-                    &u.gateway_if,
-                ))?;
+                if families[usize::from(u.index) - 1].v4() {
+                    gateway.mptcp_endpoint_add(&MptcpEndpoint::subflow(
+                        u.gateway_v4.into(),
+                        &u.gateway_if,
+                    ))?;
+                }
                 if let Some(g6) = u.gateway_v6 {
                     gateway
                         .mptcp_endpoint_add(&MptcpEndpoint::subflow(g6.into(), &u.gateway_if))?;

@@ -76,6 +76,33 @@ pub fn is_mptcp(fd: &impl AsFd) -> io::Result<bool> {
     Ok(getsockopt_int(fd, libc::IPPROTO_TCP, TCP_IS_MPTCP)? != 0)
 }
 
+/// `tcpi_state` of `TCP_INFO` (`TCP_ESTABLISHED` = 1, `TCP_SYN_SENT` = 2, ...); on an MPTCP
+/// socket, the state of the connection as its first subflow has it.
+pub fn tcp_state(fd: &impl AsFd) -> io::Result<u8> {
+    let fd = fd.as_fd().as_raw_fd();
+    // The state is the first byte of `struct tcp_info`; a short buffer is allowed.
+    let mut info = [0u8; 8];
+    let mut len = info.len() as libc::socklen_t;
+    // SAFETY: `info` is valid for `len` bytes of writes and the kernel writes at most `len`.
+    let r = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            info.as_mut_ptr().cast(),
+            &raw mut len,
+        )
+    };
+    if r == 0 {
+        Ok(info[0])
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// `TCP_SYN_SENT`: the SYN is out and unanswered.
+pub const TCP_SYN_SENT: u8 = 2;
+
 /// Bytes written but not yet acknowledged by the peer.
 pub fn unsent_bytes(fd: &impl AsFd) -> io::Result<u32> {
     let fd = fd.as_fd().as_raw_fd();

@@ -143,9 +143,18 @@ impl std::fmt::Display for OpenError {
 /// whole, and a race or a SOCKS request can still bring one.
 async fn open(dest: SocketAddr, early: &[u8], shared: &Shared) -> Result<Upstream, OpenError> {
     if !shared.settings.is_bypassed(dest.ip()) {
+        let opts = match &shared.uplinks {
+            // Start from the best working uplink, and from the next when its SYN goes
+            // unanswered.
+            Some(ups) => std::borrow::Cow::Owned(ClientOptions {
+                sources: super::uplinks::sources(&ups.borrow()),
+                ..shared.client.clone()
+            }),
+            None => std::borrow::Cow::Borrowed(&shared.client),
+        };
         let (c, conv) = shared
             .converters
-            .connect(dest, early, &shared.client, &shared.stats)
+            .connect(dest, early, &opts, &shared.stats)
             .await
             .map_err(OpenError::Convert)?;
         return Ok(Upstream {

@@ -162,6 +162,9 @@ async fn run(settings: Settings, daemon: Daemon) -> anyhow::Result<()> {
         mark: settings
             .capture_output
             .then(|| capture::own_mark(settings.fwmark)),
+        // An IPv6 socket even to an IPv4 converter: only then can IPv6 subflows join when
+        // the converter announces an IPv6 address.
+        dual_stack: true,
         ..ClientOptions::default()
     };
     let shared = Arc::new(Shared {

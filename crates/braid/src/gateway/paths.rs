@@ -177,12 +177,17 @@ impl Manager {
             let old = before.iter().find(|b| b.interface == u.interface);
             if old.map(|o| (o.state, &o.paths)) != Some((u.state, &u.paths)) {
                 let addrs: Vec<String> = u.paths.iter().map(|p| p.addr.to_string()).collect();
+                let chosen = match self.cfg.selection {
+                    Selection::Listed(_) => "listed",
+                    Selection::Auto { .. } => "it has a default route",
+                };
                 tracing::info!(
                     uplink = %u.name,
                     interface = %u.interface,
                     state = u.state.as_str(),
                     addresses = %addrs.join(","),
                     backup = u.backup,
+                    chosen,
                     "uplink"
                 );
             }

@@ -119,6 +119,8 @@ pub struct Path {
     pub gateway: Option<IpAddr>,
     /// The main table has a default route through this uplink for this family.
     pub default_route: bool,
+    /// That route's metric (lower is preferred).
+    pub metric: Option<u32>,
 }
 
 /// An uplink and what is known about it now.
@@ -220,6 +222,7 @@ pub fn assess(sel: &Selection, slots: &mut Slots, obs: &Observed) -> Vec<Uplink>
                                 net: a.net(),
                                 gateway: route.and_then(|r| r.gateway),
                                 default_route: route.is_some(),
+                                metric: route.and_then(|r| r.metric),
                             });
                         }
                     }
@@ -241,6 +244,29 @@ pub fn assess(sel: &Selection, slots: &mut Slots, obs: &Observed) -> Vec<Uplink>
             })
         })
         .collect()
+}
+
+/// The addresses a new connection may start from, best first: uplinks that are up, primaries
+/// before backups, those with a default route before those without, then by the route's
+/// metric (the order the routing table itself would choose in).
+pub fn sources(uplinks: &[Uplink]) -> Vec<IpAddr> {
+    let mut v: Vec<(bool, bool, u32, u8, IpAddr)> = uplinks
+        .iter()
+        .filter(|u| u.state == State::Up)
+        .flat_map(|u| {
+            u.paths.iter().map(move |p| {
+                (
+                    u.backup,
+                    !p.default_route,
+                    p.metric.unwrap_or(0),
+                    u.slot,
+                    p.addr,
+                )
+            })
+        })
+        .collect();
+    v.sort();
+    v.into_iter().map(|(.., addr)| addr).collect()
 }
 
 /// An MPTCP endpoint braid wants.
@@ -503,6 +529,37 @@ mod tests {
         assert_eq!(ids, [200, 201, 202], "dsl v4, dsl v6, lte v4");
         assert!(p.endpoints.iter().all(|e| N.owns_endpoint(e.id)));
         assert!(p.routes.iter().all(|r| N.owns_table(r.table)));
+    }
+
+    #[test]
+    fn connections_start_from_the_best_uplink() {
+        let mut obs = router();
+        let ups = assess(&auto(), &mut Slots::default(), &obs);
+        let order: Vec<String> = sources(&ups).iter().map(|a| a.to_string()).collect();
+        assert_eq!(order, ["198.51.100.7", "2001:db8:1::7", "100.64.3.9"]);
+        // LTE's route becomes the better one; DSL goes down.
+        obs.routes.retain(|r| r.oif != Some(4));
+        obs.routes.push(default(4, "100.64.0.1", 10));
+        let ups = assess(&auto(), &mut Slots::default(), &obs);
+        assert_eq!(sources(&ups)[0].to_string(), "100.64.3.9");
+        obs.links[2].carrier = false;
+        let ups = assess(&auto(), &mut Slots::default(), &obs);
+        assert_eq!(sources(&ups).len(), 1);
+        // A backup comes last.
+        let sel = Selection::Listed(vec![
+            UplinkConf {
+                interface: "lte0".into(),
+                name: "lte".into(),
+                backup: true,
+            },
+            UplinkConf {
+                interface: "dsl0".into(),
+                name: "dsl".into(),
+                backup: false,
+            },
+        ]);
+        let ups = assess(&sel, &mut Slots::default(), &router());
+        assert_eq!(sources(&ups).last().unwrap().to_string(), "100.64.3.9");
     }
 
     #[test]

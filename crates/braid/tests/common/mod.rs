@@ -558,3 +558,33 @@ pub async fn converted_exchange(
     hash_exchange(c.stream, c.leftover, up, 1, early.len() as u64, down, 2).await?;
     Ok(mptcp)
 }
+
+pub fn strings(v: &[&str]) -> Vec<String> {
+    v.iter().map(|s| s.to_string()).collect()
+}
+
+pub fn hex(d: &[u8]) -> String {
+    d.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// `curl URL | sha256sum` in `ns`; returns (exit ok, digest or stderr, seconds).
+pub fn curl_sha(ns: &Netns, extra: &[&str], url: &str) -> (bool, String, f64) {
+    let t = Instant::now();
+    let script = format!(
+        "set -o pipefail; curl -sS --max-time 60 {} '{url}' | sha256sum | cut -d' ' -f1",
+        extra.join(" ")
+    );
+    let out = ns.command("bash").args(["-c", &script]).output();
+    let secs = t.elapsed().as_secs_f64();
+    match out {
+        Ok(o) => (true, o.stdout.trim().to_string(), secs),
+        Err(e) => (false, e.to_string(), secs),
+    }
+}
+
+/// Starts a gateway in the lab's gateway namespace with the lab's converter (IPv4) and `extra`.
+pub fn gateway_to(cl: &ConverterLab, extra: &[&str]) -> Gateway {
+    let mut args = strings(&["--converter", &cl.converter_addr_v4().to_string()]);
+    args.extend(strings(extra));
+    Gateway::start(&cl.lab.gateway, &args)
+}
