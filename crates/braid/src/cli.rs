@@ -41,10 +41,20 @@ pub enum Command {
     Converter(ConverterArgs),
     /// User side: capture LAN TCP connections and carry them over MPTCP to a converter.
     Gateway(GatewayArgs),
+    /// Show what the braid daemons of this network namespace are doing: uplinks (state,
+    /// rates, subflows) and connections (each subflow with its uplink, RTT and bytes).
+    Status(StatusArgs),
     /// Build a namespaced lab (LAN client, gateway with two shaped uplinks, converter, server),
     /// run real braid processes in it, download a file and report per-uplink rates.
     #[cfg(feature = "demo")]
     Demo(DemoArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// Print the daemons' JSON instead of tables (one object per daemon, one per line).
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// Flags every daemon has.

@@ -72,6 +72,17 @@ impl Daemon {
         crate::metrics::serve_stats(addr, register, &self.stop, &self.tracker).await
     }
 
+    /// Answers `braid status` for `role` with `snapshot()` until shutdown.
+    pub fn serve_status(
+        &self,
+        role: &str,
+        snapshot: impl Fn() -> crate::status::Status + Send + Sync + 'static,
+    ) {
+        if let Some(server) = crate::status::serve(role, snapshot, self.stop.clone()) {
+            self.tracker.spawn(server);
+        }
+    }
+
     /// Accepts on `listener` until shutdown, running `serve` for each connection as a task the
     /// drain waits for.
     pub fn accept<F, Fut>(&self, listener: TcpListener, serve: F)

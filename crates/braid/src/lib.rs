@@ -14,7 +14,8 @@
 //! - [`framed`]: reading one framed message (Convert, SOCKS5) off a stream, in small reads.
 //! - [`relay`]: the bidirectional relay shared by both daemons; [`joins`]: its half-close
 //!   waits for the kernel to open the extra subflows, and the subflow sampler.
-//! - [`metrics`]: the Prometheus endpoint; [`logging`]: text or JSON logs.
+//! - [`metrics`]: the Prometheus endpoint; [`logging`]: text or JSON logs; [`status`]: the
+//!   control socket `braid status` asks, and its tables.
 //! - [`tfo_fix`]: the nftables workaround for the kernel's 0-RTT window bug.
 //! - [`demo`] (cargo feature `demo`, on by default): `braid demo`, the namespaced lab with
 //!   real daemons; router builds leave it out (`--no-default-features`).
@@ -33,4 +34,5 @@ pub mod joins;
 pub mod logging;
 pub mod metrics;
 pub mod relay;
+pub mod status;
 pub mod tfo_fix;

@@ -31,6 +31,7 @@ fn main() -> ExitCode {
             braid::gateway::config::Settings::load(a.common.config.as_deref(), a.overlay()),
             a.common.check_config,
         ),
+        Command::Status(a) => status(a.json),
         #[cfg(feature = "demo")]
         Command::Demo(a) => braid::demo::main(a.options()),
     };
@@ -42,4 +43,27 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// `braid status`: asks each role's control socket of this network namespace.
+fn status(json: bool) -> anyhow::Result<()> {
+    let mut found = 0;
+    for role in ["gateway", "converter"] {
+        let Ok(s) = braid::status::fetch(role) else {
+            continue;
+        };
+        found += 1;
+        if json {
+            println!("{}", serde_json::to_string(&s)?);
+        } else {
+            print!("{}", braid::status::render(&s));
+        }
+    }
+    if found == 0 {
+        anyhow::bail!(
+            "no braid gateway or converter answers in this network namespace (is one running? \
+             in a namespace, run: ip netns exec NAME braid status)"
+        );
+    }
+    Ok(())
 }

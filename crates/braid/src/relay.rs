@@ -61,6 +61,19 @@ impl Default for RelayConfig {
     }
 }
 
+/// Bytes a relay has moved so far, readable while it runs (`braid status`).
+#[derive(Debug, Default)]
+pub struct Moved {
+    pub a_to_b: AtomicU64,
+    pub b_to_a: AtomicU64,
+}
+
+impl Moved {
+    pub fn get(&self) -> (u64, u64) {
+        (self.a_to_b.load(Relaxed), self.b_to_a.load(Relaxed))
+    }
+}
+
 /// Which socket a relay event concerns.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Side {
@@ -126,11 +139,10 @@ enum PumpEnd {
 
 /// Relays between `a` and `b` until both directions are done, a side resets, or the connection
 /// idles out. On reset or idle, both sockets are set to reset when dropped.
-pub async fn relay(a: &TcpStream, b: &TcpStream, cfg: &RelayConfig) -> Relayed {
-    let a_to_b = AtomicU64::new(0);
-    let b_to_a = AtomicU64::new(0);
-    let up = pump(a, b, &a_to_b, cfg);
-    let down = pump(b, a, &b_to_a, cfg);
+pub async fn relay(a: &TcpStream, b: &TcpStream, cfg: &RelayConfig, moved: &Moved) -> Relayed {
+    let Moved { a_to_b, b_to_a } = moved;
+    let up = pump(a, b, a_to_b, cfg);
+    let down = pump(b, a, b_to_a, cfg);
     tokio::pin!(up, down);
     let (mut up_done, mut down_done) = (false, false);
 
@@ -399,7 +411,7 @@ mod tests {
             buffer: 16 * 1024,
             ..RelayConfig::default()
         };
-        let task = tokio::spawn(async move { relay(&relay_a, &relay_b, &cfg).await });
+        let task = tokio::spawn(async move { relay(&relay_a, &relay_b, &cfg, &Moved::default()).await });
         let up = pattern(3 << 20, 1);
         let down = pattern(5 << 20, 2);
         let (up2, down2) = (up.clone(), down.clone());
@@ -448,7 +460,7 @@ mod tests {
             engine,
             ..RelayConfig::default()
         };
-        let task = tokio::spawn(async move { relay(&relay_a, &relay_b, &cfg).await });
+        let task = tokio::spawn(async move { relay(&relay_a, &relay_b, &cfg, &Moved::default()).await });
         // A finishes sending first; B must see EOF and still be able to answer.
         app_a.write_all(b"request").await.unwrap();
         app_a.shutdown().await.unwrap();
@@ -480,7 +492,7 @@ mod tests {
             ..RelayConfig::default()
         };
         let task = tokio::spawn(async move {
-            let r = relay(&relay_a, &relay_b, &cfg).await;
+            let r = relay(&relay_a, &relay_b, &cfg, &Moved::default()).await;
             drop((relay_a, relay_b));
             r
         });
@@ -515,7 +527,7 @@ mod tests {
             engine,
             ..RelayConfig::default()
         };
-        let task = tokio::spawn(async move { relay(&relay_a, &relay_b, &cfg).await });
+        let task = tokio::spawn(async move { relay(&relay_a, &relay_b, &cfg, &Moved::default()).await });
         let mut got = vec![0u8; 5];
         app_a.write_all(b"hello").await.unwrap();
         app_b.read_exact(&mut got).await.unwrap();
@@ -557,7 +569,7 @@ mod tests {
             ..RelayConfig::default()
         };
         let task = tokio::spawn(async move {
-            let r = relay(&relay_a, &relay_b, &cfg).await;
+            let r = relay(&relay_a, &relay_b, &cfg, &Moved::default()).await;
             drop((relay_a, relay_b));
             r
         });

@@ -448,3 +448,57 @@ fn everything_braid_adds_goes_at_exit_and_after_a_crash_and_nothing_else() {
     assert_eq!(g.sysctl_get("net.ipv4.conf.g-v1.rp_filter").unwrap(), "1");
     foreign(g);
 }
+
+#[test]
+fn status_shows_uplinks_connections_and_subflows() {
+    let cl = ConverterLab::new(router(&[mbit(20), mbit(30)]), &default_converter_args());
+    let size = 40 << 20;
+    let nginx = Nginx::start(&cl.lab.server, size);
+    let gw = gateway_to(
+        &cl,
+        &["--transparent", "tproxy", "--metrics", "127.0.0.1:9125"],
+    );
+    let url = format!("http://{}/file", cl.lab.server_v4());
+    let client = cl.lab.client.clone();
+    let dl = std::thread::spawn(move || curl_sha(&client, &[], &url));
+    std::thread::sleep(Duration::from_secs(3));
+    let bin = env!("CARGO_BIN_EXE_braid");
+    let json = cl.lab.gateway.run([bin, "status", "--json"]).expect("braid status");
+    let s: braid::status::Status = serde_json::from_str(json.trim()).expect("status JSON");
+    assert_eq!(s.role, "gateway");
+    assert_eq!(s.uplinks.len(), 2, "{json}");
+    for u in &s.uplinks {
+        assert_eq!(u.state, "up", "{json}");
+        assert!(u.rx_bps > 1e6, "{} carries nothing: {json}", u.name);
+        assert_eq!(u.subflows, 1, "{json}");
+    }
+    let c = s
+        .connections
+        .iter()
+        .find(|c| c.dest.port() == 80)
+        .expect("the download in status");
+    let named: Vec<_> = c.subflows.iter().filter_map(|sf| sf.uplink.clone()).collect();
+    assert_eq!(named.len(), 2, "each subflow with its uplink: {json}");
+    assert!(c.down > 1 << 20 && c.subflows.iter().all(|sf| sf.rtt_ms > 0.0), "{json}");
+    let table = cl.lab.gateway.run([bin, "status"]).unwrap();
+    assert!(table.contains("g-v1") && table.contains("Mbit/s"), "{table}");
+    let conv = cl.lab.converter.run([bin, "status", "--json"]).unwrap();
+    let cs: braid::status::Status = serde_json::from_str(conv.trim()).unwrap();
+    assert_eq!(cs.role, "converter");
+    assert!(cs.connections.iter().any(|c| c.subflows.len() == 2), "{conv}");
+    let metrics = cl
+        .lab
+        .gateway
+        .run(["curl", "-sS", "http://127.0.0.1:9125/metrics"])
+        .unwrap();
+    for m in [
+        "braid_gateway_uplink_up{uplink=\"g-v1\"} 1",
+        "braid_gateway_uplink_subflows{uplink=\"g-v2\"} 1",
+        "braid_gateway_uplink_bytes_total{uplink=\"g-v1\",direction=\"rx\"}",
+    ] {
+        assert!(metrics.contains(m), "no {m} in:\n{metrics}");
+    }
+    let (ok, digest, _) = dl.join().unwrap();
+    assert!(ok && digest == hex(&nginx.sha256), "download broken: {digest}");
+    drop(gw);
+}

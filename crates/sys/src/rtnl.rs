@@ -38,6 +38,9 @@ pub struct Link {
     pub carrier: bool,
     /// The loopback interface.
     pub loopback: bool,
+    /// Bytes received and sent since the interface was created.
+    pub rx_bytes: u64,
+    pub tx_bytes: u64,
 }
 
 /// An address on an interface.
@@ -130,6 +133,8 @@ impl Rtnl {
                 up: m.header.flags.contains(LinkFlags::Up),
                 carrier: m.header.flags.contains(LinkFlags::LowerUp),
                 loopback: m.header.flags.contains(LinkFlags::Loopback),
+                rx_bytes: stats(&m.attributes).0,
+                tx_bytes: stats(&m.attributes).1,
             })
             .collect())
     }
@@ -312,6 +317,17 @@ pub fn changes() -> io::Result<impl Stream<Item = ()> + Send + Unpin> {
     ])?;
     tokio::spawn(conn);
     Ok(messages.map(|_| ()))
+}
+
+/// (rx, tx) bytes of a link message.
+fn stats(attrs: &[LinkAttribute]) -> (u64, u64) {
+    attrs
+        .iter()
+        .find_map(|a| match a {
+            LinkAttribute::Stats64(s) => Some((s.rx_bytes, s.tx_bytes)),
+            _ => None,
+        })
+        .unwrap_or((0, 0))
 }
 
 fn addr_of(a: &RouteAddress) -> Option<IpAddr> {

@@ -185,6 +185,102 @@ pub fn mptcp_info(fd: &impl AsFd) -> io::Result<MptcpInfo> {
     Ok(unsafe { info.assume_init() })
 }
 
+/// One subflow of an MPTCP connection, as `MPTCP_FULL_INFO` reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SubflowInfo {
+    pub local: std::net::SocketAddr,
+    pub remote: std::net::SocketAddr,
+    /// Smoothed round-trip time, microseconds.
+    pub rtt_us: u32,
+    /// Bytes the peer acknowledged, and bytes received, on this subflow.
+    pub bytes_acked: u64,
+    pub bytes_received: u64,
+    /// `tcpi_state` (1 = established).
+    pub state: u8,
+}
+
+const MPTCP_FULL_INFO: i32 = 4;
+/// What is read of each subflow's `struct tcp_info`: up to `tcpi_bytes_received`.
+const TCPINFO_LEN: usize = 136;
+/// `struct mptcp_subflow_info`: a u32 id, padding to 8, two `sockaddr_storage`.
+const SFINFO_LEN: usize = 8 + 2 * 128;
+/// Subflows asked for: the kernel's maximum per connection, with the initial one.
+const MAX_SUBFLOWS: usize = 9;
+
+/// A socket address from a `sockaddr_storage`'s bytes.
+fn sockaddr_of(b: &[u8]) -> Option<std::net::SocketAddr> {
+    use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+    let family = u16::from_ne_bytes(b.get(..2)?.try_into().ok()?);
+    let port = u16::from_be_bytes(b.get(2..4)?.try_into().ok()?);
+    match i32::from(family) {
+        libc::AF_INET => {
+            let ip: [u8; 4] = b.get(4..8)?.try_into().ok()?;
+            Some(SocketAddr::new(Ipv4Addr::from(ip).into(), port))
+        }
+        libc::AF_INET6 => {
+            let ip: [u8; 16] = b.get(8..24)?.try_into().ok()?;
+            Some(SocketAddr::new(Ipv6Addr::from(ip).into(), port))
+        }
+        _ => None,
+    }
+}
+
+/// The subflows of an MPTCP connection with their addresses, RTT and byte counts
+/// (`MPTCP_FULL_INFO`, Linux 6.3 and later). Fails with `EOPNOTSUPP` on a connection that fell
+/// back to TCP and on plain TCP sockets.
+pub fn mptcp_subflows(fd: &impl AsFd) -> io::Result<Vec<SubflowInfo>> {
+    let fd = fd.as_fd().as_raw_fd();
+    let mut sfinfo = vec![0u8; SFINFO_LEN * MAX_SUBFLOWS];
+    let mut tcpinfo = vec![0u8; TCPINFO_LEN * MAX_SUBFLOWS];
+    // struct mptcp_full_info: six u32 sizes and counts, two u64 pointers, struct mptcp_info.
+    let mut full = vec![0u8; 6 * 4 + 2 * 8 + size_of::<MptcpInfo>()];
+    let put32 = |b: &mut [u8], at: usize, v: u32| b[at..at + 4].copy_from_slice(&v.to_ne_bytes());
+    put32(&mut full, 4, TCPINFO_LEN as u32);
+    put32(&mut full, 12, SFINFO_LEN as u32);
+    put32(&mut full, 20, MAX_SUBFLOWS as u32);
+    full[24..32].copy_from_slice(&(sfinfo.as_mut_ptr() as u64).to_ne_bytes());
+    full[32..40].copy_from_slice(&(tcpinfo.as_mut_ptr() as u64).to_ne_bytes());
+    let mut len = full.len() as libc::socklen_t;
+    // SAFETY: `full` is valid for `len` bytes of writes; the two pointers in it point to
+    // buffers of `size_arrays_user` (MAX_SUBFLOWS) elements of the sizes declared next to
+    // them, which live until after the call; the kernel writes at most that into each.
+    let r = unsafe {
+        libc::getsockopt(
+            fd,
+            SOL_MPTCP,
+            MPTCP_FULL_INFO,
+            full.as_mut_ptr().cast(),
+            &raw mut len,
+        )
+    };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let get32 = |b: &[u8], at: usize| u32::from_ne_bytes(b[at..at + 4].try_into().expect("4"));
+    let get64 = |b: &[u8], at: usize| u64::from_ne_bytes(b[at..at + 8].try_into().expect("8"));
+    let n = (get32(&full, 16) as usize).min(MAX_SUBFLOWS);
+    let sf_size = (get32(&full, 12) as usize).min(SFINFO_LEN);
+    let tcp_size = (get32(&full, 4) as usize).min(TCPINFO_LEN);
+    let mut out = Vec::with_capacity(n);
+    for i in 0..n {
+        let sf = &sfinfo[i * SFINFO_LEN..i * SFINFO_LEN + sf_size];
+        let ti = &tcpinfo[i * TCPINFO_LEN..i * TCPINFO_LEN + tcp_size];
+        let (Some(local), Some(remote)) = (sockaddr_of(&sf[8..]), sockaddr_of(&sf[8 + 128..]))
+        else {
+            continue;
+        };
+        out.push(SubflowInfo {
+            local,
+            remote,
+            state: ti.first().copied().unwrap_or(0),
+            rtt_us: if ti.len() >= 72 { get32(ti, 68) } else { 0 },
+            bytes_acked: if ti.len() >= 128 { get64(ti, 120) } else { 0 },
+            bytes_received: if ti.len() >= 136 { get64(ti, 128) } else { 0 },
+        });
+    }
+    Ok(out)
+}
+
 /// An ICMP error the kernel queued for a socket (`IP_RECVERR`): what a router or the destination
 /// said about our SYN.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -285,6 +381,11 @@ mod tests {
         assert_eq!(&buf, b"ping");
 
         assert!(is_mptcp(&server).unwrap());
+        let subflows = mptcp_subflows(&client).unwrap();
+        assert_eq!(subflows.len(), 1, "{subflows:?}");
+        assert_eq!(subflows[0].remote, addr);
+        assert_eq!(subflows[0].state, 1);
+        assert!(subflows[0].bytes_acked >= 4, "{subflows:?}");
         let info = mptcp_info(&client).unwrap();
         assert!(!info.fell_back());
         assert!(info.remote_key_received());

@@ -43,6 +43,8 @@ pub struct Shared {
     pub stats: Stats,
     /// Cancelled when the drain deadline passes: relays still running are reset.
     pub hard_stop: CancellationToken,
+    /// The connections being relayed, for `braid status`.
+    pub registry: Arc<crate::status::Registry>,
 }
 
 /// Longest wait for the client's handshake ACK before writing a reply anyway.
@@ -62,6 +64,8 @@ const REQUEST_CAP: usize = 4 * 1024;
 
 pub async fn serve(client: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
     let started = Instant::now();
+    // Shared with the status registry while relaying (it reads the subflows).
+    let client = Arc::new(client);
     let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
     // TCP_IS_MPTCP is 0 for a client that spoke plain TCP or fell back during the handshake.
     let mptcp = is_mptcp(&client).unwrap_or(false);
@@ -132,7 +136,7 @@ impl Closed {
 }
 
 async fn converse(
-    client: &TcpStream,
+    client: &Arc<TcpStream>,
     peer: SocketAddr,
     pending: PendingSlot,
     shared: &Shared,
@@ -254,8 +258,17 @@ async fn converse(
     let early = early_data.len() as u64;
     drop(early_data);
 
+    let moved = Arc::new(relay::Moved::default());
+    let _registered = shared.registry.register(
+        "converted",
+        peer,
+        dest,
+        None,
+        moved.clone(),
+        is_mptcp(&**client).unwrap_or(false).then(|| client.clone()),
+    );
     let relayed = tokio::select! {
-        r = relay::relay(client, &server, &s.relay) => r,
+        r = relay::relay(client, &server, &s.relay, &moved) => r,
         never = peak_subflows.watch(client) => never,
         _ = shared.hard_stop.cancelled() => {
             reset_on_close(client);

@@ -140,6 +140,7 @@ async fn serve(settings: Settings, daemon: Daemon) -> anyhow::Result<()> {
         ),
         stats,
         hard_stop: daemon.hard_stop().clone(),
+        registry: Arc::default(),
         settings,
     });
     shared.policy.set_own_addresses(policy::local_addresses());
@@ -147,6 +148,15 @@ async fn serve(settings: Settings, daemon: Daemon) -> anyhow::Result<()> {
     daemon
         .serve_metrics(shared.settings.metrics, |r| shared.stats.register(r))
         .await?;
+    {
+        let registry = shared.registry.clone();
+        daemon.serve_status("converter", move || crate::status::Status {
+            role: "converter".into(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            uplinks: Vec::new(),
+            connections: registry.snapshot(),
+        });
+    }
     for (addr, l) in listeners {
         tracing::info!(%addr, mptcp = !shared.settings.tcp_only, "listening");
         let shared = shared.clone();

@@ -30,6 +30,8 @@ pub struct Shared {
     pub uplinks: Option<tokio::sync::watch::Receiver<Vec<super::uplinks::Uplink>>>,
     pub stats: Stats,
     pub hard_stop: CancellationToken,
+    /// The connections being relayed, for `braid status`.
+    pub registry: Arc<crate::status::Registry>,
 }
 
 /// Early data read from a captured connection before converting it; more waits for the relay.
@@ -287,15 +289,25 @@ async fn relay_and_close(shared: &Shared, mut rec: Record, app: TcpStream, up: U
             "connection to the converter is plain TCP: MPTCP was stripped on the path or refused"
         );
     }
-    let server = up.stream;
+    // Shared with the status registry while relaying (it reads the subflows).
+    let server = Arc::new(up.stream);
     if !up.leftover.is_empty() && relay::write_all(&app, &up.leftover).await.is_err() {
         relay::reset_on_close(&server);
         return rec.close(shared, "client_gone", "");
     }
     rec.down = up.leftover.len() as u64;
     let peak = SubflowPeak::new(up.mptcp);
+    let moved = Arc::new(relay::Moved::default());
+    let _registered = shared.registry.register(
+        rec.mode.label(),
+        rec.peer,
+        rec.dest,
+        rec.converter,
+        moved.clone(),
+        up.mptcp.then(|| server.clone()),
+    );
     let relayed = tokio::select! {
-        r = relay::relay(&app, &server, &shared.settings.relay) => r,
+        r = relay::relay(&app, &server, &shared.settings.relay, &moved) => r,
         never = peak.watch(&server) => never,
         _ = shared.hard_stop.cancelled() => {
             relay::reset_on_close(&app);

@@ -127,13 +127,19 @@ async fn run(settings: Settings, daemon: Daemon) -> anyhow::Result<()> {
         ),
         None => None,
     };
+    let stats = stats::Stats::default();
+    let registry = Arc::new(crate::status::Registry::default());
     let paths = match &settings.uplinks {
         Some(selection) => {
-            let p = paths::Paths::start(paths::PathsConfig {
-                selection: selection.clone(),
-                numbers: settings.uplink_numbers,
-                state_dir: settings.state_dir.clone(),
-            })
+            let p = paths::Paths::start(
+                paths::PathsConfig {
+                    selection: selection.clone(),
+                    numbers: settings.uplink_numbers,
+                    state_dir: settings.state_dir.clone(),
+                },
+                stats.clone(),
+                registry.clone(),
+            )
             .await
             .context("managing the uplinks")?;
             let found = p.uplinks.borrow().len();
@@ -174,7 +180,8 @@ async fn run(settings: Settings, daemon: Daemon) -> anyhow::Result<()> {
         ),
         client,
         uplinks: paths.as_ref().map(|p| p.uplinks.clone()),
-        stats: stats::Stats::default(),
+        stats,
+        registry,
         hard_stop: daemon.hard_stop().clone(),
         settings,
     });
@@ -182,6 +189,11 @@ async fn run(settings: Settings, daemon: Daemon) -> anyhow::Result<()> {
     daemon
         .serve_metrics(shared.settings.metrics, |r| shared.stats.register(r))
         .await?;
+    {
+        let registry = shared.registry.clone();
+        let view = paths.as_ref().map(|p| (p.uplinks.clone(), p.rates.clone()));
+        daemon.serve_status("gateway", move || status(&registry, view.as_ref()));
+    }
     for (mode, l) in transparent {
         tracing::info!(addr = %l.local_addr()?, ?mode, "listening (transparent capture)");
         let shared = shared.clone();
@@ -211,6 +223,52 @@ async fn run(settings: Settings, daemon: Daemon) -> anyhow::Result<()> {
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// What `braid status` shows of the gateway: its uplinks (rates over the last second, the
+/// subflows each carries) and its connections, each subflow named by its uplink.
+fn status(
+    registry: &crate::status::Registry,
+    view: Option<&(
+        tokio::sync::watch::Receiver<Vec<uplinks::Uplink>>,
+        Arc<std::sync::Mutex<std::collections::HashMap<String, paths::Rates>>>,
+    )>,
+) -> crate::status::Status {
+    let mut connections = registry.snapshot();
+    let ups = view.map(|v| v.0.borrow().clone()).unwrap_or_default();
+    let rates = view
+        .map(|v| v.1.lock().unwrap_or_else(|e| e.into_inner()).clone())
+        .unwrap_or_default();
+    let mut counts = std::collections::HashMap::<String, usize>::new();
+    for c in &mut connections {
+        for sf in &mut c.subflows {
+            sf.uplink = paths::uplink_of(&ups, sf.local.ip()).map(str::to_string);
+            if let Some(u) = &sf.uplink {
+                *counts.entry(u.clone()).or_default() += 1;
+            }
+        }
+    }
+    crate::status::Status {
+        role: "gateway".into(),
+        version: env!("CARGO_PKG_VERSION").into(),
+        uplinks: ups
+            .iter()
+            .map(|u| {
+                let r = rates.get(&u.interface).copied().unwrap_or_default();
+                crate::status::UplinkStatus {
+                    name: u.name.clone(),
+                    interface: u.interface.clone(),
+                    state: u.state.as_str().into(),
+                    backup: u.backup,
+                    addresses: u.paths.iter().map(|p| p.addr).collect(),
+                    rx_bps: r.rx_bps,
+                    tx_bps: r.tx_bps,
+                    subflows: counts.get(&u.name).copied().unwrap_or(0),
+                }
+            })
+            .collect(),
+        connections,
+    }
 }
 
 /// A transparently captured connection: find where it was going, then serve it.

@@ -11,8 +11,10 @@
 //! ranges) and the values to restore in a state file under `/run/braid`, one per network
 //! namespace; nothing braid did not add is touched.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::io;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -55,18 +57,116 @@ struct Restore {
     rp_filter: BTreeMap<String, String>,
 }
 
+/// Bits per second through an interface over the last second.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Rates {
+    pub rx_bps: f64,
+    pub tx_bps: f64,
+}
+
 /// The running uplink manager: its published view, and how to stop it.
 #[derive(Debug)]
 pub struct Paths {
     pub uplinks: watch::Receiver<Vec<Uplink>>,
+    /// Per interface of an uplink.
+    pub rates: Arc<Mutex<HashMap<String, Rates>>>,
     task: tokio::task::JoinHandle<()>,
+    sampler: tokio::task::JoinHandle<()>,
     stop: CancellationToken,
+}
+
+/// The uplink an address belongs to, by name.
+pub fn uplink_of(uplinks: &[Uplink], addr: IpAddr) -> Option<&str> {
+    let addr = match addr {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
+        v4 => v4,
+    };
+    uplinks
+        .iter()
+        .find(|u| u.paths.iter().any(|p| p.addr == addr))
+        .map(|u| u.name.as_str())
+}
+
+/// Every second: the rate of each uplink's interface, its byte counters and state in the
+/// metrics, and how many of the gateway's subflows it carries.
+async fn sample(
+    nl: Rtnl,
+    uplinks: watch::Receiver<Vec<Uplink>>,
+    rates: Arc<Mutex<HashMap<String, Rates>>>,
+    stats: super::stats::Stats,
+    registry: Arc<crate::status::Registry>,
+    stop: CancellationToken,
+) {
+    use super::stats::{UplinkDirection, UplinkLabel};
+    let mut last: HashMap<String, (std::time::Instant, u64, u64)> = HashMap::new();
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let Ok(links) = nl.links().await else { continue };
+        let ups = uplinks.borrow().clone();
+        let mut subflows: HashMap<String, i64> = HashMap::new();
+        for c in registry.snapshot() {
+            for sf in c.subflows {
+                if let Some(name) = uplink_of(&ups, sf.local.ip()) {
+                    *subflows.entry(name.to_string()).or_default() += 1;
+                }
+            }
+        }
+        let mut now_rates = HashMap::new();
+        for u in &ups {
+            let label = UplinkLabel {
+                uplink: u.name.clone(),
+            };
+            stats
+                .uplink_up
+                .get_or_create(&label)
+                .set(i64::from(u.state == State::Up));
+            stats
+                .uplink_subflows
+                .get_or_create(&label)
+                .set(subflows.get(&u.name).copied().unwrap_or(0));
+            let Some(l) = links.iter().find(|l| l.name == u.interface) else {
+                continue;
+            };
+            let now = std::time::Instant::now();
+            if let Some((t, rx, tx)) = last.get(&u.interface) {
+                let secs = now.duration_since(*t).as_secs_f64().max(1e-3);
+                // A counter that went back is an interface that was recreated.
+                let (drx, dtx) = (l.rx_bytes.saturating_sub(*rx), l.tx_bytes.saturating_sub(*tx));
+                now_rates.insert(
+                    u.interface.clone(),
+                    Rates {
+                        rx_bps: drx as f64 * 8.0 / secs,
+                        tx_bps: dtx as f64 * 8.0 / secs,
+                    },
+                );
+                for (direction, d) in [("rx", drx), ("tx", dtx)] {
+                    stats
+                        .uplink_bytes
+                        .get_or_create(&UplinkDirection {
+                            uplink: u.name.clone(),
+                            direction,
+                        })
+                        .inc_by(d);
+                }
+            }
+            last.insert(u.interface.clone(), (now, l.rx_bytes, l.tx_bytes));
+        }
+        *rates.lock().unwrap_or_else(|e| e.into_inner()) = now_rates;
+    }
 }
 
 impl Paths {
     /// Removes what a crashed run left, programs the uplinks and keeps them programmed until
     /// [`Paths::stop`].
-    pub async fn start(cfg: PathsConfig) -> anyhow::Result<Paths> {
+    pub async fn start(
+        cfg: PathsConfig,
+        stats: super::stats::Stats,
+        registry: Arc<crate::status::Registry>,
+    ) -> anyhow::Result<Paths> {
         let nl = Rtnl::new().context("rtnetlink")?;
         let mut pm = PathManager::new().context("opening the MPTCP path manager")?;
         let state = StateFile::for_this_namespace(&cfg.state_dir);
@@ -74,6 +174,15 @@ impl Paths {
         let changes = braid_sys::rtnl::changes().context("subscribing to rtnetlink events")?;
         let (tx, rx) = watch::channel(Vec::new());
         let stop = CancellationToken::new();
+        let rates = Arc::new(Mutex::new(HashMap::new()));
+        let sampler = tokio::spawn(sample(
+            nl.clone(),
+            rx.clone(),
+            rates.clone(),
+            stats,
+            registry,
+            stop.clone(),
+        ));
         let mut m = Manager {
             cfg,
             nl,
@@ -114,7 +223,9 @@ impl Paths {
         });
         Ok(Paths {
             uplinks: rx,
+            rates,
             task,
+            sampler,
             stop,
         })
     }
@@ -122,6 +233,7 @@ impl Paths {
     /// Removes everything it added and puts back what it changed.
     pub async fn stop(self) {
         self.stop.cancel();
+        let _ = self.sampler.await;
         let _ = self.task.await;
     }
 }

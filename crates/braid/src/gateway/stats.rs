@@ -24,8 +24,25 @@ pub struct Converter {
     pub converter: String,
 }
 
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct UplinkLabel {
+    pub uplink: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct UplinkDirection {
+    pub uplink: String,
+    pub direction: &'static str,
+}
+
 #[derive(Debug, Default, Clone)]
 pub struct Stats {
+    /// 1 while an uplink carries subflows, 0 otherwise (at most 8 uplinks: a bounded label).
+    pub uplink_up: Family<UplinkLabel, Gauge>,
+    /// Bytes through an uplink's interface (all of its traffic), `rx` and `tx`.
+    pub uplink_bytes: Family<UplinkDirection, Counter>,
+    /// Subflows of the gateway's connections on an uplink now.
+    pub uplink_subflows: Family<UplinkLabel, Gauge>,
     /// Captured connections at close, by capture mode and outcome.
     pub connections: Family<Captured, Counter>,
     /// Bytes relayed: `up` is application → server, `down` server → application.
@@ -64,6 +81,21 @@ impl Stats {
             "subflows",
             "Peak subflows of closed MPTCP connections, summed",
             self.subflows.clone(),
+        );
+        r.register(
+            "uplink_up",
+            "1 while an uplink carries subflows",
+            self.uplink_up.clone(),
+        );
+        r.register(
+            "uplink_bytes",
+            "Bytes through an uplink's interface, by direction (rx, tx)",
+            self.uplink_bytes.clone(),
+        );
+        r.register(
+            "uplink_subflows",
+            "Subflows of the gateway's connections on an uplink",
+            self.uplink_subflows.clone(),
         );
         r.register(
             "active_connections",

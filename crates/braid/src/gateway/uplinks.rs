@@ -431,6 +431,8 @@ mod tests {
             up,
             carrier: up,
             loopback: name == "lo",
+            rx_bytes: 0,
+            tx_bytes: 0,
         }
     }
 
