@@ -44,7 +44,7 @@ fn main() {
     let pending: usize = env_or("BRAID_BENCH_PENDING", 4_000);
     braid::daemon::raise_fd_limit();
 
-    let lab = StandardLab::new(StandardConfig::default()).expect("lab");
+    let lab = StandardLab::new(StandardConfig::by_hand()).expect("lab");
     for ns in [&lab.gateway, &lab.converter, &lab.server] {
         // Tens of thousands of short connections per run: room for ports and TIME_WAIT.
         ns.sysctl("net.ipv4.ip_local_port_range", "1024 65535")

@@ -94,7 +94,7 @@ fn bench_cc(cc: &str, rounds: usize, secs: f64, flow_set: &[usize]) {
         uplinks: 2,
         rates: None,
         congestion_control: Some(cc.to_string()),
-        ..StandardConfig::default()
+        ..StandardConfig::by_hand()
     })
     .expect("lab");
     lab.server.mptcp_limits(2, 2).expect("server MPTCP limits");

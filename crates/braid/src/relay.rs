@@ -411,7 +411,8 @@ mod tests {
             buffer: 16 * 1024,
             ..RelayConfig::default()
         };
-        let task = tokio::spawn(async move { relay(&relay_a, &relay_b, &cfg, &Moved::default()).await });
+        let task =
+            tokio::spawn(async move { relay(&relay_a, &relay_b, &cfg, &Moved::default()).await });
         let up = pattern(3 << 20, 1);
         let down = pattern(5 << 20, 2);
         let (up2, down2) = (up.clone(), down.clone());
@@ -460,7 +461,8 @@ mod tests {
             engine,
             ..RelayConfig::default()
         };
-        let task = tokio::spawn(async move { relay(&relay_a, &relay_b, &cfg, &Moved::default()).await });
+        let task =
+            tokio::spawn(async move { relay(&relay_a, &relay_b, &cfg, &Moved::default()).await });
         // A finishes sending first; B must see EOF and still be able to answer.
         app_a.write_all(b"request").await.unwrap();
         app_a.shutdown().await.unwrap();
@@ -527,7 +529,8 @@ mod tests {
             engine,
             ..RelayConfig::default()
         };
-        let task = tokio::spawn(async move { relay(&relay_a, &relay_b, &cfg, &Moved::default()).await });
+        let task =
+            tokio::spawn(async move { relay(&relay_a, &relay_b, &cfg, &Moved::default()).await });
         let mut got = vec![0u8; 5];
         app_a.write_all(b"hello").await.unwrap();
         app_b.read_exact(&mut got).await.unwrap();

@@ -380,8 +380,14 @@ mod tests {
             connections: snap,
         };
         let table = render(&status);
-        assert!(table.contains("dsl") && table.contains("20.0 Mbit/s"), "{table}");
-        assert!(table.contains("192.0.2.1:443") && table.contains("1.5 KiB"), "{table}");
+        assert!(
+            table.contains("dsl") && table.contains("20.0 Mbit/s"),
+            "{table}"
+        );
+        assert!(
+            table.contains("192.0.2.1:443") && table.contains("1.5 KiB"),
+            "{table}"
+        );
         drop(r);
         assert!(reg.is_empty());
         // Served over the abstract socket (unique name: tests run in parallel).
@@ -390,7 +396,10 @@ mod tests {
         let s2 = status.clone();
         let server = serve(&role, move || s2.clone(), stop.clone()).expect("bind");
         let task = tokio::spawn(server);
-        let got = tokio::task::spawn_blocking(move || fetch(&role)).await.unwrap().unwrap();
+        let got = tokio::task::spawn_blocking(move || fetch(&role))
+            .await
+            .unwrap()
+            .unwrap();
         assert_eq!(got, status);
         stop.cancel();
         task.await.unwrap();

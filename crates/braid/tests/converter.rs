@@ -16,7 +16,7 @@ fn shaped(rates: [u64; 2]) -> StandardConfig {
     StandardConfig {
         uplinks: 2,
         rates: Some(rates.to_vec()),
-        ..StandardConfig::default()
+        ..StandardConfig::by_hand()
     }
 }
 
@@ -103,7 +103,7 @@ fn zero_rtt_request_and_data_ride_in_the_syn() {
 #[test]
 fn request_split_over_many_segments_is_reassembled() {
     use std::io::{Read, Write};
-    let cl = ConverterLab::new(StandardConfig::default(), &default_converter_args());
+    let cl = ConverterLab::new(StandardConfig::by_hand(), &default_converter_args());
     let _srv = HashServer::start(&cl.lab.server, HASH_PORT);
     let conv = cl.converter_addr_v4();
     let dest = server_v4(&cl, HASH_PORT);
@@ -140,7 +140,7 @@ fn request_split_over_many_segments_is_reassembled() {
 #[test]
 fn half_close_works_both_ways() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let cl = ConverterLab::new(StandardConfig::default(), &default_converter_args());
+    let cl = ConverterLab::new(StandardConfig::by_hand(), &default_converter_args());
     // Server A: reads to EOF, then answers (client half-closes first).
     // Server B: sends and half-closes at once, then keeps reading (server half-closes first).
     let (conv, lab_server_v4) = (cl.converter_addr_v4(), cl.lab.server_v4());
@@ -251,7 +251,7 @@ fn every_error_code_is_sent_for_real() {
     ] {
         args.push(a.into());
     }
-    let cl = ConverterLab::new(StandardConfig::default(), &args);
+    let cl = ConverterLab::new(StandardConfig::by_hand(), &args);
     let connect = |dest: SocketAddr| braid_proto::convert::encode_connect_request(dest, None);
     let server = cl.lab.server_v4();
 
@@ -314,7 +314,7 @@ fn cookies_and_limits_are_enforced() {
     let cfg = std::env::temp_dir().join(format!("braid-cookie-{}.toml", std::process::id()));
     std::fs::write(&cfg, "cookies = true\nmax_connections_per_client = 2\n").unwrap();
     args.extend(["--config".into(), cfg.display().to_string()]);
-    let cl = ConverterLab::new(StandardConfig::default(), &args);
+    let cl = ConverterLab::new(StandardConfig::by_hand(), &args);
     let _srv = HashServer::start(&cl.lab.server, HASH_PORT);
     let (conv, dest) = (cl.converter_addr_v4(), server_v4(&cl, HASH_PORT));
     let outcome = in_ns(&cl.lab.gateway, || async move {
@@ -386,7 +386,7 @@ fn clients_outside_the_allow_list_are_refused() {
     .iter()
     .map(|s| s.to_string())
     .collect();
-    let cl = ConverterLab::new(StandardConfig::default(), &args);
+    let cl = ConverterLab::new(StandardConfig::by_hand(), &args);
     let reply = raw_exchange(
         &cl,
         braid_proto::convert::encode_connect_request((cl.lab.server_v4(), 80).into(), None),
@@ -400,7 +400,7 @@ fn a_client_that_never_finishes_its_request_is_dropped() {
     let cfg = std::env::temp_dir().join(format!("braid-slow-{}.toml", std::process::id()));
     std::fs::write(&cfg, "handshake_timeout_ms = 500\n").unwrap();
     args.extend(["--config".into(), cfg.display().to_string()]);
-    let cl = ConverterLab::new(StandardConfig::default(), &args);
+    let cl = ConverterLab::new(StandardConfig::by_hand(), &args);
     let conv = cl.converter_addr_v4();
     let elapsed = cl
         .lab
@@ -524,7 +524,7 @@ fn bulk_200_mib_each_way_over_two_subflows() {
 
 #[test]
 fn a_thousand_concurrent_connections() {
-    let cl = ConverterLab::new(StandardConfig::default(), &default_converter_args());
+    let cl = ConverterLab::new(StandardConfig::by_hand(), &default_converter_args());
     let _srv = HashServer::start(&cl.lab.server, HASH_PORT);
     let (conv, dest) = (cl.converter_addr_v4(), server_v4(&cl, HASH_PORT));
     let failures = in_ns(&cl.lab.gateway, || async move {
@@ -569,7 +569,7 @@ fn metrics_and_json_logs_report_each_connection() {
     for a in ["--metrics", "127.0.0.1:9124", "--log-format", "json"] {
         args.push(a.into());
     }
-    let cl = ConverterLab::new(StandardConfig::default(), &args);
+    let cl = ConverterLab::new(StandardConfig::by_hand(), &args);
     let _srv = HashServer::start(&cl.lab.server, HASH_PORT);
     let (conv, dest) = (cl.converter_addr_v4(), server_v4(&cl, HASH_PORT));
     let r = in_ns(&cl.lab.gateway, || async move {

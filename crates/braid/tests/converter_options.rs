@@ -26,7 +26,7 @@ fn signal_address_brings_a_join_and_is_withdrawn_at_exit() {
         uplinks: 2,
         rates: Some(vec![50_000_000, 50_000_000]),
         mptcp_gateway_endpoints: false,
-        ..StandardConfig::default()
+        ..StandardConfig::by_hand()
     };
     let lab = braid_lab::StandardLab::new(config).expect("lab");
     lab.gateway.mptcp_limits(2, 2).unwrap();
@@ -108,7 +108,7 @@ fn signal_address_brings_a_join_and_is_withdrawn_at_exit() {
 
 #[test]
 fn upstream_fast_open_carries_early_data_and_keeps_the_error_mapping() {
-    let lab = braid_lab::StandardLab::new(StandardConfig::default()).expect("lab");
+    let lab = braid_lab::StandardLab::new(StandardConfig::by_hand()).expect("lab");
     lab.server.sysctl("net.ipv4.tcp_fastopen", 3).unwrap();
     let cl = ConverterLab::from_lab(lab, &with(&["--upstream-fastopen"]));
     let _srv = HashServer::start_fastopen(&cl.lab.server, HASH_PORT);

@@ -15,7 +15,7 @@ fn shaped(rates: [u64; 2]) -> StandardConfig {
     StandardConfig {
         uplinks: 2,
         rates: Some(rates.to_vec()),
-        ..StandardConfig::default()
+        ..StandardConfig::by_hand()
     }
 }
 
@@ -146,7 +146,7 @@ fn the_reply_leaves_even_when_the_handshake_ack_is_late() {
 
 #[test]
 fn the_nft_rule_lives_and_dies_with_the_converter() {
-    let mut cl = ConverterLab::new(StandardConfig::default(), &default_converter_args());
+    let mut cl = ConverterLab::new(StandardConfig::by_hand(), &default_converter_args());
     let ns = cl.lab.converter.clone();
     assert!(
         braid_tables(&ns).contains("braid_tfo_5124"),

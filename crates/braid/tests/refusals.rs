@@ -199,7 +199,7 @@ fn every_error_read_by_a_client_that_writes_first(
 
 #[test]
 fn a_client_that_writes_first_reads_every_error_on_loopback() {
-    let cl = ConverterLab::new(StandardConfig::default(), &converter_args());
+    let cl = ConverterLab::new(StandardConfig::by_hand(), &converter_args());
     let conv: SocketAddr = ([127, 0, 0, 1], CONVERTER_PORT).into();
     let pause = Duration::from_millis(5);
     every_error_read_by_a_client_that_writes_first(&cl, &cl.lab.converter, conv, pause);
@@ -240,7 +240,7 @@ fn one_flooding_client_does_not_starve_the_others() {
     let cfg = std::env::temp_dir().join(format!("braid-flood-{}.toml", std::process::id()));
     std::fs::write(&cfg, "backoff_secs = 7\nhandshake_timeout_ms = 8000\n").unwrap();
     args.extend(["--config".into(), cfg.display().to_string()]);
-    let mut cl = ConverterLab::new(StandardConfig::default(), &args);
+    let mut cl = ConverterLab::new(StandardConfig::by_hand(), &args);
     let _ = std::fs::remove_file(&cfg);
     let _srv = HashServer::start(&cl.lab.server, HASH_PORT);
     let pid = cl.converter.as_mut().unwrap().pid();
@@ -330,7 +330,7 @@ fn a_client_that_writes_first_reads_every_error_across_a_delayed_link() {
     let config = StandardConfig {
         rates: Some(vec![20_000_000, 30_000_000]),
         delays: Some(vec![braid_lab::Delay::ms(20), braid_lab::Delay::ms(20)]),
-        ..StandardConfig::default()
+        ..StandardConfig::by_hand()
     };
     let cl = ConverterLab::new(config, &converter_args());
     let conv = cl.converter_addr_v4();

@@ -389,7 +389,12 @@ fn everything_braid_adds_goes_at_exit_and_after_a_crash_and_nothing_else() {
         "127.0.0.1:1080",
     ]);
     let mut gw = Gateway::start(g, &args);
-    assert!(!braid_objects_left(g).is_empty(), "nothing programmed");
+    assert!(
+        !braid_objects_left(g).is_empty(),
+        "nothing programmed:\n{}\n{}",
+        gateway_objects(g),
+        gw.log_text()
+    );
     // SIGTERM: all gone, limits and rp_filter as before.
     gw.process
         .as_mut()
@@ -413,12 +418,15 @@ fn everything_braid_adds_goes_at_exit_and_after_a_crash_and_nothing_else() {
     assert_eq!(g.sysctl_get("net.ipv4.conf.g-v1.rp_filter").unwrap(), "1");
     foreign(g);
     // SIGKILL: left behind; the next start removes the leftovers and programs anew.
+    // Each start waits for its own "gateway running": the log starts empty.
+    let _ = std::fs::remove_file(&gw.log);
     gw.restart(g, &args);
     gw.process.as_mut().unwrap().kill().unwrap();
     assert!(
         !braid_objects_left(g).is_empty(),
         "a crash leaves its objects"
     );
+    let _ = std::fs::remove_file(&gw.log);
     gw.restart(g, &args);
     let objects = gateway_objects(g);
     assert_eq!(
@@ -463,7 +471,11 @@ fn status_shows_uplinks_connections_and_subflows() {
     let dl = std::thread::spawn(move || curl_sha(&client, &[], &url));
     std::thread::sleep(Duration::from_secs(3));
     let bin = env!("CARGO_BIN_EXE_braid");
-    let json = cl.lab.gateway.run([bin, "status", "--json"]).expect("braid status");
+    let json = cl
+        .lab
+        .gateway
+        .run([bin, "status", "--json"])
+        .expect("braid status");
     let s: braid::status::Status = serde_json::from_str(json.trim()).expect("status JSON");
     assert_eq!(s.role, "gateway");
     assert_eq!(s.uplinks.len(), 2, "{json}");
@@ -477,15 +489,28 @@ fn status_shows_uplinks_connections_and_subflows() {
         .iter()
         .find(|c| c.dest.port() == 80)
         .expect("the download in status");
-    let named: Vec<_> = c.subflows.iter().filter_map(|sf| sf.uplink.clone()).collect();
+    let named: Vec<_> = c
+        .subflows
+        .iter()
+        .filter_map(|sf| sf.uplink.clone())
+        .collect();
     assert_eq!(named.len(), 2, "each subflow with its uplink: {json}");
-    assert!(c.down > 1 << 20 && c.subflows.iter().all(|sf| sf.rtt_ms > 0.0), "{json}");
+    assert!(
+        c.down > 1 << 20 && c.subflows.iter().all(|sf| sf.rtt_ms > 0.0),
+        "{json}"
+    );
     let table = cl.lab.gateway.run([bin, "status"]).unwrap();
-    assert!(table.contains("g-v1") && table.contains("Mbit/s"), "{table}");
+    assert!(
+        table.contains("g-v1") && table.contains("Mbit/s"),
+        "{table}"
+    );
     let conv = cl.lab.converter.run([bin, "status", "--json"]).unwrap();
     let cs: braid::status::Status = serde_json::from_str(conv.trim()).unwrap();
     assert_eq!(cs.role, "converter");
-    assert!(cs.connections.iter().any(|c| c.subflows.len() == 2), "{conv}");
+    assert!(
+        cs.connections.iter().any(|c| c.subflows.len() == 2),
+        "{conv}"
+    );
     let metrics = cl
         .lab
         .gateway
@@ -499,6 +524,9 @@ fn status_shows_uplinks_connections_and_subflows() {
         assert!(metrics.contains(m), "no {m} in:\n{metrics}");
     }
     let (ok, digest, _) = dl.join().unwrap();
-    assert!(ok && digest == hex(&nginx.sha256), "download broken: {digest}");
+    assert!(
+        ok && digest == hex(&nginx.sha256),
+        "download broken: {digest}"
+    );
     drop(gw);
 }

@@ -5,7 +5,7 @@
 use braid_lab::{StandardConfig, StandardLab};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let mut config = StandardConfig::default();
+    let mut config = StandardConfig::by_hand();
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {

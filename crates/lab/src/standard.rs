@@ -132,16 +132,30 @@ pub struct StandardConfig {
     pub congestion_control: Option<String>,
 }
 
+impl StandardConfig {
+    /// The gateway's paths set up by hand ([`GatewayRouting::ByHand`] with endpoints): for
+    /// tests whose MPTCP client is not `braid gateway` (the converter's tests), and for
+    /// comparing braid's own path management with a careful user's.
+    pub fn by_hand() -> Self {
+        StandardConfig {
+            mptcp_gateway_endpoints: true,
+            gateway_routing: GatewayRouting::ByHand,
+            ..StandardConfig::default()
+        }
+    }
+}
+
 impl Default for StandardConfig {
-    /// Two unshaped uplinks, IPv6 on, gateway endpoints on.
+    /// Two unshaped uplinks, IPv6 on, the gateway routed like a router out of the box
+    /// ([`GatewayRouting::Router`]): bonding is `braid gateway`'s job.
     fn default() -> Self {
         StandardConfig {
             uplinks: 2,
             rates: None,
             delays: None,
             ipv6: true,
-            mptcp_gateway_endpoints: true,
-            gateway_routing: GatewayRouting::ByHand,
+            mptcp_gateway_endpoints: false,
+            gateway_routing: GatewayRouting::Router,
             uplink_families: None,
             fast_open: FastOpen::default(),
             rto_min_us: None,

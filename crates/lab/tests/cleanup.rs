@@ -24,7 +24,7 @@ fn ip_netns_list() -> String {
 
 #[test]
 fn dropping_a_lab_removes_its_namespaces() {
-    let lab = StandardLab::new(StandardConfig::default()).unwrap();
+    let lab = StandardLab::new(StandardConfig::by_hand()).unwrap();
     let names: Vec<String> = lab
         .namespaces()
         .iter()
@@ -84,7 +84,7 @@ fn a_failed_construction_leaves_nothing() {
     assert!(
         StandardLab::new(StandardConfig {
             uplinks: 0,
-            ..StandardConfig::default()
+            ..StandardConfig::by_hand()
         })
         .is_err()
     );
@@ -92,7 +92,7 @@ fn a_failed_construction_leaves_nothing() {
         StandardLab::new(StandardConfig {
             uplinks: 2,
             rates: Some(vec![1]),
-            ..StandardConfig::default()
+            ..StandardConfig::by_hand()
         })
         .is_err()
     );

@@ -442,7 +442,7 @@ fn delay_settings_are_validated() {
         StandardLab::new(StandardConfig {
             uplinks: 2,
             delays: Some(vec![Delay::ms(1)]),
-            ..StandardConfig::default()
+            ..StandardConfig::by_hand()
         })
         .is_err()
     );
@@ -455,7 +455,7 @@ fn standard_lab_uplink_delays() {
         delays: Some(vec![Delay::ms(10), Delay::ms(40)]),
         ipv6: false,
         mptcp_gateway_endpoints: false,
-        ..StandardConfig::default()
+        ..StandardConfig::by_hand()
     })
     .unwrap();
     for (u, d) in lab.uplinks.iter().zip([10, 40]) {

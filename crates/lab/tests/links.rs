@@ -20,7 +20,7 @@ fn shaped_uplinks_carry_their_rate() {
         rates: Some(rates.to_vec()),
         ipv6: false,
         mptcp_gateway_endpoints: false,
-        ..StandardConfig::default()
+        ..StandardConfig::by_hand()
     })
     .unwrap();
 
@@ -107,7 +107,7 @@ fn link_down_stops_traffic_until_up() {
         mptcp_gateway_endpoints: false,
         // Short RTO so the flow resumes quickly after the link comes back.
         rto_min_us: Some(20_000),
-        ..StandardConfig::default()
+        ..StandardConfig::by_hand()
     })
     .unwrap();
     let u = &lab.uplinks[0];
@@ -198,7 +198,7 @@ fn loss_and_blackhole() {
     let lab = StandardLab::new(StandardConfig {
         uplinks: 1,
         ipv6: false,
-        ..StandardConfig::default()
+        ..StandardConfig::by_hand()
     })
     .unwrap();
     let link = &lab.uplinks[0].link;
@@ -279,7 +279,7 @@ fn replace_addr_moves_routes_and_survives_a_flap() {
         uplinks: 2,
         mptcp_gateway_endpoints: false,
         rto_min_us: Some(20_000),
-        ..StandardConfig::default()
+        ..StandardConfig::by_hand()
     })
     .unwrap();
     let u = &lab.uplinks[0];

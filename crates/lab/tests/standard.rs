@@ -45,7 +45,7 @@ fn fetch(ns: &Netns, dst: SocketAddr, src: Option<IpAddr>) -> String {
 #[test]
 fn client_reaches_server_over_both_families() {
     let t0 = Instant::now();
-    let lab = StandardLab::new(StandardConfig::default()).unwrap();
+    let lab = StandardLab::new(StandardConfig::by_hand()).unwrap();
     eprintln!("standard lab built in {:?}", t0.elapsed());
 
     for dst in [
@@ -127,7 +127,7 @@ fn mptcp_opens_a_subflow_per_uplink() {
         uplinks: 2,
         rates: Some(vec![20_000_000, 20_000_000]),
         ipv6: false,
-        ..StandardConfig::default()
+        ..StandardConfig::by_hand()
     })
     .unwrap();
     let dst = SocketAddr::new(lab.converter_v4().into(), 5201);

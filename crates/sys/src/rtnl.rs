@@ -27,6 +27,27 @@ fn nl_err(what: &str, e: impl std::fmt::Display) -> io::Error {
     io::Error::other(format!("{what}: {e}"))
 }
 
+/// Runs a dump again when the kernel says it changed while it was being read (EBUSY: the
+/// dump was interrupted), which happens whenever routes or addresses change at that moment,
+/// as they do when a link comes up.
+async fn dump<T, F, Fut>(what: &str, mut f: F) -> io::Result<Vec<T>>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<Vec<T>, rtnetlink::Error>>,
+{
+    let mut tries = 0;
+    loop {
+        match f().await {
+            Ok(v) => return Ok(v),
+            Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::EBUSY && tries < 8 => {
+                tries += 1;
+                tokio::time::sleep(std::time::Duration::from_millis(5 * tries)).await;
+            }
+            Err(e) => return Err(nl_err(what, e)),
+        }
+    }
+}
+
 /// A network interface.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Link {
@@ -110,14 +131,10 @@ impl Rtnl {
     }
 
     pub async fn links(&self) -> io::Result<Vec<Link>> {
-        let msgs: Vec<_> = self
-            .handle
-            .link()
-            .get()
-            .execute()
-            .try_collect()
-            .await
-            .map_err(|e| nl_err("ip link show", e))?;
+        let msgs = dump("ip link show", || {
+            self.handle.link().get().execute().try_collect()
+        })
+        .await?;
         Ok(msgs
             .into_iter()
             .map(|m| Link {
@@ -140,14 +157,10 @@ impl Rtnl {
     }
 
     pub async fn addresses(&self) -> io::Result<Vec<Address>> {
-        let msgs: Vec<_> = self
-            .handle
-            .address()
-            .get()
-            .execute()
-            .try_collect()
-            .await
-            .map_err(|e| nl_err("ip address show", e))?;
+        let msgs = dump("ip address show", || {
+            self.handle.address().get().execute().try_collect()
+        })
+        .await?;
         Ok(msgs
             .into_iter()
             .filter_map(|m| {
@@ -190,14 +203,14 @@ impl Rtnl {
             } else {
                 RouteMessageBuilder::<Ipv4Addr>::new().build()
             };
-            let msgs: Vec<_> = self
-                .handle
-                .route()
-                .get(filter)
-                .execute()
-                .try_collect()
-                .await
-                .map_err(|e| nl_err("ip route show table all", e))?;
+            let msgs = dump("ip route show table all", || {
+                self.handle
+                    .route()
+                    .get(filter.clone())
+                    .execute()
+                    .try_collect()
+            })
+            .await?;
             out.extend(msgs.iter().filter_map(route_of));
         }
         Ok(out)
@@ -227,14 +240,14 @@ impl Rtnl {
     pub async fn rules(&self) -> io::Result<Vec<Rule>> {
         let mut out = Vec::new();
         for version in [IpVersion::V4, IpVersion::V6] {
-            let msgs: Vec<RuleMessage> = self
-                .handle
-                .rule()
-                .get(version)
-                .execute()
-                .try_collect()
-                .await
-                .map_err(|e| nl_err("ip rule show", e))?;
+            let msgs: Vec<RuleMessage> = dump("ip rule show", || {
+                self.handle
+                    .rule()
+                    .get(version.clone())
+                    .execute()
+                    .try_collect()
+            })
+            .await?;
             out.extend(msgs.iter().map(rule_of));
         }
         Ok(out)

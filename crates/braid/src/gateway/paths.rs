@@ -14,8 +14,8 @@
 use std::collections::{BTreeMap, HashMap};
 use std::io;
 use std::net::IpAddr;
-use std::sync::{Arc, Mutex};
 use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -105,7 +105,9 @@ async fn sample(
             _ = stop.cancelled() => return,
             _ = tick.tick() => {}
         }
-        let Ok(links) = nl.links().await else { continue };
+        let Ok(links) = nl.links().await else {
+            continue;
+        };
         let ups = uplinks.borrow().clone();
         let mut subflows: HashMap<String, i64> = HashMap::new();
         for c in registry.snapshot() {
@@ -135,7 +137,10 @@ async fn sample(
             if let Some((t, rx, tx)) = last.get(&u.interface) {
                 let secs = now.duration_since(*t).as_secs_f64().max(1e-3);
                 // A counter that went back is an interface that was recreated.
-                let (drx, dtx) = (l.rx_bytes.saturating_sub(*rx), l.tx_bytes.saturating_sub(*tx));
+                let (drx, dtx) = (
+                    l.rx_bytes.saturating_sub(*rx),
+                    l.tx_bytes.saturating_sub(*tx),
+                );
                 now_rates.insert(
                     u.interface.clone(),
                     Rates {
@@ -195,7 +200,7 @@ impl Paths {
         };
         // The first round runs before start returns: connections opened right after see the
         // uplinks.
-        m.round().await;
+        let mut read = m.round().await;
         let stop2 = stop.clone();
         let task = tokio::spawn(async move {
             let mut changes = Some(changes);
@@ -215,9 +220,10 @@ impl Paths {
                         }
                         tokio::time::sleep(SETTLE).await;
                     }
-                    _ = tokio::time::sleep(RESYNC) => {}
+                    // A round that could not read the state is tried again soon.
+                    _ = tokio::time::sleep(if read { RESYNC } else { SETTLE * 10 }) => {}
                 }
-                m.round().await;
+                read = m.round().await;
             }
             m.undo().await;
         });
@@ -258,13 +264,13 @@ impl Manager {
         })
     }
 
-    /// One read–decide–apply round.
-    async fn round(&mut self) {
+    /// One read–decide–apply round; false when the state could not be read.
+    async fn round(&mut self) -> bool {
         let obs = match self.observe().await {
             Ok(o) => o,
             Err(e) => {
                 tracing::warn!(error = %e, "reading links, addresses and routes");
-                return;
+                return false;
             }
         };
         let ups = uplinks::assess(&self.cfg.selection, &mut self.slots, &obs);
@@ -281,6 +287,7 @@ impl Manager {
             self.apply(changes).await;
         }
         self.published.send_replace(ups);
+        true
     }
 
     fn log_changes(&self, now: &[Uplink]) {
