@@ -5,7 +5,7 @@
 //! rate of each uplink every second and the total, checks the SHA-256, and removes everything,
 //! also on Ctrl-C.
 
-use std::io::{Read, Write};
+use std::io::Read;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -13,7 +13,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use braid_lab::{Netns, Output, StandardConfig, StandardLab};
-use sha2::{Digest, Sha256};
 
 const CONVERTER_PORT: u16 = 5124;
 const HTTP_PORT: u16 = 80;
@@ -82,7 +81,7 @@ fn run(args: &Options, stop: &AtomicBool) -> anyhow::Result<()> {
     let logs = std::env::temp_dir().join(format!("braid-demo-{}", std::process::id()));
     std::fs::create_dir_all(&logs)?;
 
-    let digest = serve_file(&lab.server, size)?;
+    let digest = braid_lab::http::serve_file(&lab.server, HTTP_PORT, size)?;
     let mut converter = braid_lab::process::spawn_daemon(
         &lab.converter,
         &exe,
@@ -201,75 +200,6 @@ fn run(args: &Options, stop: &AtomicBool) -> anyhow::Result<()> {
         bail!("the download did not arrive intact");
     }
     Ok(())
-}
-
-/// A minimal HTTP server in the server namespace: `GET` anything, get `size` bytes. Returns
-/// the SHA-256 of the body. Its thread ends with the process.
-fn serve_file(ns: &Netns, size: u64) -> anyhow::Result<[u8; 32]> {
-    let mut block = vec![0u8; 1 << 20];
-    // Incompressible-looking but cheap bytes (xorshift).
-    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
-    for chunk in block.chunks_mut(8) {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        chunk.copy_from_slice(&x.to_le_bytes()[..chunk.len()]);
-    }
-    let mut h = Sha256::new();
-    let mut left = size;
-    while left > 0 {
-        let k = left.min(block.len() as u64) as usize;
-        h.update(&block[..k]);
-        left -= k as u64;
-    }
-    let digest: [u8; 32] = h.finalize().into();
-    let block = Arc::new(block);
-    let (tx, rx) = std::sync::mpsc::channel();
-    let thread = ns.thread(move || {
-        let listener = match std::net::TcpListener::bind(("0.0.0.0", HTTP_PORT)) {
-            Ok(l) => l,
-            Err(e) => {
-                let _ = tx.send(Err(e));
-                return;
-            }
-        };
-        let _ = tx.send(Ok(()));
-        for conn in listener.incoming() {
-            let Ok(mut conn) = conn else { continue };
-            let block = block.clone();
-            std::thread::spawn(move || {
-                let mut req = Vec::new();
-                let mut buf = [0u8; 1024];
-                while !req.windows(4).any(|w| w == b"\r\n\r\n") && req.len() < 16384 {
-                    match conn.read(&mut buf) {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => req.extend_from_slice(&buf[..n]),
-                    }
-                }
-                let head = format!(
-                    "HTTP/1.1 200 OK\r\nContent-Length: {size}\r\nContent-Type: \
-                     application/octet-stream\r\nConnection: close\r\n\r\n"
-                );
-                if conn.write_all(head.as_bytes()).is_err() {
-                    return;
-                }
-                let mut left = size;
-                while left > 0 {
-                    let k = left.min(block.len() as u64) as usize;
-                    if conn.write_all(&block[..k]).is_err() {
-                        return;
-                    }
-                    left -= k as u64;
-                }
-            });
-        }
-    })?;
-    // The server thread lives as long as the demo; detach it.
-    std::mem::forget(thread);
-    rx.recv_timeout(Duration::from_secs(5))
-        .context("file server did not start")?
-        .context("file server")?;
-    Ok(digest)
 }
 
 /// Received bytes of each uplink interface of the gateway (downloads arrive there).

@@ -14,7 +14,7 @@
 //!   topology in one call.
 //! - [`process`]: [`Process`], a program running in a namespace, stopped when dropped.
 //! - [`bulk`]: a one-connection TCP/MPTCP transfer that measures throughput; [`iperf3`]: an
-//!   iperf3 run with a server of its own.
+//!   iperf3 run with a server of its own; [`http`]: a minimal HTTP file server.
 //! - [`routing`]: [`Route`], [`Rule`] and [`MptcpEndpoint`] values.
 //!
 //! Namespaces are named `blab-<pid>-<n>-<role>`, so parallel test processes never collide,
@@ -56,6 +56,7 @@
 pub mod bulk;
 pub mod delay;
 mod error;
+pub mod http;
 pub mod iperf3;
 pub mod lab;
 pub mod link;
