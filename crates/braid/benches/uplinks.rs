@@ -23,6 +23,9 @@ use support::env_or;
 
 const HTTP_PORT: u16 = 8080;
 
+/// A caption, the uplinks' rates and their one-way delays.
+type Scenario = (&'static str, Vec<u64>, Option<Vec<Delay>>);
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Mode {
     Defaults,
@@ -203,7 +206,7 @@ fn recovery(run: &Run, event: Event) -> Option<Duration> {
 
 fn main() {
     let size: u64 = env_or("BRAID_BENCH_SIZE_MIB", 48u64) << 20;
-    let scenarios: [(&str, Vec<u64>, Option<Vec<Delay>>); 4] = [
+    let scenarios: [Scenario; 4] = [
         (
             "2 uplinks, 20 + 30 Mbit/s",
             vec![20_000_000, 30_000_000],

@@ -135,8 +135,8 @@ impl Registry {
                         .unwrap_or_default()
                         .into_iter()
                         .map(|sf| SubflowStatus {
-                            local: sf.local,
-                            remote: sf.remote,
+                            local: unmapped(sf.local),
+                            remote: unmapped(sf.remote),
                             uplink: None,
                             rtt_ms: f64::from(sf.rtt_us) / 1000.0,
                             bytes_acked: sf.bytes_acked,
@@ -149,6 +149,17 @@ impl Registry {
             .collect();
         out.sort_by_key(|c| c.id);
         out
+    }
+}
+
+/// `[::ffff:a.b.c.d]:p` as `a.b.c.d:p`: an IPv6 socket's IPv4 subflows.
+fn unmapped(a: SocketAddr) -> SocketAddr {
+    match a {
+        SocketAddr::V6(v6) => v6
+            .ip()
+            .to_ipv4_mapped()
+            .map_or(a, |v4| SocketAddr::new(v4.into(), v6.port())),
+        v4 => v4,
     }
 }
 

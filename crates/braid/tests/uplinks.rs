@@ -530,3 +530,85 @@ fn status_shows_uplinks_connections_and_subflows() {
     );
     drop(gw);
 }
+
+#[test]
+fn an_uplink_that_appears_after_start_joins() {
+    let cl = ConverterLab::new(router(&[mbit(20)]), &default_converter_args());
+    let size = 40 << 20;
+    let nginx = Nginx::start(&cl.lab.server, size);
+    let gw = gateway_to(&cl, &["--transparent", "tproxy"]);
+    let url = format!("http://{}/file", cl.lab.server_v4());
+    let client = cl.lab.client.clone();
+    let dl = std::thread::spawn(move || curl_sha(&client, &[], &url));
+    std::thread::sleep(Duration::from_secs(2));
+    // A USB LTE stick: a new interface with an address and a default route (DHCP).
+    let link = cl
+        .lab
+        .lab()
+        .link(&cl.lab.gateway, "g-usb", &cl.lab.converter, "v-usb")
+        .unwrap();
+    link.b.add_addr("10.1.9.2/24".parse().unwrap()).unwrap();
+    link.a.add_addr("10.1.9.1/24".parse().unwrap()).unwrap();
+    link.shape(mbit(30)).unwrap();
+    cl.lab
+        .gateway
+        .ip(&[
+            "route", "add", "default", "via", "10.1.9.2", "dev", "g-usb", "metric", "900",
+        ])
+        .unwrap();
+    let plugged = Instant::now();
+    let samples = watch_interface(&cl.lab.gateway, "g-usb", plugged, Duration::from_secs(3));
+    let carrying = carrying_again(&samples);
+    eprintln!("the new uplink carries {carrying:?} after it appeared");
+    assert!(
+        carrying.is_some_and(|c| c <= Duration::from_secs(2)),
+        "the new uplink was not used: {samples:?}\n{}",
+        gw.log_text()
+    );
+    assert!(gw.log_text().contains("interface=g-usb state=\"up\""));
+    let (ok, digest, _) = dl.join().unwrap();
+    assert!(
+        ok && digest == hex(&nginx.sha256),
+        "download broken: {digest}"
+    );
+}
+
+#[test]
+fn a_dual_stack_uplink_is_used_with_both_families() {
+    let lab = StandardLab::new(router(&[mbit(20), mbit(30)])).expect("lab");
+    // The converter has both families on uplink 2 and announces its IPv6 address there.
+    let v6 = lab.uplinks[1].converter_v6.expect("ipv6");
+    let mut args = default_converter_args();
+    args.extend([
+        "--signal".into(),
+        v6.to_string(),
+        "--mptcp-subflows".into(),
+        "8".into(),
+    ]);
+    let cl = ConverterLab::from_lab(lab, &args);
+    let size = 32 << 20;
+    let nginx = Nginx::start(&cl.lab.server, size);
+    let _gw = gateway_to(&cl, &["--transparent", "tproxy"]);
+    let url = format!("http://{}/file", cl.lab.server_v4());
+    let client = cl.lab.client.clone();
+    let dl = std::thread::spawn(move || curl_sha(&client, &[], &url));
+    let bin = env!("CARGO_BIN_EXE_braid");
+    let families = eventually(|| {
+        let Ok(json) = cl.lab.gateway.run([bin, "status", "--json"]) else {
+            return false;
+        };
+        let Ok(s) = serde_json::from_str::<braid::status::Status>(json.trim()) else {
+            return false;
+        };
+        s.connections.iter().any(|c| {
+            c.subflows.iter().any(|sf| sf.local.is_ipv6())
+                && c.subflows.iter().any(|sf| sf.local.is_ipv4())
+        })
+    });
+    let (ok, digest, _) = dl.join().unwrap();
+    assert!(
+        ok && digest == hex(&nginx.sha256),
+        "download broken: {digest}"
+    );
+    assert!(families, "no connection had subflows of both families");
+}

@@ -191,7 +191,7 @@ async fn run(settings: Settings, daemon: Daemon) -> anyhow::Result<()> {
         .await?;
     {
         let registry = shared.registry.clone();
-        let view = paths.as_ref().map(|p| (p.uplinks.clone(), p.rates.clone()));
+        let view = paths.as_ref().map(paths::Paths::view);
         daemon.serve_status("gateway", move || status(&registry, view.as_ref()));
     }
     for (mode, l) in transparent {
@@ -227,17 +227,11 @@ async fn run(settings: Settings, daemon: Daemon) -> anyhow::Result<()> {
 
 /// What `braid status` shows of the gateway: its uplinks (rates over the last second, the
 /// subflows each carries) and its connections, each subflow named by its uplink.
-fn status(
-    registry: &crate::status::Registry,
-    view: Option<&(
-        tokio::sync::watch::Receiver<Vec<uplinks::Uplink>>,
-        Arc<std::sync::Mutex<std::collections::HashMap<String, paths::Rates>>>,
-    )>,
-) -> crate::status::Status {
+fn status(registry: &crate::status::Registry, view: Option<&paths::View>) -> crate::status::Status {
     let mut connections = registry.snapshot();
-    let ups = view.map(|v| v.0.borrow().clone()).unwrap_or_default();
+    let ups = view.map(|v| v.uplinks.borrow().clone()).unwrap_or_default();
     let rates = view
-        .map(|v| v.1.lock().unwrap_or_else(|e| e.into_inner()).clone())
+        .map(|v| v.rates.lock().unwrap_or_else(|e| e.into_inner()).clone())
         .unwrap_or_default();
     let mut counts = std::collections::HashMap::<String, usize>::new();
     for c in &mut connections {

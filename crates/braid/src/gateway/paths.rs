@@ -75,6 +75,22 @@ pub struct Paths {
     stop: CancellationToken,
 }
 
+/// What the rest of the gateway reads of the uplinks: their state and their rates.
+#[derive(Debug, Clone)]
+pub struct View {
+    pub uplinks: watch::Receiver<Vec<Uplink>>,
+    pub rates: Arc<Mutex<HashMap<String, Rates>>>,
+}
+
+impl Paths {
+    pub fn view(&self) -> View {
+        View {
+            uplinks: self.uplinks.clone(),
+            rates: self.rates.clone(),
+        }
+    }
+}
+
 /// The uplink an address belongs to, by name.
 pub fn uplink_of(uplinks: &[Uplink], addr: IpAddr) -> Option<&str> {
     let addr = match addr {
