@@ -152,6 +152,31 @@ impl Registry {
     }
 }
 
+impl Registry {
+    /// Every subflow of every MPTCP connection, as the kernel reports it, with the
+    /// connection's id: what the gateway's health checks judge progress and loss by.
+    pub fn subflows(&self) -> Vec<(u64, braid_sys::sockopt::SubflowInfo)> {
+        let socks: Vec<(u64, Arc<TcpStream>)> = self
+            .lock()
+            .iter()
+            .filter_map(|(id, e)| e.mptcp.clone().map(|s| (*id, s)))
+            .collect();
+        socks
+            .into_iter()
+            .flat_map(|(id, s)| {
+                braid_sys::sockopt::mptcp_subflows(&*s)
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(move |mut sf| {
+                        sf.local = unmapped(sf.local);
+                        sf.remote = unmapped(sf.remote);
+                        (id, sf)
+                    })
+            })
+            .collect()
+    }
+}
+
 /// `[::ffff:a.b.c.d]:p` as `a.b.c.d:p`: an IPv6 socket's IPv4 subflows.
 fn unmapped(a: SocketAddr) -> SocketAddr {
     match a {
@@ -202,6 +227,25 @@ pub struct UplinkStatus {
     pub rx_bps: f64,
     pub tx_bps: f64,
     pub subflows: usize,
+    /// `up`, `degraded`, `dead`, `down`, and why.
+    #[serde(default)]
+    pub health: String,
+    #[serde(default)]
+    pub health_reason: String,
+    /// Seconds in this health.
+    #[serde(default)]
+    pub health_secs: f64,
+    /// `carrying`, `standby`, `out`.
+    #[serde(default)]
+    pub role: String,
+    /// The last probe handshake's time, milliseconds.
+    #[serde(default)]
+    pub probe_rtt_ms: Option<f64>,
+    /// Probe handshakes sent and answered.
+    #[serde(default)]
+    pub probes_sent: u64,
+    #[serde(default)]
+    pub probes_answered: u64,
 }
 
 /// What a daemon answers.
@@ -303,23 +347,44 @@ pub fn render(s: &Status) -> String {
         let _ = writeln!(out, "\nuplinks");
         let _ = writeln!(
             out,
-            "  {:<10} {:<10} {:<10} {:<6} {:>13} {:>13} {:>8}  addresses",
-            "name", "interface", "state", "backup", "down", "up", "subflows"
+            "  {:<10} {:<10} {:<10} {:<9} {:<8} {:<6} {:>13} {:>13} {:>8} {:>8}  addresses",
+            "name",
+            "interface",
+            "state",
+            "health",
+            "role",
+            "backup",
+            "down",
+            "up",
+            "subflows",
+            "probe"
         );
         for u in &s.uplinks {
             let addrs: Vec<String> = u.addresses.iter().map(ToString::to_string).collect();
             let _ = writeln!(
                 out,
-                "  {:<10} {:<10} {:<10} {:<6} {:>13} {:>13} {:>8}  {}",
+                "  {:<10} {:<10} {:<10} {:<9} {:<8} {:<6} {:>13} {:>13} {:>8} {:>8}  {}",
                 u.name,
                 u.interface,
                 u.state,
+                u.health,
+                u.role.split(' ').next().unwrap_or(""),
                 if u.backup { "yes" } else { "no" },
                 rate(u.rx_bps),
                 rate(u.tx_bps),
                 u.subflows,
+                u.probe_rtt_ms
+                    .map(|ms| format!("{ms:.1} ms"))
+                    .unwrap_or_else(|| "-".into()),
                 addrs.join(" ")
             );
+            if !u.health_reason.is_empty() && u.health != "up" {
+                let _ = writeln!(
+                    out,
+                    "  {:<10} {} for {:.0} s: {}",
+                    "", u.health, u.health_secs, u.health_reason
+                );
+            }
         }
     }
     let _ = writeln!(out, "\nconnections: {}", s.connections.len());
@@ -387,12 +452,23 @@ mod tests {
                 rx_bps: 20e6,
                 tx_bps: 1e6,
                 subflows: 1,
+                health: "dead".into(),
+                health_reason: "2 probe rounds in a row unanswered".into(),
+                health_secs: 3.0,
+                role: "out".into(),
+                probe_rtt_ms: Some(21.5),
+                probes_sent: 12,
+                probes_answered: 4,
             }],
             connections: snap,
         };
         let table = render(&status);
         assert!(
             table.contains("dsl") && table.contains("20.0 Mbit/s"),
+            "{table}"
+        );
+        assert!(
+            table.contains("dead for 3 s: 2 probe rounds in a row unanswered"),
             "{table}"
         );
         assert!(

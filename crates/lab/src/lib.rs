@@ -64,6 +64,7 @@ pub mod netns;
 pub mod process;
 pub mod routing;
 pub mod standard;
+pub mod stream;
 
 pub use delay::{Delay, DelayStats};
 pub use error::{Error, Result};

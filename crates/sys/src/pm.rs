@@ -26,6 +26,7 @@ const CMD_GET_ADDR: u8 = 3;
 const CMD_FLUSH_ADDRS: u8 = 4;
 const CMD_SET_LIMITS: u8 = 5;
 const CMD_GET_LIMITS: u8 = 6;
+const CMD_SET_FLAGS: u8 = 7;
 const ATTR_ADDR: u16 = 1;
 const ATTR_RCV_ADD_ADDRS: u16 = 2;
 const ATTR_SUBFLOWS: u16 = 3;
@@ -360,6 +361,28 @@ impl PathManager {
             PmMessage {
                 cmd: CMD_DEL_ADDR,
                 attrs: vec![PmAttr::Addr(vec![AddrAttr::Id(id)])],
+            },
+            false,
+        )
+        .await
+        .map(drop)
+    }
+
+    /// `ip mptcp endpoint change id N [no]backup`: changes the priority of the endpoint and of
+    /// every subflow using its address on running connections (the kernel marks them locally
+    /// and sends MP_PRIO on each), without closing them.
+    pub async fn set_backup(&mut self, id: u8, backup: bool) -> io::Result<()> {
+        let flags = EndpointFlags {
+            backup,
+            ..EndpointFlags::default()
+        };
+        self.request(
+            PmMessage {
+                cmd: CMD_SET_FLAGS,
+                attrs: vec![PmAttr::Addr(vec![
+                    AddrAttr::Id(id),
+                    AddrAttr::Flags(flags.to_attr()),
+                ])],
             },
             false,
         )

@@ -197,11 +197,20 @@ pub struct SubflowInfo {
     pub bytes_received: u64,
     /// `tcpi_state` (1 = established).
     pub state: u8,
+    /// `tcpi_backoff`: RTOs in a row without progress (0 when data is being acknowledged).
+    pub backoff: u8,
+    /// Segments sent but not yet acknowledged.
+    pub unacked: u32,
+    /// Milliseconds since an ACK was last received.
+    pub last_ack_recv_ms: u32,
+    /// Segments retransmitted over the subflow's life, and segments sent.
+    pub total_retrans: u32,
+    pub segs_out: u32,
 }
 
 const MPTCP_FULL_INFO: i32 = 4;
-/// What is read of each subflow's `struct tcp_info`: up to `tcpi_bytes_received`.
-const TCPINFO_LEN: usize = 136;
+/// What is read of each subflow's `struct tcp_info`: up to `tcpi_segs_in`.
+const TCPINFO_LEN: usize = 144;
 /// `struct mptcp_subflow_info`: a u32 id, padding to 8, two `sockaddr_storage`.
 const SFINFO_LEN: usize = 8 + 2 * 128;
 /// Subflows asked for: the kernel's maximum per connection, with the initial one.
@@ -276,6 +285,11 @@ pub fn mptcp_subflows(fd: &impl AsFd) -> io::Result<Vec<SubflowInfo>> {
             rtt_us: if ti.len() >= 72 { get32(ti, 68) } else { 0 },
             bytes_acked: if ti.len() >= 128 { get64(ti, 120) } else { 0 },
             bytes_received: if ti.len() >= 136 { get64(ti, 128) } else { 0 },
+            backoff: ti.get(4).copied().unwrap_or(0),
+            unacked: if ti.len() >= 28 { get32(ti, 24) } else { 0 },
+            last_ack_recv_ms: if ti.len() >= 60 { get32(ti, 56) } else { 0 },
+            total_retrans: if ti.len() >= 104 { get32(ti, 100) } else { 0 },
+            segs_out: if ti.len() >= 140 { get32(ti, 136) } else { 0 },
         });
     }
     Ok(out)

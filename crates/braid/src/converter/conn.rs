@@ -62,6 +62,10 @@ const FINAL_DRAIN: usize = 1 << 20;
 /// backstop.
 const REQUEST_CAP: usize = 4 * 1024;
 
+/// The outcome of a connection that ended before its first byte: counted, logged at debug
+/// level only (gateways probe once a second per uplink when there is no traffic to judge by).
+const EMPTY: &str = "empty";
+
 pub async fn serve(client: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
     let started = Instant::now();
     // Shared with the status registry while relaying (it reads the subflows).
@@ -94,6 +98,10 @@ pub async fn serve(client: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
         }
     };
     shared.stats.outcome(closed.label);
+    if closed.label == EMPTY {
+        tracing::debug!(client = %peer, detail = %closed.detail, "connection closed");
+        return;
+    }
     tracing::info!(
         client = %peer,
         dest = %closed.dest.map(|d| d.to_string()).unwrap_or_else(|| "-".into()),
@@ -165,6 +173,16 @@ async fn converse(
                 "handshake_timeout",
                 "no complete Convert request in time",
             );
+        }
+        // Closed or reset before a single byte: what a health check does (braid's gateways
+        // probe each uplink with a bare handshake), not a failed client.
+        Ok(Err(ReadError::Closed)) if buf.is_empty() => {
+            return Closed::early(None, EMPTY, "closed before sending a byte (a probe)");
+        }
+        Ok(Err(ReadError::Io(e)))
+            if buf.is_empty() && e.kind() == std::io::ErrorKind::ConnectionReset =>
+        {
+            return Closed::early(None, EMPTY, "reset before sending a byte (a probe)");
         }
         Ok(Err(ReadError::Closed)) => {
             stats.handshake_failure("eof");

@@ -9,6 +9,7 @@ use ipnet::IpNet;
 use serde::{Deserialize, Deserializer};
 
 use super::capture::TransparentMode;
+use super::health::HealthConfig;
 use super::uplinks::{MAX_UPLINKS, Numbers, Selection, UplinkConf};
 use crate::config::{
     ConfigError, congestion_control, overlay, parse_prefixes, read_toml, relay_config,
@@ -33,6 +34,115 @@ pub struct UplinkFile {
     pub name: Option<String>,
     /// A metered link that should carry traffic only when no primary works.
     pub backup: Option<bool>,
+}
+
+/// `[health]`: how uplinks are probed and judged (see `health.rs` for what each does).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthFile {
+    pub probe_interval_ms: Option<u64>,
+    pub probe_idle_interval_secs: Option<u64>,
+    pub probe_standby_interval_secs: Option<u64>,
+    pub probe_timeout_ms: Option<u64>,
+    pub probe_attempts: Option<u8>,
+    pub dead_after: Option<u32>,
+    pub up_after: Option<u32>,
+    pub hold_down_secs: Option<u64>,
+    pub hold_down_max_secs: Option<u64>,
+    pub flap_window_secs: Option<u64>,
+    pub backup_release_secs: Option<u64>,
+    pub degraded_loss_percent: Option<f64>,
+}
+
+impl HealthFile {
+    fn validate(self, path: Option<&Path>) -> Result<HealthConfig, ConfigError> {
+        let err = |key: &str, reason: String| {
+            ConfigError::invalid(path, &format!("health.{key}"), reason)
+        };
+        let d = HealthConfig::default();
+        let positive = |key: &str, v: Option<u64>, unit: fn(u64) -> Duration, default| match v {
+            None => Ok(default),
+            Some(0) => Err(err(key, "must be greater than 0".into())),
+            Some(n) => Ok(unit(n)),
+        };
+        let c = HealthConfig {
+            interval: positive(
+                "probe_interval_ms",
+                self.probe_interval_ms,
+                Duration::from_millis,
+                d.interval,
+            )?,
+            idle_interval: positive(
+                "probe_idle_interval_secs",
+                self.probe_idle_interval_secs,
+                Duration::from_secs,
+                d.idle_interval,
+            )?,
+            standby_interval: positive(
+                "probe_standby_interval_secs",
+                self.probe_standby_interval_secs,
+                Duration::from_secs,
+                d.standby_interval,
+            )?,
+            timeout: positive(
+                "probe_timeout_ms",
+                self.probe_timeout_ms,
+                Duration::from_millis,
+                d.timeout,
+            )?,
+            attempts: match self.probe_attempts {
+                None => d.attempts,
+                Some(n @ 1..=16) => n,
+                Some(n) => return Err(err("probe_attempts", format!("{n}: give 1 to 16"))),
+            },
+            dead_after: match self.dead_after {
+                None => d.dead_after,
+                Some(0) => return Err(err("dead_after", "must be at least 1".into())),
+                Some(n) => n,
+            },
+            up_after: match self.up_after {
+                None => d.up_after,
+                Some(0) => return Err(err("up_after", "must be at least 1".into())),
+                Some(n) => n,
+            },
+            hold_base: positive(
+                "hold_down_secs",
+                self.hold_down_secs,
+                Duration::from_secs,
+                d.hold_base,
+            )?,
+            hold_max: positive(
+                "hold_down_max_secs",
+                self.hold_down_max_secs,
+                Duration::from_secs,
+                d.hold_max,
+            )?,
+            flap_window: positive(
+                "flap_window_secs",
+                self.flap_window_secs,
+                Duration::from_secs,
+                d.flap_window,
+            )?,
+            backup_release: match self.backup_release_secs {
+                None => d.backup_release,
+                Some(n) => Duration::from_secs(n),
+            },
+            degraded_loss: match self.degraded_loss_percent {
+                None => d.degraded_loss,
+                Some(p) if p > 0.0 && p <= 100.0 => p / 100.0,
+                Some(p) => {
+                    return Err(err(
+                        "degraded_loss_percent",
+                        format!("{p}: give a share above 0 and at most 100"),
+                    ));
+                }
+            },
+        };
+        if c.hold_max < c.hold_base {
+            return Err(err("hold_down_max_secs", "is below hold_down_secs".into()));
+        }
+        Ok(c)
+    }
 }
 
 /// First routing table (and rule priority) of the uplinks, after the TPROXY table.
@@ -78,6 +188,8 @@ pub struct File {
     /// Program the uplinks (routing tables, source rules, MPTCP endpoints and limits).
     pub manage_uplinks: Option<bool>,
     pub state_dir: Option<std::path::PathBuf>,
+    /// `[health]`.
+    pub health: Option<HealthFile>,
 }
 
 /// `transparent = "tproxy" | "redirect" | "off"`.
@@ -131,6 +243,7 @@ impl File {
             uplinks,
             manage_uplinks,
             state_dir,
+            health,
         );
     }
 }
@@ -179,6 +292,7 @@ pub struct Settings {
     pub uplinks: Option<Selection>,
     pub uplink_numbers: Numbers,
     pub state_dir: std::path::PathBuf,
+    pub health: HealthConfig,
 }
 
 impl Settings {
@@ -362,6 +476,7 @@ impl Settings {
             state_dir: f
                 .state_dir
                 .unwrap_or_else(|| std::path::PathBuf::from(DEFAULT_STATE_DIR)),
+            health: f.health.unwrap_or_default().validate(path)?,
         })
     }
 

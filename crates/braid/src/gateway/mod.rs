@@ -15,6 +15,7 @@ pub mod capture;
 pub mod config;
 pub mod conn;
 pub mod converters;
+pub mod health;
 pub mod paths;
 pub mod socks;
 pub mod stats;
@@ -136,6 +137,11 @@ async fn run(settings: Settings, daemon: Daemon) -> anyhow::Result<()> {
                     selection: selection.clone(),
                     numbers: settings.uplink_numbers,
                     state_dir: settings.state_dir.clone(),
+                    health: settings.health.clone(),
+                    converters: settings.converters.clone(),
+                    mark: settings
+                        .capture_output
+                        .then(|| capture::own_mark(settings.fwmark)),
                 },
                 stats.clone(),
                 registry.clone(),
@@ -233,6 +239,9 @@ fn status(registry: &crate::status::Registry, view: Option<&paths::View>) -> cra
     let rates = view
         .map(|v| v.rates.lock().unwrap_or_else(|e| e.into_inner()).clone())
         .unwrap_or_default();
+    let health = view
+        .map(|v| v.health.lock().unwrap_or_else(|e| e.into_inner()).clone())
+        .unwrap_or_default();
     let mut counts = std::collections::HashMap::<String, usize>::new();
     for c in &mut connections {
         for sf in &mut c.subflows {
@@ -249,7 +258,15 @@ fn status(registry: &crate::status::Registry, view: Option<&paths::View>) -> cra
             .iter()
             .map(|u| {
                 let r = rates.get(&u.interface).copied().unwrap_or_default();
+                let h = health.get(&u.interface);
                 crate::status::UplinkStatus {
+                    health: u.health.as_str().into(),
+                    health_reason: h.map(|h| h.reason.clone()).unwrap_or_default(),
+                    health_secs: h.map_or(0.0, |h| h.since.elapsed().as_secs_f64()),
+                    role: u.role.as_str().into(),
+                    probe_rtt_ms: h.and_then(|h| h.probe_rtt).map(|d| d.as_secs_f64() * 1e3),
+                    probes_sent: h.map_or(0, |h| h.probes_sent),
+                    probes_answered: h.map_or(0, |h| h.probes_answered),
                     name: u.name.clone(),
                     interface: u.interface.clone(),
                     state: u.state.as_str().into(),

@@ -21,15 +21,20 @@ use std::time::Duration;
 use anyhow::Context;
 use braid_sys::pm::{Endpoint, EndpointFlags, PathManager, PmLimits};
 use braid_sys::rtnl::Rtnl;
+use braid_sys::sockopt::SubflowInfo;
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+use super::health::{self, Backups, HealthConfig, Round, Sample, Tracker};
 use super::uplinks::{self, Numbers, Observed, Programmed, Selection, Slots, State, Uplink};
 
 /// Re-read everything this often even without events.
 const RESYNC: Duration = Duration::from_secs(10);
+/// How often the gateway's subflows are sampled for the health checks (progress, stalls,
+/// retransmissions), and hold-downs looked at.
+const HEALTH_TICK: Duration = Duration::from_millis(500);
 /// Events come in bursts (a link going down removes addresses and routes one by one): wait
 /// this long after the first before reading the state.
 const SETTLE: Duration = Duration::from_millis(20);
@@ -47,6 +52,11 @@ pub struct PathsConfig {
     pub numbers: Numbers,
     /// Where the state file lives (`/run/braid`).
     pub state_dir: PathBuf,
+    pub health: HealthConfig,
+    /// Where probes go: the converters (the first of each family is probed).
+    pub converters: Vec<std::net::SocketAddr>,
+    /// The mark the gateway's own sockets carry (so that its capture lets them through).
+    pub mark: Option<u32>,
 }
 
 /// What the daemon changed that is not found again by its number: the values to put back.
@@ -64,12 +74,24 @@ pub struct Rates {
     pub tx_bps: f64,
 }
 
+/// What `braid status` shows of an uplink's health beyond its state.
+#[derive(Debug, Clone)]
+pub struct HealthView {
+    pub reason: String,
+    pub since: std::time::Instant,
+    pub probe_rtt: Option<Duration>,
+    pub probes_sent: u64,
+    pub probes_answered: u64,
+}
+
 /// The running uplink manager: its published view, and how to stop it.
 #[derive(Debug)]
 pub struct Paths {
     pub uplinks: watch::Receiver<Vec<Uplink>>,
     /// Per interface of an uplink.
     pub rates: Arc<Mutex<HashMap<String, Rates>>>,
+    /// Per interface of an uplink.
+    pub health: Arc<Mutex<HashMap<String, HealthView>>>,
     task: tokio::task::JoinHandle<()>,
     sampler: tokio::task::JoinHandle<()>,
     stop: CancellationToken,
@@ -80,6 +102,7 @@ pub struct Paths {
 pub struct View {
     pub uplinks: watch::Receiver<Vec<Uplink>>,
     pub rates: Arc<Mutex<HashMap<String, Rates>>>,
+    pub health: Arc<Mutex<HashMap<String, HealthView>>>,
 }
 
 impl Paths {
@@ -87,6 +110,7 @@ impl Paths {
         View {
             uplinks: self.uplinks.clone(),
             rates: self.rates.clone(),
+            health: self.health.clone(),
         }
     }
 }
@@ -200,10 +224,11 @@ impl Paths {
             nl.clone(),
             rx.clone(),
             rates.clone(),
-            stats,
-            registry,
+            stats.clone(),
+            registry.clone(),
             stop.clone(),
         ));
+        let (probe_tx, mut probe_rx) = tokio::sync::mpsc::channel(64);
         let mut m = Manager {
             cfg,
             nl,
@@ -213,13 +238,27 @@ impl Paths {
             held: Programmed::default(),
             restore: Restore::default(),
             published: tx,
+            obs: None,
+            trackers: HashMap::new(),
+            backups: Backups::default(),
+            probing: HashMap::new(),
+            probe_tx,
+            last_subflows: HashMap::new(),
+            learned: HashMap::new(),
+            registry,
+            stats: stats.clone(),
+            health_view: Arc::new(Mutex::new(HashMap::new())),
         };
+        let health_view = m.health_view.clone();
         // The first round runs before start returns: connections opened right after see the
         // uplinks.
         let mut read = m.round().await;
         let stop2 = stop.clone();
         let task = tokio::spawn(async move {
             let mut changes = Some(changes);
+            let mut tick = tokio::time::interval(HEALTH_TICK);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut resync = tokio::time::Instant::now() + RESYNC;
             loop {
                 let event = async {
                     match changes.as_mut() {
@@ -227,7 +266,7 @@ impl Paths {
                         None => std::future::pending().await,
                     }
                 };
-                tokio::select! {
+                let reread = tokio::select! {
                     _ = stop2.cancelled() => break,
                     ev = event => {
                         if ev.is_none() {
@@ -235,17 +274,34 @@ impl Paths {
                             changes = None;
                         }
                         tokio::time::sleep(SETTLE).await;
+                        true
                     }
                     // A round that could not read the state is tried again soon.
-                    _ = tokio::time::sleep(if read { RESYNC } else { SETTLE * 10 }) => {}
+                    _ = tokio::time::sleep_until(resync), if read => true,
+                    _ = tokio::time::sleep(SETTLE * 10), if !read => true,
+                    Some((interface, r)) = probe_rx.recv() => {
+                        m.probed(&interface, r);
+                        false
+                    }
+                    _ = tick.tick() => {
+                        m.health_tick();
+                        false
+                    }
+                };
+                if reread {
+                    read = m.round().await;
+                    resync = tokio::time::Instant::now() + RESYNC;
+                } else if m.health_changed() {
+                    m.decide().await;
                 }
-                read = m.round().await;
+                m.start_probes();
             }
             m.undo().await;
         });
         Ok(Paths {
             uplinks: rx,
             rates,
+            health: health_view,
             task,
             sampler,
             stop,
@@ -269,6 +325,76 @@ struct Manager {
     held: Programmed,
     restore: Restore,
     published: watch::Sender<Vec<Uplink>>,
+    /// The kernel's state as last read.
+    obs: Option<Observed>,
+    /// Per interface.
+    trackers: HashMap<String, Tracker>,
+    backups: Backups,
+    /// Interfaces with a probe round under way, and whether any health changed since the last
+    /// decision.
+    probing: HashMap<String, ()>,
+    probe_tx: tokio::sync::mpsc::Sender<(String, Round)>,
+    /// Each subflow's counters at the previous sample: (connection, local, remote) → info.
+    last_subflows: HashMap<(u64, std::net::SocketAddr, std::net::SocketAddr), SubflowInfo>,
+    /// Converter addresses seen on subflows, per family (an IPv6 uplink can be probed at the
+    /// converter's IPv6 address even when only its IPv4 one is configured).
+    learned: HashMap<bool, std::net::SocketAddr>,
+    registry: Arc<crate::status::Registry>,
+    stats: super::stats::Stats,
+    health_view: Arc<Mutex<HashMap<String, HealthView>>>,
+}
+
+/// One probe handshake: a plain TCP connection from `src` to the converter, reset as soon as it
+/// is established (no TIME_WAIT, nothing for the converter to serve). A refusal also proves
+/// the path works.
+async fn probe_once(
+    src: IpAddr,
+    target: std::net::SocketAddr,
+    mark: Option<u32>,
+) -> io::Result<Duration> {
+    let spec = braid_sys::SocketSpec {
+        mark,
+        bind: Some(std::net::SocketAddr::new(src, 0)),
+        ..braid_sys::SocketSpec::default()
+    };
+    let sock = spec.open_for(target)?;
+    sock.set_nonblocking(true)?;
+    let sock = tokio::net::TcpSocket::from_std_stream(sock.into());
+    let t = std::time::Instant::now();
+    match sock.connect(target).await {
+        Ok(s) => {
+            let rtt = t.elapsed();
+            let _ = socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO));
+            Ok(rtt)
+        }
+        Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => Ok(t.elapsed()),
+        Err(e) => Err(e),
+    }
+}
+
+/// A probe round: `attempts` handshakes at once, each given `timeout`.
+async fn probe_round(
+    src: IpAddr,
+    target: std::net::SocketAddr,
+    attempts: u8,
+    timeout: Duration,
+    mark: Option<u32>,
+) -> Round {
+    let mut set: futures::stream::FuturesUnordered<_> = (0..attempts)
+        .map(|_| tokio::time::timeout(timeout, probe_once(src, target, mark)))
+        .collect();
+    let (mut answered, mut rtt) = (0u8, None::<Duration>);
+    while let Some(r) = set.next().await {
+        if let Ok(Ok(d)) = r {
+            answered += 1;
+            rtt = Some(rtt.map_or(d, |x| x.min(d)));
+        }
+    }
+    Round {
+        sent: attempts,
+        answered,
+        rtt,
+    }
 }
 
 impl Manager {
@@ -282,14 +408,44 @@ impl Manager {
 
     /// One read–decide–apply round; false when the state could not be read.
     async fn round(&mut self) -> bool {
-        let obs = match self.observe().await {
-            Ok(o) => o,
+        match self.observe().await {
+            Ok(o) => self.obs = Some(o),
             Err(e) => {
                 tracing::warn!(error = %e, "reading links, addresses and routes");
                 return false;
             }
-        };
-        let ups = uplinks::assess(&self.cfg.selection, &mut self.slots, &obs);
+        }
+        self.decide().await;
+        true
+    }
+
+    /// Decides from the state last read and the uplinks' health, and applies the difference.
+    async fn decide(&mut self) {
+        let Some(obs) = &self.obs else { return };
+        let mut ups = uplinks::assess(&self.cfg.selection, &mut self.slots, obs);
+        let now = std::time::Instant::now();
+        for u in &ups {
+            let up = u.state == State::Up;
+            let t = self
+                .trackers
+                .entry(u.interface.clone())
+                .or_insert_with(|| Tracker::new(up, now));
+            if let Some(tr) = t.link(up, now, &self.cfg.health) {
+                log_transition(&self.stats, u, &tr);
+            }
+        }
+        let trackers = &self.trackers;
+        health::roles(
+            &mut ups,
+            |u| {
+                trackers
+                    .get(&u.interface)
+                    .map_or(uplinks::Health::Up, Tracker::health)
+            },
+            &mut self.backups,
+            now,
+            &self.cfg.health,
+        );
         self.log_changes(&ups);
         if ups.iter().any(|u| u.state == State::Up) {
             self.ensure_limits().await;
@@ -302,15 +458,183 @@ impl Manager {
         if !changes.is_empty() {
             self.apply(changes).await;
         }
+        for u in &ups {
+            let h = u.health.as_str();
+            for other in ["up", "degraded", "dead", "down"] {
+                self.stats
+                    .uplink_health
+                    .get_or_create(&super::stats::UplinkHealth {
+                        uplink: u.name.clone(),
+                        health: other,
+                    })
+                    .set(i64::from(other == h));
+            }
+        }
         self.published.send_replace(ups);
-        true
+        self.publish_health();
+    }
+
+    /// Whether the health or role of an uplink now differs from what was published.
+    fn health_changed(&mut self) -> bool {
+        let now = std::time::Instant::now();
+        let published = self.published.borrow();
+        let mut changed = false;
+        for u in published.iter() {
+            if let Some(t) = self.trackers.get_mut(&u.interface) {
+                if let Some(tr) = t.tick(now, &self.cfg.health) {
+                    log_transition(&self.stats, u, &tr);
+                }
+                changed |= t.health() != u.health;
+            }
+        }
+        // A backup's release is a matter of time alone.
+        changed || self.backups.active
+    }
+
+    /// A probe round ended.
+    fn probed(&mut self, interface: &str, r: Round) {
+        self.probing.remove(interface);
+        let now = std::time::Instant::now();
+        let published = self.published.borrow();
+        let Some(u) = published.iter().find(|u| u.interface == interface) else {
+            return;
+        };
+        for (result, n) in [
+            ("answered", r.answered),
+            ("unanswered", r.sent - r.answered),
+        ] {
+            self.stats
+                .uplink_probes
+                .get_or_create(&super::stats::UplinkProbe {
+                    uplink: u.name.clone(),
+                    result,
+                })
+                .inc_by(u64::from(n));
+        }
+        if let Some(t) = self.trackers.get_mut(interface)
+            && let Some(tr) = t.round(r, now, &self.cfg.health)
+        {
+            log_transition(&self.stats, u, &tr);
+        }
+    }
+
+    /// Samples the gateway's subflows: per uplink, whether they make progress, stall or
+    /// retransmit much.
+    fn health_tick(&mut self) {
+        let now = std::time::Instant::now();
+        let subflows = self.registry.subflows();
+        let published = self.published.borrow().clone();
+        let mut samples: HashMap<&str, Sample> = HashMap::new();
+        let mut seen = HashMap::new();
+        let ports: Vec<u16> = self.cfg.converters.iter().map(|c| c.port()).collect();
+        for (id, sf) in subflows {
+            if ports.contains(&sf.remote.port()) {
+                self.learned.insert(sf.remote.is_ipv6(), sf.remote);
+            }
+            let key = (id, sf.local, sf.remote);
+            let Some(name) = published
+                .iter()
+                .find(|u| u.paths.iter().any(|p| p.addr == sf.local.ip()))
+                .map(|u| u.interface.as_str())
+            else {
+                seen.insert(key, sf);
+                continue;
+            };
+            let s = samples.entry(name).or_default();
+            s.subflows += 1;
+            if let Some(prev) = self.last_subflows.get(&key) {
+                s.progress |=
+                    sf.bytes_acked > prev.bytes_acked || sf.bytes_received > prev.bytes_received;
+                s.retrans += sf.total_retrans.saturating_sub(prev.total_retrans);
+                s.segs += sf.segs_out.saturating_sub(prev.segs_out);
+            }
+            s.stalled |= sf.unacked > 0 && sf.backoff >= 1;
+            seen.insert(key, sf);
+        }
+        self.last_subflows = seen;
+        let traffic = samples.values().any(|s| s.progress);
+        for u in &published {
+            let Some(t) = self.trackers.get_mut(&u.interface) else {
+                continue;
+            };
+            let mut s = samples
+                .get(u.interface.as_str())
+                .copied()
+                .unwrap_or_default();
+            s.traffic = traffic;
+            if let Some(tr) = t.sample(s, now, &self.cfg.health) {
+                log_transition(&self.stats, u, &tr);
+            }
+        }
+        self.publish_health();
+    }
+
+    fn publish_health(&self) {
+        let view = self
+            .trackers
+            .iter()
+            .map(|(k, t)| {
+                (
+                    k.clone(),
+                    HealthView {
+                        reason: t.reason().to_string(),
+                        since: t.since(),
+                        probe_rtt: t.rtt(),
+                        probes_sent: t.probes_sent,
+                        probes_answered: t.probes_answered,
+                    },
+                )
+            })
+            .collect();
+        *self.health_view.lock().unwrap_or_else(|e| e.into_inner()) = view;
+    }
+
+    /// Starts the probe rounds that are due.
+    fn start_probes(&mut self) {
+        let now = std::time::Instant::now();
+        let published = self.published.borrow().clone();
+        for u in published.iter().filter(|u| u.state == State::Up) {
+            if self.probing.contains_key(&u.interface) {
+                continue;
+            }
+            let Some(t) = self.trackers.get_mut(&u.interface) else {
+                continue;
+            };
+            if t
+                .next_probe(u.role, now, &self.cfg.health)
+                .is_none_or(|due| due > now)
+            {
+                continue;
+            }
+            // The first path with a converter address of its family to ask.
+            let Some((src, target)) = u.paths.iter().find_map(|p| {
+                let v6 = p.addr.is_ipv6();
+                self.cfg
+                    .converters
+                    .iter()
+                    .find(|c| c.is_ipv6() == v6)
+                    .or_else(|| self.learned.get(&v6))
+                    .map(|c| (p.addr, *c))
+            }) else {
+                continue;
+            };
+            t.probing();
+            self.probing.insert(u.interface.clone(), ());
+            let tx = self.probe_tx.clone();
+            let (interface, c) = (u.interface.clone(), self.cfg.health.clone());
+            let mark = self.cfg.mark;
+            tokio::spawn(async move {
+                let r = probe_round(src, target, c.attempts, c.timeout, mark).await;
+                let _ = tx.send((interface, r)).await;
+            });
+        }
     }
 
     fn log_changes(&self, now: &[Uplink]) {
         let before = self.published.borrow();
         for u in now {
             let old = before.iter().find(|b| b.interface == u.interface);
-            if old.map(|o| (o.state, &o.paths)) != Some((u.state, &u.paths)) {
+            if old.map(|o| (o.state, &o.paths, o.role)) != Some((u.state, &u.paths, u.role)) {
                 let addrs: Vec<String> = u.paths.iter().map(|p| p.addr.to_string()).collect();
                 let chosen = match self.cfg.selection {
                     Selection::Listed(_) => "listed",
@@ -320,6 +644,8 @@ impl Manager {
                     uplink = %u.name,
                     interface = %u.interface,
                     state = u.state.as_str(),
+                    health = u.health.as_str(),
+                    role = u.role.as_str(),
                     addresses = %addrs.join(","),
                     backup = u.backup,
                     chosen,
@@ -330,6 +656,17 @@ impl Manager {
     }
 
     async fn apply(&mut self, c: uplinks::Changes) {
+        for e in c.set_priority {
+            match self.pm.set_backup(e.id, e.backup).await {
+                Ok(()) => {
+                    self.held.endpoints.retain(|h| h.id != e.id);
+                    self.held.endpoints.insert(e);
+                }
+                Err(err) => {
+                    tracing::warn!(id = e.id, addr = %e.addr, backup = e.backup, error = %err, "changing an MPTCP endpoint's priority")
+                }
+            }
+        }
         for e in c.del_endpoints {
             match self.pm.delete_endpoint(e.id).await {
                 Ok(()) => {
@@ -448,6 +785,24 @@ impl Manager {
         self.state.remove();
         tracing::info!("uplink routes, rules and endpoints removed");
     }
+}
+
+fn log_transition(stats: &super::stats::Stats, u: &Uplink, t: &health::Transition) {
+    tracing::info!(
+        uplink = %u.name,
+        interface = %u.interface,
+        from = t.from.as_str(),
+        to = t.to.as_str(),
+        reason = %t.reason,
+        "uplink health"
+    );
+    stats
+        .uplink_health_changes
+        .get_or_create(&super::stats::UplinkHealth {
+            uplink: u.name.clone(),
+            health: t.to.as_str(),
+        })
+        .inc();
 }
 
 /// Puts back the limits and sysctls braid changed.

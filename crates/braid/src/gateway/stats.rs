@@ -35,8 +35,26 @@ pub struct UplinkDirection {
     pub direction: &'static str,
 }
 
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct UplinkHealth {
+    pub uplink: String,
+    pub health: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct UplinkProbe {
+    pub uplink: String,
+    pub result: &'static str,
+}
+
 #[derive(Debug, Default, Clone)]
 pub struct Stats {
+    /// 1 for an uplink's current health (`up`, `degraded`, `dead`, `down`), 0 for the others.
+    pub uplink_health: Family<UplinkHealth, Gauge>,
+    /// Changes of health, by the health changed to.
+    pub uplink_health_changes: Family<UplinkHealth, Counter>,
+    /// Probe handshakes, `answered` or `unanswered`.
+    pub uplink_probes: Family<UplinkProbe, Counter>,
     /// 1 while an uplink carries subflows, 0 otherwise (at most 8 uplinks: a bounded label).
     pub uplink_up: Family<UplinkLabel, Gauge>,
     /// Bytes through an uplink's interface (all of its traffic), `rx` and `tx`.
@@ -86,6 +104,21 @@ impl Stats {
             "uplink_up",
             "1 while an uplink carries subflows",
             self.uplink_up.clone(),
+        );
+        r.register(
+            "uplink_health",
+            "1 for an uplink's current health (up, degraded, dead, down)",
+            self.uplink_health.clone(),
+        );
+        r.register(
+            "uplink_health_changes",
+            "Changes of an uplink's health, by the new health",
+            self.uplink_health_changes.clone(),
+        );
+        r.register(
+            "uplink_probes",
+            "Probe handshakes through an uplink to the converter, by result",
+            self.uplink_probes.clone(),
         );
         r.register(
             "uplink_bytes",

@@ -22,6 +22,8 @@ use std::net::IpAddr;
 use braid_sys::rtnl::{Address, Link, MAIN_TABLE, Route, Rule};
 use ipnet::IpNet;
 
+pub use super::health::Health;
+
 /// At most this many uplinks (the kernel's limit of 8 subflows per connection).
 pub const MAX_UPLINKS: u8 = 8;
 
@@ -109,6 +111,32 @@ impl State {
     }
 }
 
+/// What an uplink does (decided by [`super::health::roles`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    /// Carries traffic: an endpoint, subflows on every connection, new connections may start
+    /// on it. At backup priority, the kernel's scheduler uses it only when no other subflow
+    /// can send.
+    Carry { backup_prio: bool },
+    /// A backup uplink while a primary works: routes and rules (for its probes) but no
+    /// endpoint, so not a byte of traffic.
+    Standby,
+    /// Dead or down: no endpoint; its subflows are closed.
+    Out,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Carry { backup_prio: false } => "carrying",
+            Role::Carry { backup_prio: true } => "carrying (backup priority)",
+            Role::Standby => "standby",
+            Role::Out => "out",
+        }
+    }
+}
+
 /// One family of an uplink: its address and how traffic from it leaves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 pub struct Path {
@@ -134,6 +162,9 @@ pub struct Uplink {
     pub state: State,
     /// Up to one path per family (IPv4 first).
     pub paths: Vec<Path>,
+    /// Its health as probed and observed ([`super::health`]); `Up` until judged.
+    pub health: Health,
+    pub role: Role,
 }
 
 /// Interface → slot, kept for the daemon's life so that an uplink keeps its table and
@@ -233,6 +264,18 @@ pub fn assess(sel: &Selection, slots: &mut Slots, obs: &Observed) -> Vec<Uplink>
                     }
                 }
             };
+            // Until health and roles are applied, as the links say: an uplink that is up
+            // carries traffic, a backup at backup priority.
+            let (health, role) = if state == State::Up {
+                (
+                    Health::Up,
+                    Role::Carry {
+                        backup_prio: c.backup,
+                    },
+                )
+            } else {
+                (Health::Down, Role::Out)
+            };
             Some(Uplink {
                 slot,
                 name: c.name,
@@ -241,32 +284,39 @@ pub fn assess(sel: &Selection, slots: &mut Slots, obs: &Observed) -> Vec<Uplink>
                 ifindex: link.map(|l| l.index),
                 state,
                 paths,
+                health,
+                role,
             })
         })
         .collect()
 }
 
-/// The addresses a new connection may start from, best first: uplinks that are up, primaries
-/// before backups, those with a default route before those without, then by the route's
-/// metric (the order the routing table itself would choose in).
+/// The addresses a new connection may start from, best first: uplinks that carry traffic, at
+/// normal priority before backup priority, those with a default route before those without,
+/// then by the route's metric (the order the routing table itself would choose in). When none
+/// carries (every uplink judged dead: the converter may be down, or the probes wrong), every
+/// uplink that is up, in the same order: a connection attempt costs nothing to try.
 pub fn sources(uplinks: &[Uplink]) -> Vec<IpAddr> {
-    let mut v: Vec<(bool, bool, u32, u8, IpAddr)> = uplinks
-        .iter()
-        .filter(|u| u.state == State::Up)
-        .flat_map(|u| {
-            u.paths.iter().map(move |p| {
-                (
-                    u.backup,
-                    !p.default_route,
-                    p.metric.unwrap_or(0),
-                    u.slot,
-                    p.addr,
-                )
+    let order = |carrying_only: bool| {
+        let mut v: Vec<(bool, bool, u32, u8, IpAddr)> = uplinks
+            .iter()
+            .filter(|u| u.state == State::Up)
+            .filter(|u| !carrying_only || matches!(u.role, Role::Carry { .. }))
+            .flat_map(|u| {
+                let low = match u.role {
+                    Role::Carry { backup_prio } => backup_prio,
+                    _ => u.backup,
+                };
+                u.paths
+                    .iter()
+                    .map(move |p| (low, !p.default_route, p.metric.unwrap_or(0), u.slot, p.addr))
             })
-        })
-        .collect();
-    v.sort();
-    v.into_iter().map(|(.., addr)| addr).collect()
+            .collect();
+        v.sort();
+        v.into_iter().map(|(.., addr)| addr).collect::<Vec<_>>()
+    };
+    let v = order(true);
+    if v.is_empty() { order(false) } else { v }
 }
 
 /// An MPTCP endpoint braid wants.
@@ -329,8 +379,9 @@ impl RuleKey {
 }
 
 /// What the kernel should hold for these uplinks: for every path of an uplink that is up, its
-/// table (connected subnet with the uplink's source, default route via its gateway or on-link),
-/// its source rule, and its endpoint.
+/// table (connected subnet with the uplink's source, default route via its gateway or on-link)
+/// and its source rule, so that its probes leave by it whatever its role; and its endpoint
+/// only while it carries traffic.
 pub fn desired(uplinks: &[Uplink], n: Numbers) -> Programmed {
     let mut p = Programmed::default();
     for u in uplinks.iter().filter(|u| u.state == State::Up) {
@@ -367,12 +418,14 @@ pub fn desired(uplinks: &[Uplink], n: Numbers) -> Programmed {
                 table,
                 src: IpNet::from(path.addr),
             });
-            p.endpoints.insert(WantedEndpoint {
-                id: n.endpoint_id(u.slot, v6),
-                addr: path.addr,
-                ifindex: oif,
-                backup: u.backup,
-            });
+            if let Role::Carry { backup_prio } = u.role {
+                p.endpoints.insert(WantedEndpoint {
+                    id: n.endpoint_id(u.slot, v6),
+                    addr: path.addr,
+                    ifindex: oif,
+                    backup: backup_prio,
+                });
+            }
         }
     }
     p
@@ -381,6 +434,9 @@ pub fn desired(uplinks: &[Uplink], n: Numbers) -> Programmed {
 /// How to get from what is held to what is wanted.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Changes {
+    /// Endpoints whose priority alone changes: changed in place (MP_PRIO on their subflows),
+    /// not closed.
+    pub set_priority: Vec<WantedEndpoint>,
     pub del_endpoints: Vec<WantedEndpoint>,
     pub del_rules: Vec<RuleKey>,
     pub del_routes: Vec<RouteKey>,
@@ -396,21 +452,35 @@ impl Changes {
 }
 
 impl Programmed {
-    /// The changes that turn `self` (held) into `want`. An endpoint whose address, device or
-    /// priority changed is deleted and added again (its id stays), which is also what makes
-    /// the kernel open subflows from it on running connections. Deletions come first, and
+    /// The changes that turn `self` (held) into `want`. An endpoint whose address or device
+    /// changed is deleted and added again (its id stays), which is also what makes the kernel
+    /// open subflows from it on running connections; one whose priority alone changed is
+    /// changed in place. Deletions come first, and
     /// endpoints go before the routes they need and come after them.
     pub fn changes(&self, want: &Programmed) -> Changes {
         fn gone<T: Ord + Copy>(a: &BTreeSet<T>, b: &BTreeSet<T>) -> Vec<T> {
             a.difference(b).copied().collect()
         }
+        let mut del_endpoints = gone(&self.endpoints, &want.endpoints);
+        let mut add_endpoints = gone(&want.endpoints, &self.endpoints);
+        let same = |a: &WantedEndpoint, b: &WantedEndpoint| {
+            (a.id, a.addr, a.ifindex) == (b.id, b.addr, b.ifindex)
+        };
+        let set_priority: Vec<WantedEndpoint> = add_endpoints
+            .iter()
+            .filter(|a| del_endpoints.iter().any(|d| same(a, d)))
+            .copied()
+            .collect();
+        del_endpoints.retain(|d| !set_priority.iter().any(|a| same(a, d)));
+        add_endpoints.retain(|a| !set_priority.contains(a));
         Changes {
-            del_endpoints: gone(&self.endpoints, &want.endpoints),
+            set_priority,
+            del_endpoints,
             del_rules: gone(&self.rules, &want.rules),
             del_routes: gone(&self.routes, &want.routes),
             add_routes: gone(&want.routes, &self.routes),
             add_rules: gone(&want.rules, &self.rules),
-            add_endpoints: gone(&want.endpoints, &self.endpoints),
+            add_endpoints,
         }
     }
 }

@@ -1,0 +1,258 @@
+//! Failover as an application feels it: a paced 4 Mbit/s stream (and bulk downloads) through
+//! real `braid gateway` and `braid converter` processes on a router-like lab with two shaped
+//! uplinks (20 Mbit/s at 10 ms one way, 30 Mbit/s at 40 ms), while an uplink loses its carrier,
+//! silently drops everything, loses packets at random, or flaps. The stream's receiver checks
+//! every byte and records the longest gap between arrivals.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use braid_lab::stream::{Flow, Report, Running, Spec};
+use braid_lab::{Delay, GatewayRouting, StandardConfig};
+use common::*;
+
+fn mbit(m: u64) -> u64 {
+    m * 1_000_000
+}
+
+fn lab_config() -> StandardConfig {
+    StandardConfig {
+        congestion_control: Some("reno".into()),
+        uplinks: 2,
+        rates: Some(vec![mbit(20), mbit(30)]),
+        delays: Some(vec![Delay::ms(10), Delay::ms(40)]),
+        mptcp_gateway_endpoints: false,
+        gateway_routing: GatewayRouting::Router,
+        ..StandardConfig::default()
+    }
+}
+
+/// A lab and a gateway managing its uplinks, with metrics on `metrics_port`.
+fn start(extra: &[&str], metrics_port: u16) -> (ConverterLab, Gateway) {
+    let cl = ConverterLab::new(lab_config(), &default_converter_args());
+    let metrics = format!("127.0.0.1:{metrics_port}");
+    let mut args = vec!["--transparent", "tproxy", "--metrics", &metrics];
+    args.extend_from_slice(extra);
+    let gw = gateway_to(&cl, &args);
+    (cl, gw)
+}
+
+fn stream_addr(cl: &ConverterLab) -> SocketAddr {
+    SocketAddr::new(cl.lab.server_v4().into(), 9300)
+}
+
+fn stream(cl: &ConverterLab, flow: Flow, secs: u64) -> Running {
+    Running::start(
+        &cl.lab.client,
+        &cl.lab.server,
+        stream_addr(cl),
+        flow,
+        Spec {
+            duration: Duration::from_secs(secs),
+            ..Spec::default()
+        },
+    )
+    .expect("stream")
+}
+
+fn status(cl: &ConverterLab) -> braid::status::Status {
+    let json = cl
+        .lab
+        .gateway
+        .run([env!("CARGO_BIN_EXE_braid"), "status", "--json"])
+        .expect("braid status");
+    serde_json::from_str(json.trim()).expect("status JSON")
+}
+
+fn health_of(cl: &ConverterLab, uplink: &str) -> String {
+    status(cl)
+        .uplinks
+        .iter()
+        .find(|u| u.name == uplink)
+        .map(|u| u.health.clone())
+        .unwrap_or_default()
+}
+
+/// Waits up to `within` for `uplink` to be in `health`; how long it took.
+fn until_health(
+    cl: &ConverterLab,
+    uplink: &str,
+    health: &str,
+    within: Duration,
+) -> Option<Duration> {
+    let t = Instant::now();
+    while t.elapsed() < within {
+        if health_of(cl, uplink) == health {
+            return Some(t.elapsed());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    None
+}
+
+fn metrics(cl: &ConverterLab, port: u16) -> String {
+    cl.lab
+        .gateway
+        .run(["curl", "-sS", &format!("http://127.0.0.1:{port}/metrics")])
+        .unwrap_or_default()
+}
+
+fn report_line(what: &str, r: &Report) -> String {
+    format!(
+        "{what}: {} records, intact {}, longest gap {:.0} ms (at {:.1} s), worst delay {:.0} ms, stalls {:?}",
+        r.records,
+        r.intact,
+        r.longest_gap.as_secs_f64() * 1e3,
+        r.longest_gap_at.as_secs_f64(),
+        r.worst_delay.as_secs_f64() * 1e3,
+        r.stalls
+            .iter()
+            .map(|(at, g)| format!("{:.1}s:{:.0}ms", at.as_secs_f64(), g.as_secs_f64() * 1e3))
+            .collect::<Vec<_>>()
+    )
+}
+
+fn assert_stream(what: &str, r: &Report, spec_records: u64, max_gap: Duration, gw: &Gateway) {
+    eprintln!("{}", report_line(what, r));
+    assert!(r.intact, "{what}: {:?}\n{}", r.error, gw.log_text());
+    assert_eq!(r.records, spec_records, "{what}: records lost");
+    assert!(
+        r.longest_gap < max_gap,
+        "{}\n{}",
+        report_line(what, r),
+        gw.log_text()
+    );
+}
+
+/// The subflows `braid status` shows on `uplink`.
+fn subflows_on(cl: &ConverterLab, uplink: &str) -> usize {
+    status(cl)
+        .uplinks
+        .iter()
+        .find(|u| u.name == uplink)
+        .map_or(0, |u| u.subflows)
+}
+
+fn records(secs: u64) -> u64 {
+    Spec {
+        duration: Duration::from_secs(secs),
+        ..Spec::default()
+    }
+    .records()
+}
+
+/// A stream each way while uplink `which` is blackholed for 4 s: nothing lost, the longest
+/// gap under 1.5 s, the uplink dead within 3 s, healthy and carrying again within 5 s of the
+/// blackhole's end.
+fn blackhole_mid_stream(which: usize, port_base: u16) {
+    let name = format!("g-v{}", which + 1);
+    for (flow, port) in [(Flow::Down, port_base), (Flow::Up, port_base + 1)] {
+        let (cl, gw) = start(&[], port);
+        let s = stream(&cl, flow, 14);
+        std::thread::sleep(Duration::from_secs(3));
+        cl.lab.uplinks[which].link.set_blackhole(true).unwrap();
+        let dead = until_health(&cl, &name, "dead", Duration::from_secs(5));
+        eprintln!("{flow:?}: {name} dead after {dead:?}");
+        assert!(
+            dead.is_some_and(|d| d <= Duration::from_secs(3)),
+            "{flow:?}: not marked dead within 3 s\n{}",
+            gw.log_text()
+        );
+        let m = metrics(&cl, port);
+        let line = format!("braid_gateway_uplink_health{{uplink=\"{name}\",health=\"dead\"}} 1");
+        assert!(m.contains(&line), "no {line} in:\n{m}");
+        std::thread::sleep(Duration::from_secs(4) - dead.unwrap());
+        cl.lab.uplinks[which].link.set_blackhole(false).unwrap();
+        let healed = Instant::now();
+        let up = until_health(&cl, &name, "up", Duration::from_secs(5));
+        assert!(
+            up.is_some(),
+            "{flow:?}: not healthy again within 5 s\n{}",
+            gw.log_text()
+        );
+        let carrying = loop {
+            if subflows_on(&cl, &name) > 0 {
+                break Some(healed.elapsed());
+            }
+            if healed.elapsed() > Duration::from_secs(5) {
+                break None;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        eprintln!("{flow:?}: {name} up again after {up:?}, a subflow on it after {carrying:?}");
+        assert!(
+            carrying.is_some(),
+            "{flow:?}: no subflow on {name} within 5 s\n{}",
+            gw.log_text()
+        );
+        let r = s.wait().unwrap();
+        assert_stream(
+            &format!("{flow:?} stream, blackhole on {name}"),
+            &r,
+            records(14),
+            Duration::from_millis(1500),
+            &gw,
+        );
+    }
+}
+
+#[test]
+fn a_silent_blackhole_mid_stream_is_survived_and_detected() {
+    blackhole_mid_stream(1, 9131);
+}
+
+/// The initial subflow's uplink (the default route's, where connections start) is the hardest
+/// case for the kernel: the connection's first subflow is not one an endpoint opened.
+#[test]
+fn a_blackhole_on_the_initial_subflows_uplink_is_survived_and_detected() {
+    blackhole_mid_stream(0, 9133);
+}
+
+#[test]
+fn a_carrier_loss_mid_stream_is_survived() {
+    for (which, flow, port) in [
+        (1usize, Flow::Down, 9135),
+        (1, Flow::Up, 9136),
+        (0, Flow::Down, 9137),
+        (0, Flow::Up, 9138),
+    ] {
+        let (cl, gw) = start(&[], port);
+        let s = stream(&cl, flow, 8);
+        std::thread::sleep(Duration::from_secs(3));
+        cl.lab.uplinks[which].link.down().unwrap();
+        std::thread::sleep(Duration::from_secs(2));
+        cl.lab.uplinks[which].link.up().unwrap();
+        let r = s.wait().unwrap();
+        assert_stream(
+            &format!("{flow:?} stream, uplink {} down for 2 s", which + 1),
+            &r,
+            records(8),
+            Duration::from_secs(1),
+            &gw,
+        );
+    }
+}
+
+#[test]
+fn a_download_survives_a_blackhole_on_either_uplink() {
+    for (which, port) in [(0usize, 9139), (1, 9140)] {
+        let (cl, gw) = start(&[], port);
+        let size = 24 << 20;
+        let nginx = Nginx::start(&cl.lab.server, size);
+        let url = format!("http://{}/file", cl.lab.server_v4());
+        let client = cl.lab.client.clone();
+        let dl = std::thread::spawn(move || curl_sha(&client, &[], &url));
+        std::thread::sleep(Duration::from_secs(2));
+        cl.lab.uplinks[which].link.set_blackhole(true).unwrap();
+        let (ok, digest, secs) = dl.join().unwrap();
+        eprintln!("download with uplink {} blackholed: {secs:.1} s", which + 1);
+        assert!(
+            ok && digest == hex(&nginx.sha256),
+            "download broken: {digest}\n{}",
+            gw.log_text()
+        );
+        assert_eq!(health_of(&cl, &format!("g-v{}", which + 1)), "dead");
+    }
+}
