@@ -256,3 +256,203 @@ fn a_download_survives_a_blackhole_on_either_uplink() {
         assert_eq!(health_of(&cl, &format!("g-v{}", which + 1)), "dead");
     }
 }
+
+/// `tx_bytes + rx_bytes` of an interface of the gateway.
+fn if_bytes(cl: &ConverterLab, ifname: &str) -> u64 {
+    ["tx_bytes", "rx_bytes"]
+        .iter()
+        .map(|c| {
+            cl.lab
+                .gateway
+                .run(["cat", &format!("/sys/class/net/{ifname}/statistics/{c}")])
+                .ok()
+                .and_then(|s| s.trim().parse::<u64>().ok())
+                .unwrap_or(0)
+        })
+        .sum()
+}
+
+/// Probe handshakes sent on `uplink` so far, from the metrics.
+fn probes(cl: &ConverterLab, port: u16, uplink: &str) -> u64 {
+    let m = metrics(cl, port);
+    ["answered", "unanswered"]
+        .iter()
+        .filter_map(|r| {
+            let key =
+                format!("braid_gateway_uplink_probes_total{{uplink=\"{uplink}\",result=\"{r}\"}} ");
+            m.lines()
+                .find_map(|l| l.strip_prefix(key.as_str()))
+                .and_then(|v| v.trim().parse::<u64>().ok())
+        })
+        .sum()
+}
+
+/// A gateway configuration file in the lab's scratch directory.
+fn config_file(cl: &ConverterLab, name: &str, text: &str) -> String {
+    let path = std::env::temp_dir().join(format!("{}-{name}.toml", cl.lab.gateway.name()));
+    std::fs::write(&path, text).unwrap();
+    path.display().to_string()
+}
+
+/// Bytes on an interface over `d`, with the probe handshakes sent meanwhile.
+fn quiet_bytes(cl: &ConverterLab, port: u16, ifname: &str, d: Duration) -> (u64, u64) {
+    let (b0, p0) = (if_bytes(cl, ifname), probes(cl, port, ifname));
+    std::thread::sleep(d);
+    (if_bytes(cl, ifname) - b0, probes(cl, port, ifname) - p0)
+}
+
+/// Bytes a probe handshake may cost on the wire, both ways: SYN, SYN-ACK, ACK and RST with
+/// IPv4 and TCP options, rounded up.
+const PROBE_BYTES: u64 = 400;
+/// What else crosses an idle veth in a few seconds (IPv6 neighbour discovery, ARP).
+const BACKGROUND_BYTES: u64 = 1500;
+
+#[test]
+fn a_backup_uplink_carries_nothing_until_every_primary_is_gone() {
+    let port = 9141;
+    let cl = ConverterLab::new(lab_config(), &default_converter_args());
+    let cfg = config_file(
+        &cl,
+        "backup",
+        "[health]\nbackup_release_secs = 4\nprobe_standby_interval_secs = 2\n",
+    );
+    let metrics_addr = format!("127.0.0.1:{port}");
+    let gw = gateway_to(
+        &cl,
+        &[
+            "--config",
+            &cfg,
+            "--transparent",
+            "tproxy",
+            "--metrics",
+            &metrics_addr,
+            "--uplink",
+            "g-v1",
+            "--uplink",
+            "g-v2,backup",
+        ],
+    );
+    let size = 64 << 20;
+    let nginx = Nginx::start(&cl.lab.server, size);
+    let url = format!("http://{}/file", cl.lab.server_v4());
+    let client = cl.lab.client.clone();
+    let dl = std::thread::spawn(move || curl_sha(&client, &[], &url));
+    std::thread::sleep(Duration::from_secs(1));
+    // Primary up: the backup carries probes only.
+    let (bytes, probed) = quiet_bytes(&cl, port, "g-v2", Duration::from_secs(4));
+    eprintln!("backup while the primary works: {bytes} B, {probed} probe handshakes");
+    assert!(probed > 0, "the standby backup is probed");
+    assert!(
+        bytes <= probed * PROBE_BYTES + BACKGROUND_BYTES,
+        "the backup carried {bytes} B beyond {probed} probes\n{}",
+        gw.log_text()
+    );
+    assert_eq!(subflows_on(&cl, "g-v2"), 0);
+    // The only primary goes: the download continues on the backup within 1 s.
+    let before = if_bytes(&cl, "g-v2");
+    cl.lab.uplinks[0].link.down().unwrap();
+    let cut = Instant::now();
+    let took = loop {
+        if if_bytes(&cl, "g-v2") - before > 200_000 {
+            break Some(cut.elapsed());
+        }
+        if cut.elapsed() > Duration::from_secs(5) {
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    eprintln!("the backup carries {took:?} after the primary went down");
+    assert!(
+        took.is_some_and(|t| t <= Duration::from_secs(1)),
+        "the backup did not take over within 1 s\n{}",
+        gw.log_text()
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    // The primary returns; the backup is released after the hold-down (4 s here).
+    cl.lab.uplinks[0].link.up().unwrap();
+    std::thread::sleep(Duration::from_secs(6));
+    let (bytes, probed) = quiet_bytes(&cl, port, "g-v2", Duration::from_secs(2));
+    eprintln!("backup after the primary returned: {bytes} B, {probed} probes");
+    assert!(
+        bytes <= probed * PROBE_BYTES + BACKGROUND_BYTES,
+        "the backup still carries {bytes} B after the primary returned\n{}",
+        gw.log_text()
+    );
+    let (ok, digest, _) = dl.join().unwrap();
+    assert!(
+        ok && digest == hex(&nginx.sha256),
+        "download broken: {digest}\n{}",
+        gw.log_text()
+    );
+}
+
+#[test]
+fn a_lossy_uplink_is_degraded_and_the_stream_keeps_its_rate() {
+    let port = 9142;
+    let (cl, gw) = start(&[], port);
+    // 20 % of the packets each way on uplink 1 (the low-latency one the scheduler prefers).
+    let link = &cl.lab.uplinks[0].link;
+    link.set_loss(braid_lab::Direction::Both, 20.0).unwrap();
+    let s = stream(&cl, Flow::Down, 20);
+    let degraded = until_health(&cl, "g-v1", "degraded", Duration::from_secs(15));
+    eprintln!("g-v1 degraded after {degraded:?}");
+    let r = s.wait().unwrap();
+    assert!(
+        degraded.is_some(),
+        "the lossy uplink was not degraded\n{}",
+        gw.log_text()
+    );
+    assert_eq!(health_of(&cl, "g-v1"), "degraded");
+    let settled = degraded.unwrap() + Duration::from_secs(1);
+    assert!(
+        r.stalls.iter().all(|(at, _)| *at < settled),
+        "stalls after the lossy uplink was degraded: {}",
+        report_line("stream", &r)
+    );
+    // Keeping its rate: every record, none held up for long once the lossy uplink is
+    // demoted (a late record is a frozen picture).
+    assert_stream(
+        "stream with 20 % loss on uplink 1",
+        &r,
+        records(20),
+        Duration::from_secs(1),
+        &gw,
+    );
+}
+
+#[test]
+fn a_flapping_uplink_is_held_out_longer_each_time() {
+    let port = 9143;
+    let (cl, gw) = start(&[], port);
+    let s = stream(&cl, Flow::Down, 34);
+    std::thread::sleep(Duration::from_secs(2));
+    let link = &cl.lab.uplinks[1].link;
+    for _ in 0..8 {
+        link.down().unwrap();
+        std::thread::sleep(Duration::from_secs(2));
+        link.up().unwrap();
+        std::thread::sleep(Duration::from_secs(2));
+    }
+    let r = s.wait().unwrap();
+    assert_stream(
+        "stream while uplink 2 flaps",
+        &r,
+        records(34),
+        Duration::from_secs(1),
+        &gw,
+    );
+    let log = gw.log_text();
+    let holds: Vec<u64> = log
+        .lines()
+        .filter(|l| l.contains("uplink health") && l.contains("g-v2"))
+        .filter_map(|l| {
+            let i = l.find("held out ")? + "held out ".len();
+            l[i..].split(' ').next()?.parse().ok()
+        })
+        .collect();
+    eprintln!("hold-downs: {holds:?} s");
+    assert!(
+        holds.len() >= 3 && holds[1] > holds[0] && holds.windows(2).all(|w| w[1] >= w[0]),
+        "no growing hold-down: {holds:?}\n{log}"
+    );
+}

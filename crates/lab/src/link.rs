@@ -188,17 +188,21 @@ impl LinkEnd {
     }
 
     /// Drops `pct` percent (0 to 100, hundredths honoured) of the packets leaving this end,
-    /// at random (`nft ... numgen random`); 0 removes the loss.
+    /// at random (`nft ... numgen random`), as the wire would: they are dropped as they
+    /// arrive at the peer, so the sender's TCP sees real loss; 0 removes the loss.
     pub fn set_loss(&self, pct: f64) -> Result<()> {
         if !(0.0..=100.0).contains(&pct) {
             return Err(Error::Config(format!("loss {pct}% is not within 0..=100")));
         }
-        self.ns.set_egress(&self.ifname, |e| e.loss_pct = pct)
+        self.peer_ns
+            .set_wire_drop(&self.peer_if, |e| e.loss_pct = pct)
     }
 
-    /// Drops every packet leaving this end (or stops doing so).
+    /// Drops every packet leaving this end (or stops doing so), on arrival at the peer like
+    /// [`LinkEnd::set_loss`]: the sender is told nothing.
     pub fn set_blackhole(&self, on: bool) -> Result<()> {
-        self.ns.set_egress(&self.ifname, |e| e.blackhole = on)
+        self.peer_ns
+            .set_wire_drop(&self.peer_if, |e| e.blackhole = on)
     }
 }
 

@@ -214,8 +214,9 @@ fn loss_and_blackhole() {
     .start();
     assert!(r.is_err(), "connected through 100% loss");
     link.set_loss(Direction::AtoB, 0.0).unwrap();
-    let ruleset = lab.gateway.run(["nft", "list", "ruleset"]).unwrap();
-    assert!(!ruleset.contains("blab_egress"), "{ruleset}");
+    // Dropped on arrival, in the peer's namespace; gone when cleared.
+    let ruleset = lab.converter.run(["nft", "list", "ruleset"]).unwrap();
+    assert!(!ruleset.contains("blab_wire"), "{ruleset}");
 
     link.set_loss(Direction::Both, 5.0).unwrap();
     let ruleset = lab.converter.run(["nft", "list", "ruleset"]).unwrap();

@@ -206,11 +206,15 @@ pub struct SubflowInfo {
     /// Segments retransmitted over the subflow's life, and segments sent.
     pub total_retrans: u32,
     pub segs_out: u32,
+    /// Data segments received, and of them those that arrived out of order (each loss on the
+    /// way in shows as out-of-order arrivals until the retransmission fills the hole).
+    pub data_segs_in: u32,
+    pub rcv_ooopack: u32,
 }
 
 const MPTCP_FULL_INFO: i32 = 4;
-/// What is read of each subflow's `struct tcp_info`: up to `tcpi_segs_in`.
-const TCPINFO_LEN: usize = 144;
+/// What is read of each subflow's `struct tcp_info`: up to `tcpi_rcv_ooopack` (Linux 5.4).
+const TCPINFO_LEN: usize = 228;
 /// `struct mptcp_subflow_info`: a u32 id, padding to 8, two `sockaddr_storage`.
 const SFINFO_LEN: usize = 8 + 2 * 128;
 /// Subflows asked for: the kernel's maximum per connection, with the initial one.
@@ -290,6 +294,8 @@ pub fn mptcp_subflows(fd: &impl AsFd) -> io::Result<Vec<SubflowInfo>> {
             last_ack_recv_ms: if ti.len() >= 60 { get32(ti, 56) } else { 0 },
             total_retrans: if ti.len() >= 104 { get32(ti, 100) } else { 0 },
             segs_out: if ti.len() >= 140 { get32(ti, 136) } else { 0 },
+            data_segs_in: if ti.len() >= 156 { get32(ti, 152) } else { 0 },
+            rcv_ooopack: if ti.len() >= 228 { get32(ti, 224) } else { 0 },
         });
     }
     Ok(out)

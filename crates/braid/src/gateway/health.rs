@@ -132,6 +132,9 @@ pub struct Sample {
     /// Segments retransmitted and sent, summed over them.
     pub retrans: u32,
     pub segs: u32,
+    /// Data segments received out of order, and data segments received.
+    pub ooo: u32,
+    pub segs_in: u32,
 }
 
 /// A change of health, for the log and the counters.
@@ -177,6 +180,8 @@ pub struct Tracker {
     last_probe: Option<Instant>,
     urgent: bool,
     last_progress: bool,
+    /// The last sample showed retransmissions or out-of-order arrivals.
+    lossy: bool,
     subflows: u32,
     /// When the gateway last carried traffic on any uplink.
     last_traffic: Option<Instant>,
@@ -208,6 +213,7 @@ impl Tracker {
             // Probe at once: an uplink that is up but dead from the start must not wait.
             urgent: link_up,
             last_progress: false,
+            lossy: false,
             subflows: 0,
             last_traffic: None,
             probes_sent: 0,
@@ -290,6 +296,7 @@ impl Tracker {
             self.urgent = true;
         }
         self.last_progress = s.progress;
+        self.lossy = s.retrans > 0 || s.ooo > 0;
         self.subflows = s.subflows;
         if s.traffic || s.progress {
             self.last_traffic = Some(now);
@@ -359,6 +366,10 @@ impl Tracker {
             return Some(last);
         }
         let every = if self.fails > 0 || self.probe_dead || self.held_until.is_some() {
+            cfg.interval
+        } else if self.last_progress && self.lossy {
+            // It works but loses: the probes measure how much (a download's loss shows at
+            // the gateway only as out-of-order arrivals, which congestion also causes).
             cfg.interval
         } else if self.last_progress {
             // Its own subflows prove it works: nothing to ask.
@@ -641,6 +652,16 @@ mod tests {
             t.next_probe(carry, secs(t0, 6.0), &c),
             Some(t0 + c.idle_interval)
         );
+        // Progress says it works; progress with losses asks how much.
+        let busy = Sample {
+            subflows: 2,
+            progress: true,
+            ..Sample::default()
+        };
+        t.sample(busy, t0, &c);
+        assert_eq!(t.next_probe(carry, t0, &c), None);
+        t.sample(Sample { ooo: 5, ..busy }, t0, &c);
+        assert_eq!(t.next_probe(carry, t0, &c), Some(t0 + c.interval));
         // A stalled subflow asks at once.
         t.sample(
             Sample {

@@ -434,6 +434,18 @@ impl Manager {
                 log_transition(&self.stats, u, &tr);
             }
         }
+        // An uplink found by its default route vanishes with the route when its link goes
+        // down: for its health (and hold-down) that is a link down.
+        for (interface, t) in self.trackers.iter_mut() {
+            if !ups.iter().any(|u| &u.interface == interface)
+                && let Some(tr) = t.link(false, now, &self.cfg.health)
+            {
+                let published = self.published.borrow();
+                if let Some(u) = published.iter().find(|u| &u.interface == interface) {
+                    log_transition(&self.stats, u, &tr);
+                }
+            }
+        }
         let trackers = &self.trackers;
         health::roles(
             &mut ups,
@@ -547,6 +559,8 @@ impl Manager {
                     sf.bytes_acked > prev.bytes_acked || sf.bytes_received > prev.bytes_received;
                 s.retrans += sf.total_retrans.saturating_sub(prev.total_retrans);
                 s.segs += sf.segs_out.saturating_sub(prev.segs_out);
+                s.ooo += sf.rcv_ooopack.saturating_sub(prev.rcv_ooopack);
+                s.segs_in += sf.data_segs_in.saturating_sub(prev.data_segs_in);
             }
             s.stalled |= sf.unacked > 0 && sf.backoff >= 1;
             seen.insert(key, sf);
@@ -600,8 +614,7 @@ impl Manager {
             let Some(t) = self.trackers.get_mut(&u.interface) else {
                 continue;
             };
-            if t
-                .next_probe(u.role, now, &self.cfg.health)
+            if t.next_probe(u.role, now, &self.cfg.health)
                 .is_none_or(|due| due > now)
             {
                 continue;
