@@ -390,12 +390,20 @@ fn a_backup_uplink_carries_nothing_until_every_primary_is_gone() {
 fn a_lossy_uplink_is_degraded_and_the_stream_keeps_its_rate() {
     let port = 9142;
     let (cl, gw) = start(&[], port);
-    // 20 % of the packets each way on uplink 1 (the low-latency one the scheduler prefers).
+    let s = stream(&cl, Flow::Down, 20);
+    std::thread::sleep(Duration::from_secs(3));
+    // 20 % of the packets each way on uplink 1: the low-latency one, where the connection's
+    // first subflow is.
     let link = &cl.lab.uplinks[0].link;
     link.set_loss(braid_lab::Direction::Both, 20.0).unwrap();
-    let s = stream(&cl, Flow::Down, 20);
-    let degraded = until_health(&cl, "g-v1", "degraded", Duration::from_secs(15));
-    eprintln!("g-v1 degraded after {degraded:?}");
+    let degraded = until_health(&cl, "g-v1", "degraded", Duration::from_secs(10));
+    eprintln!("g-v1 degraded {degraded:?} after the loss began");
+    // Once degraded, the lossy uplink carries next to nothing of the stream.
+    std::thread::sleep(Duration::from_secs(2));
+    let (b1, b2) = (if_bytes(&cl, "g-v1"), if_bytes(&cl, "g-v2"));
+    std::thread::sleep(Duration::from_secs(5));
+    let (lossy, good) = (if_bytes(&cl, "g-v1") - b1, if_bytes(&cl, "g-v2") - b2);
+    eprintln!("over 5 s once degraded: the lossy uplink {lossy} B, the other {good} B");
     let r = s.wait().unwrap();
     assert!(
         degraded.is_some(),
@@ -403,19 +411,17 @@ fn a_lossy_uplink_is_degraded_and_the_stream_keeps_its_rate() {
         gw.log_text()
     );
     assert_eq!(health_of(&cl, "g-v1"), "degraded");
-    let settled = degraded.unwrap() + Duration::from_secs(1);
     assert!(
-        r.stalls.iter().all(|(at, _)| *at < settled),
-        "stalls after the lossy uplink was degraded: {}",
-        report_line("stream", &r)
+        lossy < good / 20,
+        "the degraded uplink still carries {lossy} B of 5 s ({good} B on the other)\n{}",
+        gw.log_text()
     );
-    // Keeping its rate: every record, none held up for long once the lossy uplink is
-    // demoted (a late record is a frozen picture).
+    // Keeping its rate: every record arrives, none held up as long as a frozen picture.
     assert_stream(
         "stream with 20 % loss on uplink 1",
         &r,
         records(20),
-        Duration::from_secs(1),
+        Duration::from_millis(1500),
         &gw,
     );
 }

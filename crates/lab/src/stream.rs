@@ -79,6 +79,7 @@ fn payload_byte(seq: u64, i: usize) -> u8 {
 /// A sender that is held up (the connection stalls) catches up when it can, as a live
 /// encoder's buffer would. Returns the records sent.
 pub fn send(w: &mut TcpStream, spec: &Spec) -> io::Result<u64> {
+    let _ = w.set_write_timeout(Some(STALL_LIMIT));
     let record = spec.record.max(32);
     let interval = spec.interval();
     let mut buf = vec![0u8; record];
@@ -101,8 +102,12 @@ pub fn send(w: &mut TcpStream, spec: &Spec) -> io::Result<u64> {
     Ok(n)
 }
 
+/// A stream that moves nothing for this long is reported broken instead of waited for.
+pub const STALL_LIMIT: Duration = Duration::from_secs(20);
+
 /// Reads records until the sender closes, checking each.
 pub fn receive(r: &mut TcpStream, record: usize) -> Report {
+    let _ = r.set_read_timeout(Some(STALL_LIMIT));
     let record = record.max(32);
     let mut buf = vec![0u8; record];
     let mut rep = Report {

@@ -241,7 +241,7 @@ impl Paths {
             obs: None,
             trackers: HashMap::new(),
             backups: Backups::default(),
-            probing: HashMap::new(),
+            probing: std::collections::HashSet::new(),
             probe_tx,
             last_subflows: HashMap::new(),
             learned: HashMap::new(),
@@ -330,9 +330,8 @@ struct Manager {
     /// Per interface.
     trackers: HashMap<String, Tracker>,
     backups: Backups,
-    /// Interfaces with a probe round under way, and whether any health changed since the last
-    /// decision.
-    probing: HashMap<String, ()>,
+    /// Interfaces with a probe round under way.
+    probing: std::collections::HashSet<String>,
     probe_tx: tokio::sync::mpsc::Sender<(String, Round)>,
     /// Each subflow's counters at the previous sample: (connection, local, remote) → info.
     last_subflows: HashMap<(u64, std::net::SocketAddr, std::net::SocketAddr), SubflowInfo>,
@@ -608,7 +607,7 @@ impl Manager {
         let now = std::time::Instant::now();
         let published = self.published.borrow().clone();
         for u in published.iter().filter(|u| u.state == State::Up) {
-            if self.probing.contains_key(&u.interface) {
+            if self.probing.contains(&u.interface) {
                 continue;
             }
             let Some(t) = self.trackers.get_mut(&u.interface) else {
@@ -632,7 +631,7 @@ impl Manager {
                 continue;
             };
             t.probing();
-            self.probing.insert(u.interface.clone(), ());
+            self.probing.insert(u.interface.clone());
             let tx = self.probe_tx.clone();
             let (interface, c) = (u.interface.clone(), self.cfg.health.clone());
             let mark = self.cfg.mark;
