@@ -10,7 +10,11 @@
 //! connections start (the default route), so a failure there hits the initial subflow.
 //!
 //! Run: `cargo bench -p braid --bench failover` (as root; about 7 minutes). Congestion control
-//! reno in every namespace.
+//! reno in every namespace. Knobs, to measure what the kernel's own settings change (applied
+//! in the gateway's and the converter's namespaces): `BRAID_BENCH_STALE_LOSS_CNT` (sets
+//! `net.mptcp.stale_loss_cnt`), `BRAID_BENCH_RTO_MIN_US` (sets `net.ipv4.tcp_rto_min_us`),
+//! `BRAID_BENCH_EVENTS` (a comma-separated subset of `down2,down1,blackhole2,blackhole1,flap2,
+//! backup`), `BRAID_BENCH_MODES` (`hand,braid`).
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -66,6 +70,16 @@ fn start(mode: Mode, backup: bool) -> Run {
         }
     };
     let lab = StandardLab::new(cfg).expect("lab");
+    for ns in [&lab.gateway, &lab.converter] {
+        if let Ok(v) = std::env::var("BRAID_BENCH_STALE_LOSS_CNT") {
+            ns.sysctl("net.mptcp.stale_loss_cnt", v)
+                .expect("stale_loss_cnt");
+        }
+        if let Ok(v) = std::env::var("BRAID_BENCH_RTO_MIN_US") {
+            ns.sysctl("net.ipv4.tcp_rto_min_us", v)
+                .expect("tcp_rto_min_us");
+        }
+    }
     let bin = std::path::Path::new(env!("CARGO_BIN_EXE_braid"));
     let logs = std::env::temp_dir();
     let converter = spawn_daemon(
@@ -178,14 +192,31 @@ fn measure(mode: Mode, event: Event, flow: Flow) -> (f64, String) {
 }
 
 fn main() {
-    let events = [
-        Event::LinkDown(1),
-        Event::LinkDown(0),
-        Event::Blackhole(1),
-        Event::Blackhole(0),
-        Event::Flap(1),
-        Event::BackupTakeover,
+    let all = [
+        ("down2", Event::LinkDown(1)),
+        ("down1", Event::LinkDown(0)),
+        ("blackhole2", Event::Blackhole(1)),
+        ("blackhole1", Event::Blackhole(0)),
+        ("flap2", Event::Flap(1)),
+        ("backup", Event::BackupTakeover),
     ];
+    let wanted = std::env::var("BRAID_BENCH_EVENTS").unwrap_or_default();
+    let events: Vec<Event> = all
+        .iter()
+        .filter(|(k, _)| wanted.is_empty() || wanted.split(',').any(|w| w == *k))
+        .map(|(_, e)| *e)
+        .collect();
+    let modes_wanted = std::env::var("BRAID_BENCH_MODES").unwrap_or_default();
+    let modes: Vec<Mode> = [("hand", Mode::ByHand), ("braid", Mode::Braid)]
+        .iter()
+        .filter(|(k, _)| modes_wanted.is_empty() || modes_wanted.split(',').any(|w| w == *k))
+        .map(|(_, m)| *m)
+        .collect();
+    for k in ["BRAID_BENCH_STALE_LOSS_CNT", "BRAID_BENCH_RTO_MIN_US"] {
+        if let Ok(v) = std::env::var(k) {
+            println!("# {k}={v}");
+        }
+    }
     println!(
         "# braid failover benchmark: a 4 Mbit/s stream for 14 s, the failure at 3 s; two uplinks \
          20 Mbit/s 10 ms + 30 Mbit/s 40 ms one way; reno; {} cores",
@@ -200,6 +231,11 @@ fn main() {
         let mut stalls = Vec::new();
         let mut lost = Vec::new();
         for mode in [Mode::ByHand, Mode::Braid] {
+            if !modes.contains(&mode) {
+                stalls.push("-".into());
+                lost.push("-".into());
+                continue;
+            }
             let (down, ld) = measure(mode, e, Flow::Down);
             let (up, lu) = measure(mode, e, Flow::Up);
             stalls.push(format!("{down:.0} / {up:.0} ms"));

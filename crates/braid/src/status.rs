@@ -235,7 +235,7 @@ pub struct UplinkStatus {
     /// Seconds in this health.
     #[serde(default)]
     pub health_secs: f64,
-    /// `carrying`, `standby`, `out`.
+    /// `carrying`, `carrying (backup priority)`, `standby`, `out`.
     #[serde(default)]
     pub role: String,
     /// The last probe handshake's time, milliseconds.

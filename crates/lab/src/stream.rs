@@ -84,15 +84,20 @@ pub fn send(w: &mut TcpStream, spec: &Spec) -> io::Result<u64> {
     let interval = spec.interval();
     let mut buf = vec![0u8; record];
     let start = Instant::now();
+    let start_ns = now_ns();
     let n = spec.records();
     for seq in 0..n {
-        let due = start + interval.mul_f64(seq as f64);
+        let offset = interval.mul_f64(seq as f64);
+        let due = start + offset;
         if let Some(wait) = due.checked_duration_since(Instant::now()) {
             std::thread::sleep(wait);
         }
         buf[..4].copy_from_slice(&MAGIC.to_be_bytes());
         buf[4..12].copy_from_slice(&seq.to_be_bytes());
-        buf[12..20].copy_from_slice(&now_ns().to_be_bytes());
+        // The time the record fell due, not when the sender got to write it: a record held up
+        // behind a stall counts its whole wait.
+        let due_ns = start_ns + offset.as_nanos() as u64;
+        buf[12..20].copy_from_slice(&due_ns.to_be_bytes());
         for (i, b) in buf[HEADER..].iter_mut().enumerate() {
             *b = payload_byte(seq, i);
         }
@@ -214,7 +219,7 @@ pub struct Running {
 
 impl Running {
     /// Starts a server on `server_addr` in `server_ns` and a client connecting to it from
-    /// `client_ns`; returns once the stream is flowing.
+    /// `client_ns`; returns once both are started (the client may still be connecting).
     pub fn start(
         client_ns: &Netns,
         server_ns: &Netns,
@@ -222,9 +227,19 @@ impl Running {
         flow: Flow,
         spec: Spec,
     ) -> Result<Running> {
+        if spec.rate_bps == 0 || spec.duration.is_zero() {
+            return Err(Error::Config(format!(
+                "stream {spec:?}: rate and duration must be greater than 0"
+            )));
+        }
         let listener = server_ns
             .enter(|| TcpListener::bind(server_addr))?
             .map_err(|e| Error::io(format!("listen on {server_addr}"), server_ns.name(), e))?;
+        // accept(2) honours the receive timeout: a client that never connects fails the
+        // stream instead of hanging it.
+        socket2::SockRef::from(&listener)
+            .set_read_timeout(Some(STALL_LIMIT))
+            .map_err(|e| Error::io("listener timeout", server_ns.name(), e))?;
         let server = server_ns.thread(move || -> io::Result<Option<Report>> {
             let (mut s, _) = listener.accept()?;
             let _ = s.set_nodelay(true);

@@ -201,14 +201,11 @@ pub struct SubflowInfo {
     pub backoff: u8,
     /// Segments sent but not yet acknowledged.
     pub unacked: u32,
-    /// Milliseconds since an ACK was last received.
-    pub last_ack_recv_ms: u32,
-    /// Segments retransmitted over the subflow's life, and segments sent.
+    /// Segments retransmitted over the subflow's life, and data segments sent.
     pub total_retrans: u32,
-    pub segs_out: u32,
-    /// Data segments received, and of them those that arrived out of order (each loss on the
-    /// way in shows as out-of-order arrivals until the retransmission fills the hole).
-    pub data_segs_in: u32,
+    pub data_segs_out: u32,
+    /// Data segments that arrived out of order (each loss on the way in shows as out-of-order
+    /// arrivals until the retransmission fills the hole).
     pub rcv_ooopack: u32,
 }
 
@@ -291,10 +288,8 @@ pub fn mptcp_subflows(fd: &impl AsFd) -> io::Result<Vec<SubflowInfo>> {
             bytes_received: if ti.len() >= 136 { get64(ti, 128) } else { 0 },
             backoff: ti.get(4).copied().unwrap_or(0),
             unacked: if ti.len() >= 28 { get32(ti, 24) } else { 0 },
-            last_ack_recv_ms: if ti.len() >= 60 { get32(ti, 56) } else { 0 },
             total_retrans: if ti.len() >= 104 { get32(ti, 100) } else { 0 },
-            segs_out: if ti.len() >= 140 { get32(ti, 136) } else { 0 },
-            data_segs_in: if ti.len() >= 156 { get32(ti, 152) } else { 0 },
+            data_segs_out: if ti.len() >= 160 { get32(ti, 156) } else { 0 },
             rcv_ooopack: if ti.len() >= 228 { get32(ti, 224) } else { 0 },
         });
     }

@@ -60,11 +60,16 @@ impl HealthFile {
             ConfigError::invalid(path, &format!("health.{key}"), reason)
         };
         let d = HealthConfig::default();
-        let positive = |key: &str, v: Option<u64>, unit: fn(u64) -> Duration, default| match v {
-            None => Ok(default),
-            Some(0) => Err(err(key, "must be greater than 0".into())),
-            Some(n) => Ok(unit(n)),
-        };
+        // At most a day: longer says nothing more and would overflow the hold-down's doubling.
+        let positive =
+            |key: &str, v: Option<u64>, unit: fn(u64) -> Duration, default| match v.map(unit) {
+                None => Ok(default),
+                Some(d) if d.is_zero() => Err(err(key, "must be greater than 0".into())),
+                Some(d) if d > Duration::from_secs(86_400) => {
+                    Err(err(key, "must be at most a day".into()))
+                }
+                Some(d) => Ok(d),
+            };
         let c = HealthConfig {
             interval: positive(
                 "probe_interval_ms",
@@ -92,8 +97,9 @@ impl HealthFile {
             )?,
             attempts: match self.probe_attempts {
                 None => d.attempts,
-                Some(n @ 1..=16) => n,
-                Some(n) => return Err(err("probe_attempts", format!("{n}: give 1 to 16"))),
+                // One handshake a round cannot tell loss from silence.
+                Some(n @ 2..=16) => n,
+                Some(n) => return Err(err("probe_attempts", format!("{n}: give 2 to 16"))),
             },
             dead_after: match self.dead_after {
                 None => d.dead_after,
@@ -125,6 +131,9 @@ impl HealthFile {
             )?,
             backup_release: match self.backup_release_secs {
                 None => d.backup_release,
+                Some(n) if n > 86_400 => {
+                    return Err(err("backup_release_secs", "must be at most a day".into()));
+                }
                 Some(n) => Duration::from_secs(n),
             },
             degraded_loss: match self.degraded_loss_percent {
@@ -553,6 +562,26 @@ mod tests {
                 "uplinks[0].interface",
             ),
             (&format!("{base}relay_engine = \"zero\""), "relay_engine"),
+            (
+                &format!("{base}[health]\nprobe_attempts = 1"),
+                "health.probe_attempts",
+            ),
+            (
+                &format!("{base}[health]\nprobe_timeout_ms = 0"),
+                "health.probe_timeout_ms",
+            ),
+            (
+                &format!("{base}[health]\nhold_down_secs = 10\nhold_down_max_secs = 5"),
+                "health.hold_down_max_secs",
+            ),
+            (
+                &format!("{base}[health]\nhold_down_max_secs = 99999999999"),
+                "health.hold_down_max_secs",
+            ),
+            (
+                &format!("{base}[health]\ndegraded_loss_percent = 0"),
+                "health.degraded_loss_percent",
+            ),
         ];
         for (text, key) in cases {
             let e = from_toml(text, File::default()).unwrap_err().to_string();

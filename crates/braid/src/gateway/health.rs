@@ -22,7 +22,7 @@
 //! once is back within the 2 s the uplinks promise); a failure within `flap_window` of the
 //! previous return doubles the time it is held out, from `hold_base` up to `hold_max`.
 //!
-//! Loss makes an uplink degraded (used only when nothing better works): the share of probe
+//! Loss makes an uplink degraded (at backup priority: the others carry first): the share of probe
 //! handshakes unanswered over the last rounds, or of the subflows' segments retransmitted over
 //! the last samples, above `degraded_loss`; it leaves degraded below half of that.
 
@@ -129,12 +129,11 @@ pub struct Sample {
     pub traffic: bool,
     /// One of them has unacknowledged data and its retransmission timer fired.
     pub stalled: bool,
-    /// Segments retransmitted and sent, summed over them.
+    /// Data segments retransmitted and sent, summed over them.
     pub retrans: u32,
     pub segs: u32,
-    /// Data segments received out of order, and data segments received.
+    /// Data segments received out of order.
     pub ooo: u32,
-    pub segs_in: u32,
 }
 
 /// A change of health, for the log and the counters.
@@ -176,6 +175,8 @@ pub struct Tracker {
     last_return: Option<Instant>,
     /// No link, or probes unanswered: what a return and a flap are counted from.
     was_bad: bool,
+    /// Whether it ever worked: the first link-up is not a return.
+    ever_up: bool,
     held_until: Option<Instant>,
     last_probe: Option<Instant>,
     urgent: bool,
@@ -208,6 +209,7 @@ impl Tracker {
             flaps: 0,
             last_return: None,
             was_bad: !link_up,
+            ever_up: link_up,
             held_until: None,
             last_probe: None,
             // Probe at once: an uplink that is up but dead from the start must not wait.
@@ -321,8 +323,10 @@ impl Tracker {
         if r.answered == 0 {
             self.fails += 1;
             self.oks = 0;
-            // Repeat at once: the sooner the second round, the sooner a dead uplink is out.
-            self.urgent = true;
+            // Repeat at once, until it is dead: the sooner the second round, the sooner a dead
+            // uplink is out; once out, every `interval` (a link that fails at once, with no
+            // route or an ICMP error, must not turn this into a loop).
+            self.urgent = self.fails < cfg.dead_after;
             if self.fails >= cfg.dead_after && !self.probe_dead {
                 self.probe_dead = true;
                 // What it lost before says nothing of how it will do when it returns.
@@ -365,7 +369,15 @@ impl Tracker {
         if self.urgent {
             return Some(last);
         }
-        let every = if self.fails > 0 || self.probe_dead || self.held_until.is_some() {
+        let every = if role == Role::Standby && self.fails == 0 && !self.probe_dead {
+            cfg.standby_interval
+        } else if role == Role::Standby {
+            // A dead backup standing by: every `interval` would be 4 handshakes a second
+            // on a metered link for as long as it is dead.
+            cfg.standby_interval.min(cfg.idle_interval)
+        } else if self.fails > 0 || self.probe_dead || self.held_until.is_some() || self.degraded {
+            // Dead or held: to see it come back; degraded: loss is only measured by probes
+            // once traffic has left it.
             cfg.interval
         } else if self.last_progress && self.lossy {
             // It works but loses: the probes measure how much (a download's loss shows at
@@ -374,8 +386,6 @@ impl Tracker {
         } else if self.last_progress {
             // Its own subflows prove it works: nothing to ask.
             return None;
-        } else if role == Role::Standby {
-            cfg.standby_interval
         } else if self.subflows > 0
             && self
                 .last_traffic
@@ -385,7 +395,7 @@ impl Tracker {
         } else {
             cfg.idle_interval
         };
-        Some(last + every)
+        last.checked_add(every)
     }
 
     /// Called when a round is started: an urgent request is served.
@@ -420,22 +430,35 @@ impl Tracker {
             };
             self.held_until = None;
         }
-        if !bad && self.was_bad {
-            self.last_return = Some(now);
-            if self.flaps > 0 {
+        if !bad && self.was_bad && self.ever_up {
+            let hold = if self.flaps == 0 {
+                Duration::ZERO
+            } else {
                 let doublings = (self.flaps - 1).min(16);
-                let hold = (cfg.hold_base * 2u32.pow(doublings)).min(cfg.hold_max);
-                self.held_until = Some(now + hold);
+                cfg.hold_base
+                    .checked_mul(1 << doublings)
+                    .unwrap_or(cfg.hold_max)
+                    .min(cfg.hold_max)
+            };
+            // The flap window counts from when it carries again, after its hold-down.
+            self.last_return = now.checked_add(hold);
+            if !hold.is_zero() {
+                self.held_until = now.checked_add(hold);
             }
         }
+        if !bad {
+            self.ever_up = true;
+        }
         self.was_bad = bad;
+        let mut why = why.to_string();
         if self.held_until.is_some_and(|t| t <= now) {
             self.held_until = None;
+            why = "hold-down over".into();
         }
         let (to, reason) = if !self.link_up {
-            (Health::Down, why.to_string())
+            (Health::Down, why)
         } else if self.probe_dead {
-            (Health::Dead, why.to_string())
+            (Health::Dead, why)
         } else if let Some(left) = self.held_for(now) {
             (
                 Health::Dead,
@@ -451,7 +474,7 @@ impl Tracker {
                 format!("loss {:.0} %", loss.unwrap_or(0.0) * 100.0),
             )
         } else {
-            (Health::Up, why.to_string())
+            (Health::Up, why)
         };
         self.settle(now, to, reason)
     }
@@ -479,9 +502,21 @@ pub struct Backups {
     primary_since: Option<Instant>,
 }
 
+impl Backups {
+    /// Whether carrying backups are due to be released (a decision to make now).
+    pub fn release_due(&self, now: Instant, cfg: &HealthConfig) -> bool {
+        self.active
+            && self
+                .primary_since
+                .is_some_and(|s| now.duration_since(s) >= cfg.backup_release)
+    }
+}
+
 /// What each uplink does, from its link state, its health and its configuration:
 /// - a healthy primary carries traffic; a degraded one carries it at backup priority (the
-///   kernel's scheduler then uses it only when no other subflow can send);
+///   kernel's scheduler then uses it only when no other subflow can send), and still counts as
+///   a working primary: a lossy line is better than paying for the metered backup;
+/// - when every uplink that is up is dead, none is taken out (see below);
 /// - a backup stands by (no endpoint, no subflow: not a byte but probes) while a primary is
 ///   usable, carries traffic (at backup priority) when none is, and keeps carrying until a
 ///   primary has been usable for `backup_release`, so that a primary that flickers back does
@@ -495,7 +530,14 @@ pub fn roles(
     now: Instant,
     cfg: &HealthConfig,
 ) {
-    let usable = |u: &Uplink| u.state == State::Up && health(u).usable();
+    // Every uplink that is up judged dead at once is the converter not answering (or the
+    // probes wrong), not every link failing together: then health says nothing, and taking
+    // every endpoint away would only cost the connections their subflows.
+    let all_dead = uplinks
+        .iter()
+        .filter(|u| u.state == State::Up)
+        .all(|u| health(u) == Health::Dead);
+    let usable = |u: &Uplink| u.state == State::Up && (all_dead || health(u).usable());
     let primary_ok = uplinks.iter().any(|u| !u.backup && usable(u));
     if !primary_ok {
         backups.primary_since = None;
@@ -607,6 +649,10 @@ mod tests {
         );
         assert_eq!(t.health(), Health::Dead);
         assert!(t.reason().contains("unanswered"), "{}", t.reason());
+        // Dead: asked every interval, not in a loop.
+        let last = t.last_probe.unwrap();
+        let carry = Role::Carry { backup_prio: false };
+        assert_eq!(t.next_probe(carry, last, &c), Some(last + c.interval));
         // It stays dead on one answered round, returns on the second.
         let now = secs(t0, 5.0);
         assert_eq!(t.round(ok_round(1), now, &c), None);
@@ -766,19 +812,29 @@ mod tests {
         t.link(false, now, &c);
         t.link(true, now + Duration::from_secs(1), &c);
         assert_eq!(t.health(), Health::Up);
-        // The hold-down has a ceiling.
+        // The hold-down has a ceiling, and a link that keeps flapping reaches it (the flap
+        // window counts from the end of each hold-down).
         let mut t = Tracker::new(true, t0);
         let mut now = t0;
+        let mut last = Duration::ZERO;
         for _ in 0..20 {
             now += Duration::from_secs(1);
             t.link(false, now, &c);
             t.link(true, now, &c);
             if let Some(h) = t.held_for(now) {
                 assert!(h <= c.hold_max);
+                last = h;
                 now += h;
                 t.tick(now, &c);
             }
         }
+        assert_eq!(last, c.hold_max);
+        // The first link-up of an uplink that started down is not a return.
+        let mut t = Tracker::new(false, t0);
+        t.link(true, secs(t0, 1.0), &c);
+        t.link(false, secs(t0, 2.0), &c);
+        t.link(true, secs(t0, 3.0), &c);
+        assert_eq!(t.held_for(secs(t0, 3.0)), None);
     }
 
     fn uplink(slot: u8, backup: bool) -> Uplink {
@@ -844,5 +900,18 @@ mod tests {
         assert_eq!(ups[0].role, Role::Carry { backup_prio: true });
         assert_eq!((ups[1].role, ups[1].health), (Role::Out, Health::Down));
         assert_eq!(ups[2].role, Role::Standby, "a degraded primary still works");
+        // Everything dead at once: the converter, not the links; no primary is taken out
+        // (and a backup would not help).
+        ups[1].state = State::Up;
+        roles(&mut ups, |_| Health::Dead, &mut b, secs(t0, 14.0), &c);
+        let r: Vec<Role> = ups.iter().map(|u| u.role).collect();
+        assert_eq!(
+            r,
+            [
+                Role::Carry { backup_prio: false },
+                Role::Carry { backup_prio: false },
+                Role::Standby
+            ]
+        );
     }
 }

@@ -252,13 +252,13 @@ impl Paths {
         let health_view = m.health_view.clone();
         // The first round runs before start returns: connections opened right after see the
         // uplinks.
-        let mut read = m.round().await;
+        let read = m.round().await;
         let stop2 = stop.clone();
         let task = tokio::spawn(async move {
             let mut changes = Some(changes);
             let mut tick = tokio::time::interval(HEALTH_TICK);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            let mut resync = tokio::time::Instant::now() + RESYNC;
+            let mut resync = tokio::time::Instant::now() + if read { RESYNC } else { SETTLE * 10 };
             loop {
                 let event = async {
                     match changes.as_mut() {
@@ -277,8 +277,7 @@ impl Paths {
                         true
                     }
                     // A round that could not read the state is tried again soon.
-                    _ = tokio::time::sleep_until(resync), if read => true,
-                    _ = tokio::time::sleep(SETTLE * 10), if !read => true,
+                    _ = tokio::time::sleep_until(resync) => true,
                     Some((interface, r)) = probe_rx.recv() => {
                         m.probed(&interface, r);
                         false
@@ -289,8 +288,8 @@ impl Paths {
                     }
                 };
                 if reread {
-                    read = m.round().await;
-                    resync = tokio::time::Instant::now() + RESYNC;
+                    let read = m.round().await;
+                    resync = tokio::time::Instant::now() + if read { RESYNC } else { SETTLE * 10 };
                 } else if m.health_changed() {
                     m.decide().await;
                 }
@@ -344,8 +343,9 @@ struct Manager {
 }
 
 /// One probe handshake: a plain TCP connection from `src` to the converter, reset as soon as it
-/// is established (no TIME_WAIT, nothing for the converter to serve). A refusal also proves
-/// the path works.
+/// is established (no TIME_WAIT, nothing for the converter to serve). Only a completed
+/// handshake counts: a refusal may come from the first hop (a modem whose own uplink is down
+/// answers with a reset or an ICMP error).
 async fn probe_once(
     src: IpAddr,
     target: std::net::SocketAddr,
@@ -366,7 +366,6 @@ async fn probe_once(
             let _ = socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO));
             Ok(rtt)
         }
-        Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => Ok(t.elapsed()),
         Err(e) => Err(e),
     }
 }
@@ -469,13 +468,22 @@ impl Manager {
         if !changes.is_empty() {
             self.apply(changes).await;
         }
-        for u in &ups {
-            let h = u.health.as_str();
+        // Every uplink seen, also one that vanished with its default route (down).
+        let mut gauges: Vec<(String, &'static str)> = ups
+            .iter()
+            .map(|u| (u.name.clone(), u.health.as_str()))
+            .collect();
+        for interface in self.trackers.keys() {
+            if !ups.iter().any(|u| &u.interface == interface) {
+                gauges.push((interface.clone(), uplinks::Health::Down.as_str()));
+            }
+        }
+        for (name, h) in gauges {
             for other in ["up", "degraded", "dead", "down"] {
                 self.stats
                     .uplink_health
                     .get_or_create(&super::stats::UplinkHealth {
-                        uplink: u.name.clone(),
+                        uplink: name.clone(),
                         health: other,
                     })
                     .set(i64::from(other == h));
@@ -499,7 +507,7 @@ impl Manager {
             }
         }
         // A backup's release is a matter of time alone.
-        changed || self.backups.active
+        changed || self.backups.release_due(now, &self.cfg.health)
     }
 
     /// A probe round ended.
@@ -557,9 +565,8 @@ impl Manager {
                 s.progress |=
                     sf.bytes_acked > prev.bytes_acked || sf.bytes_received > prev.bytes_received;
                 s.retrans += sf.total_retrans.saturating_sub(prev.total_retrans);
-                s.segs += sf.segs_out.saturating_sub(prev.segs_out);
+                s.segs += sf.data_segs_out.saturating_sub(prev.data_segs_out);
                 s.ooo += sf.rcv_ooopack.saturating_sub(prev.rcv_ooopack);
-                s.segs_in += sf.data_segs_in.saturating_sub(prev.data_segs_in);
             }
             s.stalled |= sf.unacked > 0 && sf.backoff >= 1;
             seen.insert(key, sf);
