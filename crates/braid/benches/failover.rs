@@ -19,10 +19,10 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use braid_lab::process::{Process, spawn_daemon};
-use braid_lab::standard::converter_args;
+mod support;
+
 use braid_lab::stream::{Flow, Running, Spec};
-use braid_lab::{Delay, StandardConfig, StandardLab};
+use braid_lab::{Delay, Process, StandardConfig, StandardLab};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Mode {
@@ -80,23 +80,7 @@ fn start(mode: Mode, backup: bool) -> Run {
                 .expect("tcp_rto_min_us");
         }
     }
-    let bin = std::path::Path::new(env!("CARGO_BIN_EXE_braid"));
-    let logs = std::env::temp_dir();
-    let converter = spawn_daemon(
-        &lab.converter,
-        bin,
-        "converter",
-        &converter_args(5124),
-        logs.join(format!("{}-converter.log", lab.converter.name())),
-        "listening",
-    )
-    .expect("converter");
-    let mut args = vec![
-        "--converter".to_string(),
-        format!("{}:5124", lab.converter_v4()),
-        "--transparent".into(),
-        "tproxy".into(),
-    ];
+    let mut args = vec!["--transparent".to_string(), "tproxy".into()];
     match mode {
         Mode::ByHand => {
             args.push("--no-manage-uplinks".into());
@@ -125,18 +109,10 @@ fn start(mode: Mode, backup: bool) -> Run {
         }
         Mode::Braid => {}
     }
-    let gateway = spawn_daemon(
-        &lab.gateway,
-        bin,
-        "gateway",
-        &args,
-        logs.join(format!("{}-gateway.log", lab.gateway.name())),
-        "gateway running",
-    )
-    .expect("gateway");
+    let daemons = support::start_daemons(&lab, &args);
     Run {
         lab,
-        _daemons: vec![converter, gateway],
+        _daemons: daemons,
     }
 }
 

@@ -16,8 +16,7 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use braid_lab::process::{Process, spawn_daemon};
-use braid_lab::standard::converter_args;
+use braid_lab::Process;
 use braid_lab::{Delay, StandardConfig, StandardLab};
 use support::env_or;
 
@@ -62,39 +61,15 @@ fn start(mode: Mode, rates: &[u64], delays: Option<Vec<Delay>>, size: u64) -> Ru
     };
     let lab = StandardLab::new(cfg).expect("lab");
     braid_lab::http::serve_file(&lab.server, HTTP_PORT, size).expect("file server");
-    let bin = std::path::Path::new(env!("CARGO_BIN_EXE_braid"));
-    let logs = std::env::temp_dir();
-    let converter = spawn_daemon(
-        &lab.converter,
-        bin,
-        "converter",
-        &converter_args(5124),
-        logs.join(format!("{}-converter.log", lab.converter.name())),
-        "listening",
-    )
-    .expect("converter");
-    let mut gw_args = vec![
-        "--converter".to_string(),
-        format!("{}:5124", lab.converter_v4()),
-        "--transparent".into(),
-        "tproxy".into(),
-    ];
+    let mut gw_args = vec!["--transparent".to_string(), "tproxy".into()];
     if mode != Mode::Braid {
         gw_args.push("--no-manage-uplinks".into());
     }
-    let gateway = spawn_daemon(
-        &lab.gateway,
-        bin,
-        "gateway",
-        &gw_args,
-        logs.join(format!("{}-gateway.log", lab.gateway.name())),
-        "gateway running",
-    )
-    .expect("gateway");
+    let daemons = support::start_daemons(&lab, &gw_args);
     let url = format!("http://{}:{HTTP_PORT}/file", lab.server_v4());
     Run {
         lab,
-        _daemons: vec![converter, gateway],
+        _daemons: daemons,
         url,
     }
 }

@@ -75,21 +75,30 @@ fn health_of(cl: &ConverterLab, uplink: &str) -> String {
         .unwrap_or_default()
 }
 
-/// Waits up to `within` for `uplink` to be in `health`; how long it took.
+/// Polls `cond` every `every` for up to `limit`; how long until it held.
+fn within(limit: Duration, every: Duration, cond: impl Fn() -> bool) -> Option<Duration> {
+    let t = Instant::now();
+    loop {
+        if cond() {
+            return Some(t.elapsed());
+        }
+        if t.elapsed() > limit {
+            return None;
+        }
+        std::thread::sleep(every);
+    }
+}
+
+/// Waits up to `limit` for `uplink` to be in `health`; how long it took.
 fn until_health(
     cl: &ConverterLab,
     uplink: &str,
     health: &str,
-    within: Duration,
+    limit: Duration,
 ) -> Option<Duration> {
-    let t = Instant::now();
-    while t.elapsed() < within {
-        if health_of(cl, uplink) == health {
-            return Some(t.elapsed());
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    None
+    within(limit, Duration::from_millis(50), || {
+        health_of(cl, uplink) == health
+    })
 }
 
 fn metrics(cl: &ConverterLab, port: u16) -> String {
@@ -172,15 +181,10 @@ fn blackhole_mid_stream(which: usize, port_base: u16) {
             "{flow:?}: not healthy again within 5 s\n{}",
             gw.log_text()
         );
-        let carrying = loop {
-            if subflows_on(&cl, &name) > 0 {
-                break Some(healed.elapsed());
-            }
-            if healed.elapsed() > Duration::from_secs(5) {
-                break None;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        };
+        let carrying = within(Duration::from_secs(5), Duration::from_millis(50), || {
+            subflows_on(&cl, &name) > 0
+        })
+        .map(|_| healed.elapsed());
         eprintln!("{flow:?}: {name} up again after {up:?}, a subflow on it after {carrying:?}");
         assert!(
             carrying.is_some(),
@@ -351,16 +355,9 @@ fn a_backup_uplink_carries_nothing_until_every_primary_is_gone() {
     // The only primary goes: the download continues on the backup within 1 s.
     let before = if_bytes(&cl, "g-v2");
     cl.lab.uplinks[0].link.down().unwrap();
-    let cut = Instant::now();
-    let took = loop {
-        if if_bytes(&cl, "g-v2") - before > 200_000 {
-            break Some(cut.elapsed());
-        }
-        if cut.elapsed() > Duration::from_secs(5) {
-            break None;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let took = within(Duration::from_secs(5), Duration::from_millis(20), || {
+        if_bytes(&cl, "g-v2") - before > 200_000
+    });
     eprintln!("the backup carries {took:?} after the primary went down");
     assert!(
         took.is_some_and(|t| t <= Duration::from_secs(1)),

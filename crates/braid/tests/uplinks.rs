@@ -371,6 +371,7 @@ fn everything_braid_adds_goes_at_exit_and_after_a_crash_and_nothing_else() {
     g.ip(&["mptcp", "endpoint", "add", "10.1.1.77", "id", "5", "signal"])
         .unwrap();
     let limits_before = g.run(["ip", "mptcp", "limits", "show"]).unwrap();
+    let stale_before = g.sysctl_get("net.mptcp.stale_loss_cnt").unwrap();
     let foreign = |ns: &Netns| {
         let o = gateway_objects(ns);
         assert!(
@@ -395,7 +396,8 @@ fn everything_braid_adds_goes_at_exit_and_after_a_crash_and_nothing_else() {
         gateway_objects(g),
         gw.log_text()
     );
-    // SIGTERM: all gone, limits and rp_filter as before.
+    assert_eq!(g.sysctl_get("net.mptcp.stale_loss_cnt").unwrap(), "2");
+    // SIGTERM: all gone, limits, rp_filter and stale_loss_cnt as before.
     gw.process
         .as_mut()
         .unwrap()
@@ -416,6 +418,10 @@ fn everything_braid_adds_goes_at_exit_and_after_a_crash_and_nothing_else() {
         limits_before
     );
     assert_eq!(g.sysctl_get("net.ipv4.conf.g-v1.rp_filter").unwrap(), "1");
+    assert_eq!(
+        g.sysctl_get("net.mptcp.stale_loss_cnt").unwrap(),
+        stale_before
+    );
     foreign(g);
     // SIGKILL: left behind; the next start removes the leftovers and programs anew.
     // Each start waits for its own "gateway running": the log starts empty.
@@ -454,6 +460,10 @@ fn everything_braid_adds_goes_at_exit_and_after_a_crash_and_nothing_else() {
         limits_before
     );
     assert_eq!(g.sysctl_get("net.ipv4.conf.g-v1.rp_filter").unwrap(), "1");
+    assert_eq!(
+        g.sysctl_get("net.mptcp.stale_loss_cnt").unwrap(),
+        stale_before
+    );
     foreign(g);
 }
 

@@ -26,3 +26,39 @@ pub fn wait_listening(ns: &Netns, port: u16) {
     ns.wait_listening(port, Duration::from_secs(10))
         .expect("listener");
 }
+
+/// `braid converter` on port 5124 in the lab's converter namespace and `braid gateway` with
+/// the lab's converter and `gateway_args` in its gateway namespace, each started once it says
+/// it runs (logs in the temporary directory).
+pub fn start_daemons(
+    lab: &braid_lab::StandardLab,
+    gateway_args: &[String],
+) -> Vec<braid_lab::Process> {
+    use braid_lab::process::spawn_daemon;
+    let bin = std::path::Path::new(env!("CARGO_BIN_EXE_braid"));
+    let logs = std::env::temp_dir();
+    let converter = spawn_daemon(
+        &lab.converter,
+        bin,
+        "converter",
+        &braid_lab::standard::converter_args(5124),
+        logs.join(format!("{}-converter.log", lab.converter.name())),
+        "listening",
+    )
+    .expect("converter");
+    let mut args = vec![
+        "--converter".to_string(),
+        format!("{}:5124", lab.converter_v4()),
+    ];
+    args.extend_from_slice(gateway_args);
+    let gateway = spawn_daemon(
+        &lab.gateway,
+        bin,
+        "gateway",
+        &args,
+        logs.join(format!("{}-gateway.log", lab.gateway.name())),
+        "gateway running",
+    )
+    .expect("gateway");
+    vec![converter, gateway]
+}

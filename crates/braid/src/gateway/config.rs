@@ -52,6 +52,8 @@ pub struct HealthFile {
     pub flap_window_secs: Option<u64>,
     pub backup_release_secs: Option<u64>,
     pub degraded_loss_percent: Option<f64>,
+    /// `net.mptcp.stale_loss_cnt` in the gateway's namespace; 0 leaves it alone.
+    pub stale_loss_cnt: Option<u32>,
 }
 
 impl HealthFile {
@@ -143,6 +145,17 @@ impl HealthFile {
                     return Err(err(
                         "degraded_loss_percent",
                         format!("{p}: give a share above 0 and at most 100"),
+                    ));
+                }
+            },
+            stale_loss_cnt: match self.stale_loss_cnt {
+                None => d.stale_loss_cnt,
+                Some(0) => None,
+                Some(n @ 1..=64) => Some(n),
+                Some(n) => {
+                    return Err(err(
+                        "stale_loss_cnt",
+                        format!("{n}: give 1 to 64, or 0 to leave it"),
                     ));
                 }
             },

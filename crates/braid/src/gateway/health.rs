@@ -58,6 +58,8 @@ pub struct HealthConfig {
     pub backup_release: Duration,
     /// Share of lost handshakes or retransmitted segments that makes an uplink degraded.
     pub degraded_loss: f64,
+    /// `net.mptcp.stale_loss_cnt` to set in the gateway's namespace (`None`: leave it).
+    pub stale_loss_cnt: Option<u32>,
 }
 
 impl Default for HealthConfig {
@@ -75,6 +77,7 @@ impl Default for HealthConfig {
             flap_window: Duration::from_secs(60),
             backup_release: Duration::from_secs(10),
             degraded_loss: 0.10,
+            stale_loss_cnt: Some(2),
         }
     }
 }

@@ -6,7 +6,7 @@
 //! and for `braid status`.
 //!
 //! Undone exactly: at exit every route, rule and endpoint it added is removed, the MPTCP
-//! limits and the `rp_filter` values it changed are put back. After a crash the next start
+//! limits, `net.mptcp.stale_loss_cnt` and the `rp_filter` values it changed are put back. After a crash the next start
 //! finds its objects by their numbers (tables, rule priorities and endpoint ids in braid's
 //! ranges) and the values to restore in a state file under `/run/braid`, one per network
 //! namespace; nothing braid did not add is touched.
@@ -65,6 +65,9 @@ struct Restore {
     limits: Option<(u32, u32)>,
     /// `net.ipv4.conf.<if>.rp_filter` before braid loosened it.
     rp_filter: BTreeMap<String, String>,
+    /// `net.mptcp.stale_loss_cnt` before braid set it.
+    #[serde(default)]
+    stale_loss_cnt: Option<String>,
 }
 
 /// Bits per second through an interface over the last second.
@@ -459,6 +462,7 @@ impl Manager {
         self.log_changes(&ups);
         if ups.iter().any(|u| u.state == State::Up) {
             self.ensure_limits().await;
+            self.ensure_stale_loss_cnt();
         }
         for u in ups.iter().filter(|u| u.state == State::Up) {
             self.loosen_rp_filter(&u.interface);
@@ -775,6 +779,35 @@ impl Manager {
         }
     }
 
+    /// Sets `net.mptcp.stale_loss_cnt` once, remembering the old value: after that many
+    /// retransmission timeouts without progress the kernel's scheduler stops sending on a
+    /// subflow and reinjects its data on the others (default 4). Measured on a blackholed
+    /// uplink carrying a connection's first subflow (20 Mbit/s 10 ms + 30 Mbit/s 40 ms, a
+    /// 4 Mbit/s stream, set in both namespaces): longest stall 1.0–1.36 s with 4, 0.51–0.71 s
+    /// with 2; `tcp_rto_min_us` = 50 ms instead gave 0.69–0.92 s and touches all of the
+    /// router's TCP.
+    fn ensure_stale_loss_cnt(&mut self) {
+        let Some(want) = self.cfg.health.stale_loss_cnt else {
+            return;
+        };
+        if self.restore.stale_loss_cnt.is_some() {
+            return;
+        }
+        let key = "/proc/sys/net/mptcp/stale_loss_cnt";
+        match std::fs::read_to_string(key) {
+            Ok(v) if v.trim() == want.to_string() => {}
+            Ok(v) => match std::fs::write(key, want.to_string()) {
+                Ok(()) => {
+                    tracing::info!(was = v.trim(), now = want, "set net.mptcp.stale_loss_cnt");
+                    self.restore.stale_loss_cnt = Some(v.trim().to_string());
+                    self.state.save(&self.restore);
+                }
+                Err(e) => tracing::warn!(error = %e, "could not set net.mptcp.stale_loss_cnt"),
+            },
+            Err(e) => tracing::warn!(error = %e, "could not read net.mptcp.stale_loss_cnt"),
+        }
+    }
+
     /// Strict reverse-path filtering (1) drops the replies of a subflow whose address is not
     /// the one the main table would use towards the converter: loose (2) on every uplink.
     fn loosen_rp_filter(&mut self, interface: &str) {
@@ -834,6 +867,11 @@ async fn restore(pm: &mut PathManager, r: &Restore) {
         if let Err(e) = pm.set_limits(old).await {
             tracing::warn!(error = %e, "restoring the MPTCP limits");
         }
+    }
+    if let Some(v) = &r.stale_loss_cnt
+        && let Err(e) = std::fs::write("/proc/sys/net/mptcp/stale_loss_cnt", v)
+    {
+        tracing::warn!(error = %e, "restoring net.mptcp.stale_loss_cnt");
     }
     for (interface, value) in &r.rp_filter {
         // The interface may be gone; then so is its setting.
