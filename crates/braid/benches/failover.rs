@@ -4,7 +4,8 @@
 //! - by hand: endpoints and source routing configured as a careful user would (the lab's
 //!   hand-made set-up), braid's path management and health checks off; the kernel alone
 //!   copes with each failure;
-//! - braid: a router-like gateway, braid managing its uplinks and their health.
+//! - braid: a router-like gateway, braid managing its uplinks and their health, and both
+//!   daemons setting `net.mptcp.stale_loss_cnt` to 2 (by hand leaves the kernel's 4).
 //!
 //! Two uplinks, 20 Mbit/s at 10 ms and 30 Mbit/s at 40 ms one way; uplink 1 is where
 //! connections start (the default route), so a failure there hits the initial subflow.
@@ -109,7 +110,12 @@ fn start(mode: Mode, backup: bool) -> Run {
         }
         Mode::Braid => {}
     }
-    let daemons = support::start_daemons(&lab, &args);
+    // By hand, the kernel's defaults everywhere: the converter leaves stale_loss_cnt alone.
+    let converter_args: &[&str] = match mode {
+        Mode::ByHand => &["--stale-loss-cnt", "0"],
+        Mode::Braid => &[],
+    };
+    let daemons = support::start_daemons(&lab, converter_args, &args);
     Run {
         lab,
         _daemons: daemons,

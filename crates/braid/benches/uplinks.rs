@@ -65,7 +65,7 @@ fn start(mode: Mode, rates: &[u64], delays: Option<Vec<Delay>>, size: u64) -> Ru
     if mode != Mode::Braid {
         gw_args.push("--no-manage-uplinks".into());
     }
-    let daemons = support::start_daemons(&lab, &gw_args);
+    let daemons = support::start_daemons(&lab, &[], &gw_args);
     let url = format!("http://{}:{HTTP_PORT}/file", lab.server_v4());
     Run {
         lab,

@@ -136,6 +136,9 @@ pub struct ConverterArgs {
     /// --signal addresses instead. For several converters behind one ECMP address.
     #[arg(long)]
     pub no_join_initial_addr: bool,
+    /// `net.mptcp.stale_loss_cnt` to set at start (0 leaves the namespace's; default 2).
+    #[arg(long, value_name = "N")]
+    pub stale_loss_cnt: Option<u32>,
     /// Carry the application data that came with the Convert request in the SYN to the
     /// server too (TCP Fast Open toward servers that support it).
     #[arg(long)]
@@ -219,6 +222,7 @@ impl ConverterArgs {
             mptcp_add_addr_accepted: self.mptcp_add_addr_accepted,
             signal: list(&self.signal),
             join_initial_addr: self.no_join_initial_addr.then_some(false),
+            stale_loss_cnt: self.stale_loss_cnt,
             upstream_fastopen: given(self.upstream_fastopen),
             ..ConverterFile::default()
         }

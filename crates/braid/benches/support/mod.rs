@@ -27,11 +27,12 @@ pub fn wait_listening(ns: &Netns, port: u16) {
         .expect("listener");
 }
 
-/// `braid converter` on port 5124 in the lab's converter namespace and `braid gateway` with
-/// the lab's converter and `gateway_args` in its gateway namespace, each started once it says
-/// it runs (logs in the temporary directory).
+/// `braid converter` on port 5124 (with `converter_args` too) in the lab's converter namespace
+/// and `braid gateway` with the lab's converter and `gateway_args` in its gateway namespace,
+/// each started once it says it runs (logs in the temporary directory).
 pub fn start_daemons(
     lab: &braid_lab::StandardLab,
+    converter_args: &[&str],
     gateway_args: &[String],
 ) -> Vec<braid_lab::Process> {
     use braid_lab::process::spawn_daemon;
@@ -41,7 +42,11 @@ pub fn start_daemons(
         &lab.converter,
         bin,
         "converter",
-        &braid_lab::standard::converter_args(5124),
+        &[
+            braid_lab::standard::converter_args(5124),
+            converter_args.iter().map(|a| a.to_string()).collect(),
+        ]
+        .concat(),
         logs.join(format!("{}-converter.log", lab.converter.name())),
         "listening",
     )

@@ -59,6 +59,7 @@ pub struct File {
     pub mptcp_add_addr_accepted: Option<u32>,
     pub signal: Option<Vec<String>>,
     pub join_initial_addr: Option<bool>,
+    pub stale_loss_cnt: Option<u32>,
 }
 
 /// Validated settings the converter runs with.
@@ -111,6 +112,8 @@ pub struct Settings {
     pub signal: Vec<SocketAddr>,
     /// `net.mptcp.allow_join_initial_addr_port`; false sets the C flag.
     pub join_initial_addr: bool,
+    /// `net.mptcp.stale_loss_cnt` to set at start (`None`: keep the namespace's).
+    pub stale_loss_cnt: Option<u32>,
 }
 
 impl File {
@@ -156,6 +159,7 @@ impl File {
             mptcp_add_addr_accepted,
             signal,
             join_initial_addr,
+            stale_loss_cnt,
         );
     }
 }
@@ -330,6 +334,17 @@ impl Settings {
             mptcp_add_addr_accepted: f.mptcp_add_addr_accepted,
             signal,
             join_initial_addr: f.join_initial_addr.unwrap_or(true),
+            stale_loss_cnt: match f.stale_loss_cnt {
+                None => Some(2),
+                Some(0) => None,
+                Some(n @ 1..=64) => Some(n),
+                Some(n) => {
+                    return Err(err(
+                        "stale_loss_cnt",
+                        format!("{n}: give 1 to 64, or 0 to leave the namespace's"),
+                    ));
+                }
+            },
         })
     }
 }
@@ -406,6 +421,10 @@ mod tests {
             (
                 "allow_any_client = true\nmptcp_subflows = 9",
                 "mptcp_subflows",
+            ),
+            (
+                "allow_any_client = true\nstale_loss_cnt = 1000",
+                "stale_loss_cnt",
             ),
             (
                 "allow_any_client = true\nsignal = [\"10.0.0.1\", \"nope\"]",

@@ -12,6 +12,7 @@ use braid_sys::pm::{Endpoint, EndpointFlags, PathManager, PmLimits};
 use super::config::Settings;
 
 const JOIN_INITIAL_SYSCTL: &str = "/proc/sys/net/mptcp/allow_join_initial_addr_port";
+const STALE_LOSS_SYSCTL: &str = "/proc/sys/net/mptcp/stale_loss_cnt";
 
 /// What was changed at start and must be undone at exit.
 #[derive(Debug, Default)]
@@ -105,6 +106,9 @@ pub async fn setup(s: &Settings) -> anyhow::Result<Added> {
             );
         }
     }
+    if let Some(want) = s.stale_loss_cnt {
+        set_stale_loss_cnt(want);
+    }
     if !s.join_initial_addr {
         set_join_initial(false)?;
         tracing::info!(
@@ -115,8 +119,9 @@ pub async fn setup(s: &Settings) -> anyhow::Result<Added> {
     Ok(added)
 }
 
-/// Removes the endpoints [`setup`] added. The C flag and limits stay: they are namespace
-/// settings another converter process may rely on, and they cost nothing when idle.
+/// Removes the endpoints [`setup`] added. The C flag, the limits and `stale_loss_cnt` stay: they
+/// are namespace settings another converter process may rely on, and they cost nothing when
+/// idle.
 pub async fn cleanup(added: Added) {
     if added.endpoint_ids.is_empty() {
         return;
@@ -132,6 +137,27 @@ pub async fn cleanup(added: Added) {
         if let Err(e) = pm.delete_endpoint(id).await {
             tracing::warn!(id, %addr, error = %e, "could not remove signal endpoint");
         }
+    }
+}
+
+/// `net.mptcp.stale_loss_cnt`: after that many MPTCP-level retransmission intervals with data
+/// outstanding and no progress, the scheduler ignores a subflow. The converter sends the
+/// downloads, so its value decides how long a download stalls when a client's uplink goes
+/// silent. Measured (a 4 Mbit/s stream, the uplink of the first subflow blackholed): longest
+/// stall median 0.99 s with the kernel's 4, 0.69 s with 2. Not fatal when it cannot be set.
+fn set_stale_loss_cnt(want: u32) {
+    match std::fs::read_to_string(STALE_LOSS_SYSCTL) {
+        Ok(v) if v.trim() == want.to_string() => {}
+        Ok(v) => match std::fs::write(STALE_LOSS_SYSCTL, want.to_string()) {
+            Ok(()) => tracing::info!(
+                was = v.trim(),
+                now = want,
+                "set net.mptcp.stale_loss_cnt: silent subflows are given up sooner (a namespace \
+                 setting, left at exit; --stale-loss-cnt 0 leaves it alone)"
+            ),
+            Err(e) => tracing::warn!(error = %e, "could not set net.mptcp.stale_loss_cnt"),
+        },
+        Err(e) => tracing::warn!(error = %e, "could not read net.mptcp.stale_loss_cnt"),
     }
 }
 
