@@ -55,7 +55,8 @@ pub struct Stats {
     pub uplink_health_changes: Family<UplinkHealth, Counter>,
     /// Probe handshakes, `answered` or `unanswered`.
     pub uplink_probes: Family<UplinkProbe, Counter>,
-    /// 1 while an uplink carries subflows, 0 otherwise (at most 8 uplinks: a bounded label).
+    /// 1 while an uplink's link is up with an address, 0 otherwise (at most 8 uplinks: a
+    /// bounded label).
     pub uplink_up: Family<UplinkLabel, Gauge>,
     /// Bytes through an uplink's interface (all of its traffic), `rx` and `tx`.
     pub uplink_bytes: Family<UplinkDirection, Counter>,
@@ -102,7 +103,7 @@ impl Stats {
         );
         r.register(
             "uplink_up",
-            "1 while an uplink carries subflows",
+            "1 while an uplink's link is up with an address",
             self.uplink_up.clone(),
         );
         r.register(
