@@ -149,4 +149,33 @@ mod documented {
         }
         assert!(missing.is_empty(), "not in docs/metrics.md: {missing:?}");
     }
+
+    /// The example Grafana dashboard is valid JSON and its queries name only metrics that
+    /// exist (those of docs/metrics.md, which the test above keeps true).
+    #[test]
+    fn the_dashboard_names_only_metrics_that_exist() {
+        let doc = include_str!("../../../docs/metrics.md");
+        let dash: serde_json::Value =
+            serde_json::from_str(include_str!("../../../docs/grafana/braid.json"))
+                .expect("docs/grafana/braid.json is JSON");
+        let panels = dash["panels"].as_array().expect("panels");
+        assert!(!panels.is_empty());
+        let mut named = 0;
+        for p in panels {
+            for t in p["targets"].as_array().expect("targets") {
+                let expr = t["expr"].as_str().expect("expr");
+                for word in expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
+                    if word.starts_with("braid_") {
+                        named += 1;
+                        assert!(
+                            doc.contains(&format!("| `{word}` |")),
+                            "{word} (panel {:?}) is not a braid metric",
+                            p["title"]
+                        );
+                    }
+                }
+            }
+        }
+        assert!(named > 5);
+    }
 }
