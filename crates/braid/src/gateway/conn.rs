@@ -24,7 +24,7 @@ use crate::relay;
 #[derive(Debug)]
 pub struct Shared {
     pub settings: Settings,
-    pub converters: Converters,
+    pub converters: std::sync::Arc<Converters>,
     pub client: ClientOptions,
     /// The uplinks as braid manages them (`None`: left to the system).
     pub uplinks: Option<tokio::sync::watch::Receiver<Vec<super::uplinks::Uplink>>>,

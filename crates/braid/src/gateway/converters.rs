@@ -67,7 +67,7 @@ impl Converters {
 
     /// Converters in the order to try now: those not in back-off, in preference order; if all
     /// are in back-off, all of them, soonest-available first (trying beats refusing).
-    fn order(&self) -> Vec<SocketAddr> {
+    pub fn order(&self) -> Vec<SocketAddr> {
         let now = Instant::now();
         let st = self.lock();
         let ready: Vec<SocketAddr> = self

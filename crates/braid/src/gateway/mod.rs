@@ -130,6 +130,11 @@ async fn run(settings: Settings, daemon: Daemon) -> anyhow::Result<()> {
     };
     let stats = stats::Stats::default();
     let registry = Arc::new(crate::status::Registry::default());
+    // Shared with the uplinks' probes, which ask the converter connections would use now.
+    let converter_list = Arc::new(converters::Converters::new(
+        settings.converters.clone(),
+        settings.default_backoff,
+    ));
     let paths = match &settings.uplinks {
         Some(selection) => {
             let p = paths::Paths::start(
@@ -138,7 +143,7 @@ async fn run(settings: Settings, daemon: Daemon) -> anyhow::Result<()> {
                     numbers: settings.uplink_numbers,
                     state_dir: settings.state_dir.clone(),
                     health: settings.health.clone(),
-                    converters: settings.converters.clone(),
+                    converters: converter_list.clone(),
                     mark: settings
                         .capture_output
                         .then(|| capture::own_mark(settings.fwmark)),
@@ -180,10 +185,7 @@ async fn run(settings: Settings, daemon: Daemon) -> anyhow::Result<()> {
         ..ClientOptions::default()
     };
     let shared = Arc::new(Shared {
-        converters: converters::Converters::new(
-            settings.converters.clone(),
-            settings.default_backoff,
-        ),
+        converters: converter_list.clone(),
         client,
         uplinks: paths.as_ref().map(|p| p.uplinks.clone()),
         stats,

@@ -53,8 +53,9 @@ pub struct PathsConfig {
     /// Where the state file lives (`/run/braid`).
     pub state_dir: PathBuf,
     pub health: HealthConfig,
-    /// Where probes go: the converters (the first of each family is probed).
-    pub converters: Vec<std::net::SocketAddr>,
+    /// Where probes go: the first converter of each family in the order connections would try
+    /// them now (one in back-off comes after those that work).
+    pub converters: Arc<super::converters::Converters>,
     /// The mark the gateway's own sockets carry (so that its capture lets them through).
     pub mark: Option<u32>,
 }
@@ -549,7 +550,13 @@ impl Manager {
         let published = self.published.borrow().clone();
         let mut samples: HashMap<&str, Sample> = HashMap::new();
         let mut seen = HashMap::new();
-        let ports: Vec<u16> = self.cfg.converters.iter().map(|c| c.port()).collect();
+        let ports: Vec<u16> = self
+            .cfg
+            .converters
+            .order()
+            .iter()
+            .map(|c| c.port())
+            .collect();
         for (id, sf) in subflows {
             if ports.contains(&sf.remote.port()) {
                 self.learned.insert(sf.remote.is_ipv6(), sf.remote);
@@ -616,6 +623,7 @@ impl Manager {
     /// Starts the probe rounds that are due.
     fn start_probes(&mut self) {
         let now = std::time::Instant::now();
+        let order = self.cfg.converters.order();
         let published = self.published.borrow().clone();
         for u in published.iter().filter(|u| u.state == State::Up) {
             if self.probing.contains(&u.interface) {
@@ -632,8 +640,7 @@ impl Manager {
             // The first path with a converter address of its family to ask.
             let Some((src, target)) = u.paths.iter().find_map(|p| {
                 let v6 = p.addr.is_ipv6();
-                self.cfg
-                    .converters
+                order
                     .iter()
                     .find(|c| c.is_ipv6() == v6)
                     .or_else(|| self.learned.get(&v6))
