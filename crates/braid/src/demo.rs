@@ -26,19 +26,71 @@ pub struct Options {
     pub size: u32,
 }
 
-pub fn main(args: Options) -> anyhow::Result<()> {
-    if !nix::unistd::geteuid().is_root() {
-        bail!("braid demo builds network namespaces: run it as root (sudo ./scripts/demo)");
-    }
-    for tool in ["ip", "nft", "tc", "curl", "nstat"] {
-        if which(tool).is_none() {
-            bail!(
-                "`{tool}` is missing: install iproute2, nftables and curl (./scripts/demo does \
-                 it for you)"
-            );
+/// What the demo needs of the machine, as found.
+#[derive(Debug, Clone)]
+struct Facts {
+    root: bool,
+    /// Tools the lab runs, with whether each was found on the PATH.
+    tools: Vec<(&'static str, bool)>,
+    /// `Err`: the kernel's own words on why MPTCP cannot be used.
+    mptcp: Result<(), String>,
+    netns: bool,
+    tun: bool,
+}
+
+impl Facts {
+    fn gather() -> Facts {
+        Facts {
+            root: nix::unistd::geteuid().is_root(),
+            tools: ["ip", "nft", "tc", "curl", "nstat"]
+                .into_iter()
+                .map(|t| (t, which(t).is_some()))
+                .collect(),
+            mptcp: braid_sys::kernel::check_mptcp().map_err(|e| e.to_string()),
+            netns: std::path::Path::new("/proc/self/ns/net").exists(),
+            tun: std::path::Path::new("/dev/net/tun").exists(),
         }
     }
-    braid_sys::kernel::check_mptcp().context("the demo needs MPTCP")?;
+}
+
+/// Every reason the demo cannot run here, each with the one thing to do about it (all at once:
+/// a newcomer should not fix them one run at a time).
+fn problems(f: &Facts) -> Vec<String> {
+    let mut v = Vec::new();
+    if !f.root {
+        v.push("not root: the demo builds network namespaces; run `sudo ./scripts/demo`".into());
+    }
+    let missing: Vec<&str> = f.tools.iter().filter(|t| !t.1).map(|t| t.0).collect();
+    if !missing.is_empty() {
+        v.push(format!(
+            "missing {}: `apt-get install iproute2 nftables curl procps` (./scripts/demo does it)",
+            missing.join(", ")
+        ));
+    }
+    if let Err(e) = &f.mptcp {
+        v.push(e.clone());
+    }
+    if !f.netns {
+        v.push("no network namespaces (/proc/self/ns/net): a kernel with CONFIG_NET_NS=y".into());
+    }
+    if !f.tun {
+        v.push(
+            "no /dev/net/tun (the lab's delay lines need it): `modprobe tun`, or a kernel with \
+             CONFIG_TUN"
+                .into(),
+        );
+    }
+    v
+}
+
+pub fn main(args: Options) -> anyhow::Result<()> {
+    let found = problems(&Facts::gather());
+    if !found.is_empty() {
+        bail!(
+            "braid demo cannot run on this machine:\n  - {}",
+            found.join("\n  - ")
+        );
+    }
     // Ctrl-C reaches curl and the daemons too (same process group), which ends the download;
     // the flag makes the demo skip what is left and clean up instead of dying with its
     // namespaces in place. Handlers (unlike a blocked mask) are not inherited across exec.
@@ -221,4 +273,53 @@ fn which(tool: &str) -> Option<PathBuf> {
         .split(':')
         .map(|d| PathBuf::from(d).join(tool))
         .find(|p| p.is_file())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fine() -> Facts {
+        Facts {
+            root: true,
+            tools: vec![("ip", true), ("nft", true), ("curl", true)],
+            mptcp: Ok(()),
+            netns: true,
+            tun: true,
+        }
+    }
+
+    #[test]
+    fn a_ready_machine_has_no_problems() {
+        assert!(problems(&fine()).is_empty());
+    }
+
+    #[test]
+    fn every_problem_is_named_with_its_fix_at_once() {
+        let f = Facts {
+            root: false,
+            tools: vec![("ip", true), ("nft", false), ("curl", false)],
+            mptcp: Err(braid_sys::kernel::KernelError::NoMptcp {
+                kernel: "5.4.0".into(),
+            }
+            .to_string()),
+            netns: true,
+            tun: false,
+        };
+        let p = problems(&f);
+        assert_eq!(p.len(), 4, "{p:?}");
+        assert!(p[0].contains("sudo ./scripts/demo"));
+        assert!(p[1].contains("nft, curl") && p[1].contains("apt-get install"));
+        assert!(
+            p[2].contains("CONFIG_MPTCP") && p[2].contains("5.4.0"),
+            "{}",
+            p[2]
+        );
+        assert!(p[3].contains("modprobe tun"));
+        let disabled = Facts {
+            mptcp: Err(braid_sys::kernel::KernelError::MptcpDisabled.to_string()),
+            ..fine()
+        };
+        assert!(problems(&disabled)[0].contains("sysctl -w net.mptcp.enabled=1"));
+    }
 }
