@@ -74,21 +74,6 @@ fn start(mode: Mode, rates: &[u64], delays: Option<Vec<Delay>>, size: u64) -> Ru
     }
 }
 
-/// What each uplink carries alone towards the gateway (one TCP connection, 3 s), Mbit/s.
-fn single_links(lab: &StandardLab) -> Vec<f64> {
-    lab.uplinks
-        .iter()
-        .map(|u| {
-            braid_lab::bulk::Bulk::new(&lab.converter, &lab.gateway, (u.gateway_v4, 7400).into())
-                .src(u.converter_v4.into())
-                .duration(Duration::from_secs(3))
-                .measure()
-                .map(|t| t.mbit_per_sec())
-                .unwrap_or(f64::NAN)
-        })
-        .collect()
-}
-
 /// One curl download from the LAN client, Mbit/s.
 fn download(run: &Run, size: u64) -> f64 {
     let t = Instant::now();
@@ -217,7 +202,7 @@ fn main() {
         for mode in [Mode::Defaults, Mode::ByHand, Mode::Braid] {
             let run = start(mode, rates, delays.clone(), size);
             if mode == Mode::Braid {
-                alone = single_links(&run.lab);
+                alone = run.lab.single_link_rates(Duration::from_secs(3));
             }
             cells.push(download(&run, size));
         }

@@ -41,22 +41,6 @@ fn if_bytes(ns: &Netns, ifname: &str) -> u64 {
         .sum()
 }
 
-/// What each uplink carries alone, towards the gateway (one TCP connection, 2 s): the
-/// measured "sum of the links" that bonding is held to, in Mbit/s.
-fn single_links(lab: &StandardLab) -> Vec<f64> {
-    lab.uplinks
-        .iter()
-        .map(|u| {
-            braid_lab::bulk::Bulk::new(&lab.converter, &lab.gateway, (u.gateway_v4, 7400).into())
-                .src(u.converter_v4.into())
-                .duration(Duration::from_secs(2))
-                .measure()
-                .expect("single-link transfer")
-                .mbit_per_sec()
-        })
-        .collect()
-}
-
 /// A download of `size` bytes from nginx through the gateway: (rate in Mbit/s, digest ok).
 fn download(cl: &ConverterLab, nginx: &Nginx, size: u64) -> (f64, bool) {
     let url = format!("http://{}/file", cl.lab.server_v4());
@@ -96,7 +80,7 @@ fn braid_objects_left(ns: &Netns) -> Vec<String> {
 #[test]
 fn two_uplinks_found_by_themselves_bond_to_their_sum() {
     let cl = ConverterLab::new(router(&[mbit(20), mbit(30)]), &default_converter_args());
-    let alone = single_links(&cl.lab);
+    let alone = cl.lab.single_link_rates(Duration::from_secs(2));
     let size = 48 << 20;
     let nginx = Nginx::start(&cl.lab.server, size);
     let gw = gateway_to(&cl, &["--transparent", "tproxy"]);
@@ -142,7 +126,7 @@ fn three_listed_uplinks_bond_to_their_sum() {
         router(&[mbit(10), mbit(20), mbit(50)]),
         &default_converter_args(),
     );
-    let alone = single_links(&cl.lab);
+    let alone = cl.lab.single_link_rates(Duration::from_secs(2));
     let size = 80 << 20;
     let nginx = Nginx::start(&cl.lab.server, size);
     let cfg = std::env::temp_dir().join(format!("braid-uplinks-{}.toml", std::process::id()));
@@ -181,7 +165,7 @@ fn delayed_uplinks_beat_the_best_single_link() {
         ..router(&[mbit(20), mbit(30)])
     };
     let cl = ConverterLab::new(cfg, &default_converter_args());
-    let alone = single_links(&cl.lab);
+    let alone = cl.lab.single_link_rates(Duration::from_secs(2));
     let size = 32 << 20;
     let nginx = Nginx::start(&cl.lab.server, size);
     let _gw = gateway_to(&cl, &["--transparent", "tproxy"]);
@@ -397,32 +381,25 @@ fn everything_braid_adds_goes_at_exit_and_after_a_crash_and_nothing_else() {
         gw.log_text()
     );
     assert_eq!(g.sysctl_get("net.mptcp.stale_loss_cnt").unwrap(), "2");
-    // SIGTERM: all gone, limits, rp_filter and stale_loss_cnt as before.
-    gw.process
-        .as_mut()
-        .unwrap()
-        .signal(Signal::SIGTERM)
-        .unwrap();
-    gw.process
-        .as_mut()
-        .unwrap()
-        .wait_timeout(Duration::from_secs(15))
-        .unwrap();
-    assert_eq!(
-        braid_objects_left(g),
-        Vec::<String>::new(),
-        "left after SIGTERM"
-    );
-    assert_eq!(
-        g.run(["ip", "mptcp", "limits", "show"]).unwrap(),
-        limits_before
-    );
-    assert_eq!(g.sysctl_get("net.ipv4.conf.g-v1.rp_filter").unwrap(), "1");
-    assert_eq!(
-        g.sysctl_get("net.mptcp.stale_loss_cnt").unwrap(),
-        stale_before
-    );
-    foreign(g);
+    // SIGTERM: all gone, limits, rp_filter and stale_loss_cnt as before; what braid did not
+    // add still there.
+    let stop_and_check = |gw: &mut Gateway, when: &str| {
+        let p = gw.process.as_mut().unwrap();
+        p.signal(Signal::SIGTERM).unwrap();
+        p.wait_timeout(Duration::from_secs(15)).unwrap();
+        assert_eq!(braid_objects_left(g), Vec::<String>::new(), "{when}");
+        assert_eq!(
+            g.run(["ip", "mptcp", "limits", "show"]).unwrap(),
+            limits_before
+        );
+        assert_eq!(g.sysctl_get("net.ipv4.conf.g-v1.rp_filter").unwrap(), "1");
+        assert_eq!(
+            g.sysctl_get("net.mptcp.stale_loss_cnt").unwrap(),
+            stale_before
+        );
+        foreign(g);
+    };
+    stop_and_check(&mut gw, "left after SIGTERM");
     // SIGKILL: left behind; the next start removes the leftovers and programs anew.
     // Each start waits for its own "gateway running": the log starts empty.
     let _ = std::fs::remove_file(&gw.log);
@@ -440,31 +417,7 @@ fn everything_braid_adds_goes_at_exit_and_after_a_crash_and_nothing_else() {
         1,
         "programmed once after the crash:\n{objects}"
     );
-    gw.process
-        .as_mut()
-        .unwrap()
-        .signal(Signal::SIGTERM)
-        .unwrap();
-    gw.process
-        .as_mut()
-        .unwrap()
-        .wait_timeout(Duration::from_secs(15))
-        .unwrap();
-    assert_eq!(
-        braid_objects_left(g),
-        Vec::<String>::new(),
-        "left after the crash and restart"
-    );
-    assert_eq!(
-        g.run(["ip", "mptcp", "limits", "show"]).unwrap(),
-        limits_before
-    );
-    assert_eq!(g.sysctl_get("net.ipv4.conf.g-v1.rp_filter").unwrap(), "1");
-    assert_eq!(
-        g.sysctl_get("net.mptcp.stale_loss_cnt").unwrap(),
-        stale_before
-    );
-    foreign(g);
+    stop_and_check(&mut gw, "left after the crash and restart");
 }
 
 #[test]

@@ -635,6 +635,22 @@ impl StandardLab {
         [&self.client, &self.gateway, &self.converter, &self.server]
     }
 
+    /// What each uplink carries alone towards the gateway, in Mbit/s: one TCP connection
+    /// from the converter to the gateway's end of that uplink for `d` (NaN where the transfer
+    /// failed). The measured "sum of the links" that bonding is held to.
+    pub fn single_link_rates(&self, d: std::time::Duration) -> Vec<f64> {
+        self.uplinks
+            .iter()
+            .map(|u| {
+                crate::bulk::Bulk::new(&self.converter, &self.gateway, (u.gateway_v4, 7400).into())
+                    .src(u.converter_v4.into())
+                    .duration(d)
+                    .measure()
+                    .map_or(f64::NAN, |t| t.mbit_per_sec())
+            })
+            .collect()
+    }
+
     /// `(address, name)` pairs for `/etc/hosts`: `client`, `gateway`, `converter`, `server`
     /// (IPv4 addresses as above, plus IPv6 ones when configured), handy for
     /// [`Netns::set_hosts`].

@@ -201,24 +201,7 @@ pub fn is_local_address(ip: IpAddr) -> bool {
 mod tests {
     use super::*;
 
-    fn in_fresh_netns(f: impl FnOnce() + Send) {
-        std::thread::scope(|s| {
-            s.spawn(|| {
-                nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).expect("unshare (root)");
-                f();
-            })
-            .join()
-            .expect("test thread");
-        });
-    }
-
-    fn run(args: &[&str]) -> String {
-        let out = std::process::Command::new("ip")
-            .args(args)
-            .output()
-            .expect("ip");
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
+    use crate::testing::{in_fresh_netns, ip as run};
 
     #[test]
     fn tproxy_routing_is_installed_and_removed() {

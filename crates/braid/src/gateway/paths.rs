@@ -243,6 +243,7 @@ impl Paths {
             restore: Restore::default(),
             published: tx,
             obs: None,
+            limits_found_set: false,
             trackers: HashMap::new(),
             backups: Backups::default(),
             probing: std::collections::HashSet::new(),
@@ -330,6 +331,8 @@ struct Manager {
     published: watch::Sender<Vec<Uplink>>,
     /// The kernel's state as last read.
     obs: Option<Observed>,
+    /// The MPTCP limits were already braid's at start (decisions need not read them again).
+    limits_found_set: bool,
     /// Per interface.
     trackers: HashMap<String, Tracker>,
     backups: Backups,
@@ -764,11 +767,12 @@ impl Manager {
 
     /// Raises the MPTCP limits once, remembering the old ones.
     async fn ensure_limits(&mut self) {
-        if self.restore.limits.is_some() {
+        if self.restore.limits.is_some() || self.limits_found_set {
             return;
         }
         match self.pm.limits().await {
-            Ok(old) if old == LIMITS => {}
+            // Already what braid wants: nothing to restore, nothing to read again.
+            Ok(old) if old == LIMITS => self.limits_found_set = true,
             Ok(old) => match self.pm.set_limits(LIMITS).await {
                 Ok(()) => {
                     tracing::info!(
