@@ -5,8 +5,9 @@
 //!   ([`Netns::run`], [`Netns::spawn`], [`Netns::command`]), addresses, routes, rules,
 //!   sysctls, MPTCP limits and endpoints, `/etc/hosts`; and [`sweep`] for crashed runs.
 //! - [`link`]: [`Link`], a veth pair between two namespaces, and what tests do to it while
-//!   traffic runs: shaping (tbf), one-way delay and jitter, random loss and blackholing (nft),
-//!   down/up, address removal and replacement.
+//!   traffic runs: shaping (tbf), one-way delay and jitter, random loss and blackholing (nft,
+//!   dropped on arrival at the peer, as the wire would), down/up, address removal and
+//!   replacement.
 //! - [`delay`]: the user-space delay line behind [`LinkEnd::set_delay`] (this kernel has no
 //!   netem), and its [`Delay`] setting.
 //! - [`lab`]: [`Lab`], a set of namespaces deleted together when it drops, panics included.
@@ -14,7 +15,8 @@
 //!   topology in one call.
 //! - [`process`]: [`Process`], a program running in a namespace, stopped when dropped.
 //! - [`bulk`]: a one-connection TCP/MPTCP transfer that measures throughput; [`iperf3`]: an
-//!   iperf3 run with a server of its own; [`http`]: a minimal HTTP file server.
+//!   iperf3 run with a server of its own; [`http`]: a minimal HTTP file server; [`stream`]: a
+//!   paced live stream whose receiver checks every byte and records the longest gap.
 //! - [`routing`]: [`Route`], [`Rule`] and [`MptcpEndpoint`] values.
 //!
 //! Namespaces are named `blab-<pid>-<n>-<role>`, so parallel test processes never collide,

@@ -9,6 +9,9 @@
 //! - [`converters`]: the ordered converter list with back-off and cookies;
 //! - [`conn`]: one captured connection, transparent or SOCKS5; [`socks`]: the SOCKS5
 //!   exchange and its reply codes;
+//! - [`uplinks`]: which interfaces are uplinks and what the kernel must hold for them (pure);
+//!   [`health`]: each uplink's health and role from probes and its subflows (pure);
+//!   [`paths`]: the loop that observes, probes, decides and programs them over netlink;
 //! - [`stats`]: Prometheus metrics.
 
 pub mod capture;
