@@ -44,8 +44,9 @@ pub enum Command {
     /// Show what the braid daemons of this network namespace are doing: uplinks (state,
     /// rates, subflows) and connections (each subflow with its uplink, RTT and bytes).
     Status(StatusArgs),
-    /// Build a namespaced lab (LAN client, gateway with two shaped uplinks, converter, server),
-    /// run real braid processes in it, download a file and report per-uplink rates.
+    /// Build a namespaced lab (LAN client, gateway with shaped uplinks, converter, server), run
+    /// real braid processes in it and show bonding and failover live: each link alone, bonded,
+    /// a link cut and back, a silent blackhole; a summary and an SVG plot at the end.
     #[cfg(feature = "demo")]
     Demo(DemoArgs),
 }
@@ -255,20 +256,41 @@ impl GatewayArgs {
 #[cfg(feature = "demo")]
 #[derive(Debug, Args)]
 pub struct DemoArgs {
-    /// Rates of the two uplinks, in Mbit/s.
-    #[arg(long, value_name = "MBIT", num_args = 2, default_values_t = [20, 30])]
-    pub rates: Vec<u32>,
-    /// Size of the file downloaded, in MiB.
-    #[arg(long, value_name = "MIB", default_value_t = 32)]
-    pub size: u32,
+    /// The uplinks, each `name:rate:delay[:backup]` (rate in kbit/mbit/gbit, one-way delay in
+    /// ms or s); a backup carries nothing while a primary works.
+    #[arg(long, value_name = "LIST", default_value = crate::demo::DEFAULT_UPLINKS,
+          value_parser = parse_demo_uplinks)]
+    pub uplinks: crate::demo::Uplinks,
+    /// Seconds of the bonded phase (a link is cut at 20 % of it and back at 40 %, another
+    /// blackholed from 55 to 75 %).
+    #[arg(long, value_name = "SECS", default_value_t = 30)]
+    pub duration: u64,
+    /// Bonding only: no link cut, no blackhole.
+    #[arg(long)]
+    pub no_failover: bool,
+    /// Leave the lab and the daemons up at the end, until Ctrl-C, and print the commands to
+    /// look at them.
+    #[arg(long)]
+    pub keep: bool,
+    /// Print the results as JSON on standard output (progress goes to standard error).
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[cfg(feature = "demo")]
+fn parse_demo_uplinks(s: &str) -> Result<crate::demo::Uplinks, String> {
+    crate::demo::parse_uplinks(s).map(crate::demo::Uplinks)
 }
 
 #[cfg(feature = "demo")]
 impl DemoArgs {
     pub fn options(&self) -> crate::demo::Options {
         crate::demo::Options {
-            rates: self.rates.clone(),
-            size: self.size,
+            uplinks: self.uplinks.0.clone(),
+            duration: std::time::Duration::from_secs(self.duration),
+            failover: !self.no_failover,
+            keep: self.keep,
+            json: self.json,
         }
     }
 }

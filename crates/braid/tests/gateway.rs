@@ -382,53 +382,6 @@ fn the_gateways_own_connections_are_captured_on_request() {
 }
 
 #[test]
-fn the_demo_downloads_bonded_and_cleans_up() {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_braid"))
-        .args(["demo", "--size", "8", "--rates", "40", "60"])
-        .output()
-        .expect("braid demo");
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "demo failed: {text}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(text.contains("checksum: match"), "{text}");
-    // Both uplinks carried part of the download.
-    for i in 0..2 {
-        let line = text
-            .lines()
-            .find(|l| l.starts_with(&format!("uplink {i} (")))
-            .unwrap_or_else(|| panic!("no summary for uplink {i}: {text}"));
-        let mib: f64 = line
-            .split(": ")
-            .nth(1)
-            .and_then(|s| s.split(' ').next())
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(0.0);
-        assert!(mib > 1.0, "uplink {i} carried {mib} MiB: {text}");
-    }
-    let left = std::process::Command::new("ip")
-        .args(["netns", "list"])
-        .output()
-        .unwrap();
-    let prefix = format!("blab-{}-", out_pid_hint(&text));
-    assert!(
-        !String::from_utf8_lossy(&left.stdout).contains(&prefix),
-        "the demo left namespaces behind"
-    );
-}
-
-/// The demo prints its namespaces' names (`blab-<pid>-...`); the pid part identifies them.
-fn out_pid_hint(text: &str) -> String {
-    text.split("blab-")
-        .nth(1)
-        .and_then(|s| s.split('-').next())
-        .unwrap_or("none")
-        .to_string()
-}
-
-#[test]
 fn a_path_that_strips_mptcp_is_detected_and_still_works() {
     let cl = ConverterLab::from_lab(shaped_lab(), &converter_args(&[]));
     let nginx = Nginx::start(&cl.lab.server, 4 << 20);

@@ -11,11 +11,13 @@ use sha2::{Digest, Sha256};
 use crate::error::{Error, Result};
 use crate::netns::Netns;
 
-/// Serves `size` bytes on `port` (both families) in `ns`; returns the SHA-256 of the body.
-/// The server's thread lives as long as the process.
-pub fn serve_file(ns: &Netns, port: u16, size: u64) -> Result<[u8; 32]> {
-    let mut block = vec![0u8; 1 << 20];
-    // Incompressible-looking but cheap bytes (xorshift).
+/// Bytes in one block of the body: the body is this block over and over.
+pub const BLOCK: usize = 1 << 20;
+
+/// The block the body repeats: incompressible-looking but cheap bytes (xorshift). A reader
+/// of a download checks byte `i` against `block()[i % BLOCK]`.
+pub fn block() -> Vec<u8> {
+    let mut block = vec![0u8; BLOCK];
     let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
     for chunk in block.chunks_mut(8) {
         x ^= x << 13;
@@ -23,15 +25,34 @@ pub fn serve_file(ns: &Netns, port: u16, size: u64) -> Result<[u8; 32]> {
         x ^= x << 17;
         chunk.copy_from_slice(&x.to_le_bytes()[..chunk.len()]);
     }
+    block
+}
+
+/// The SHA-256 of the first `len` bytes of the body.
+pub fn digest(len: u64) -> [u8; 32] {
+    let block = block();
     let mut h = Sha256::new();
-    let mut left = size;
+    let mut left = len;
     while left > 0 {
         let k = left.min(block.len() as u64) as usize;
         h.update(&block[..k]);
         left -= k as u64;
     }
-    let digest: [u8; 32] = h.finalize().into();
-    let block = Arc::new(block);
+    h.finalize().into()
+}
+
+/// Serves `size` bytes of [`block`] repeated on `port` (both families) in `ns`; returns the
+/// SHA-256 of the body.
+/// The server's thread lives as long as the process.
+pub fn serve_file(ns: &Netns, port: u16, size: u64) -> Result<[u8; 32]> {
+    let d = digest(size);
+    serve(ns, port, size).map(|()| d)
+}
+
+/// [`serve_file`] without the digest, for bodies too large to hash beforehand (a download
+/// that is stopped rather than finished, checked against [`block`] as it arrives).
+pub fn serve(ns: &Netns, port: u16, size: u64) -> Result<()> {
+    let block = Arc::new(block());
     let (tx, rx) = std::sync::mpsc::channel();
     let thread = ns.thread(move || {
         let listener = match std::net::TcpListener::bind(("::", port)) {
@@ -75,7 +96,7 @@ pub fn serve_file(ns: &Netns, port: u16, size: u64) -> Result<[u8; 32]> {
     // The server thread lives as long as the demo; detach it.
     std::mem::forget(thread);
     match rx.recv_timeout(Duration::from_secs(5)) {
-        Ok(Ok(())) => Ok(digest),
+        Ok(Ok(())) => Ok(()),
         Ok(Err(e)) => Err(Error::io(
             format!("file server on port {port}"),
             ns.name(),

@@ -9,6 +9,8 @@
 
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::error::{Error, Result};
@@ -65,6 +67,46 @@ pub struct Report {
     pub stalls: Vec<(Duration, Duration)>,
 }
 
+/// What the receiver has seen so far, for a live view while the stream runs.
+#[derive(Debug, Default)]
+pub struct Live {
+    records: AtomicU64,
+    longest_gap_ns: AtomicU64,
+    /// Gaps longer than [`Live::GAP`], each with the moment it ended.
+    gaps: Mutex<Vec<(Instant, Duration)>>,
+}
+
+impl Live {
+    /// Gaps longer than this are kept with their time.
+    pub const GAP: Duration = Duration::from_millis(50);
+
+    pub fn records(&self) -> u64 {
+        self.records.load(Ordering::Relaxed)
+    }
+
+    pub fn longest_gap(&self) -> Duration {
+        Duration::from_nanos(self.longest_gap_ns.load(Ordering::Relaxed))
+    }
+
+    /// Gaps longer than [`Live::GAP`] so far: (when each ended, its length).
+    pub fn gaps(&self) -> Vec<(Instant, Duration)> {
+        self.gaps.lock().map(|g| g.clone()).unwrap_or_default()
+    }
+
+    fn arrived(&self, gap: Option<(Instant, Duration)>) {
+        self.records.fetch_add(1, Ordering::Relaxed);
+        if let Some((at, gap)) = gap {
+            self.longest_gap_ns
+                .fetch_max(gap.as_nanos() as u64, Ordering::Relaxed);
+            if gap > Self::GAP {
+                if let Ok(mut g) = self.gaps.lock() {
+                    g.push((at, gap));
+                }
+            }
+        }
+    }
+}
+
 fn now_ns() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -110,8 +152,8 @@ pub fn send(w: &mut TcpStream, spec: &Spec) -> io::Result<u64> {
 /// A stream that moves nothing for this long is reported broken instead of waited for.
 pub const STALL_LIMIT: Duration = Duration::from_secs(20);
 
-/// Reads records until the sender closes, checking each.
-pub fn receive(r: &mut TcpStream, record: usize) -> Report {
+/// Reads records until the sender closes, checking each; `live` (if any) follows along.
+pub fn receive(r: &mut TcpStream, record: usize, live: Option<&Live>) -> Report {
     let _ = r.set_read_timeout(Some(STALL_LIMIT));
     let record = record.max(32);
     let mut buf = vec![0u8; record];
@@ -162,6 +204,9 @@ pub fn receive(r: &mut TcpStream, record: usize) -> Report {
         rep.records += 1;
         rep.bytes += record as u64;
         let t0 = *first.get_or_insert(arrived);
+        if let Some(l) = live {
+            l.arrived(last.map(|prev| (arrived, arrived.duration_since(prev))));
+        }
         if let Some(prev) = last {
             let gap = arrived.duration_since(prev);
             if gap > rep.longest_gap {
@@ -215,6 +260,7 @@ pub struct Running {
     server: NsThread<io::Result<Option<Report>>>,
     client: NsThread<io::Result<Option<Report>>>,
     pub spec: Spec,
+    live: Arc<Live>,
 }
 
 impl Running {
@@ -240,19 +286,22 @@ impl Running {
         socket2::SockRef::from(&listener)
             .set_read_timeout(Some(STALL_LIMIT))
             .map_err(|e| Error::io("listener timeout", server_ns.name(), e))?;
+        let live = Arc::new(Live::default());
+        let l = live.clone();
         let server = server_ns.thread(move || -> io::Result<Option<Report>> {
             let (mut s, _) = listener.accept()?;
             let _ = s.set_nodelay(true);
             match flow {
                 Flow::Down => send(&mut s, &spec).map(|_| None),
-                Flow::Up => Ok(Some(receive(&mut s, spec.record))),
+                Flow::Up => Ok(Some(receive(&mut s, spec.record, Some(&l)))),
             }
         })?;
+        let l = live.clone();
         let client = client_ns.thread(move || -> io::Result<Option<Report>> {
             let mut s = TcpStream::connect_timeout(&server_addr, Duration::from_secs(5))?;
             let _ = s.set_nodelay(true);
             match flow {
-                Flow::Down => Ok(Some(receive(&mut s, spec.record))),
+                Flow::Down => Ok(Some(receive(&mut s, spec.record, Some(&l)))),
                 Flow::Up => send(&mut s, &spec).map(|_| None),
             }
         })?;
@@ -260,7 +309,13 @@ impl Running {
             server,
             client,
             spec,
+            live,
         })
+    }
+
+    /// The receiver's view so far.
+    pub fn live(&self) -> Arc<Live> {
+        self.live.clone()
     }
 
     /// Waits for the end and returns the receiver's report.
@@ -293,9 +348,11 @@ mod tests {
             duration: Duration::from_millis(500),
             ..Spec::default()
         };
+        let live = Arc::new(Live::default());
+        let lv = live.clone();
         let t = std::thread::spawn(move || {
             let (mut s, _) = l.accept().unwrap();
-            receive(&mut s, spec.record)
+            receive(&mut s, spec.record, Some(&lv))
         });
         let mut c = TcpStream::connect(addr).unwrap();
         let started = Instant::now();
@@ -306,6 +363,8 @@ mod tests {
         assert_eq!(rep.records, 250);
         assert!(took >= Duration::from_millis(490), "paced: {took:?}");
         assert!(rep.longest_gap < Duration::from_millis(100), "{rep:?}");
+        assert_eq!(live.records(), 250);
+        assert!(live.longest_gap() <= rep.longest_gap);
     }
 
     #[test]
@@ -314,7 +373,7 @@ mod tests {
         let addr = l.local_addr().unwrap();
         let t = std::thread::spawn(move || {
             let (mut s, _) = l.accept().unwrap();
-            receive(&mut s, 100)
+            receive(&mut s, 100, None)
         });
         let mut c = TcpStream::connect(addr).unwrap();
         let mut rec = vec![0u8; 100];
