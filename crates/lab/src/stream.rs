@@ -78,7 +78,7 @@ pub struct Live {
 
 impl Live {
     /// Gaps longer than this are kept with their time.
-    pub const GAP: Duration = Duration::from_millis(50);
+    pub const GAP: Duration = Duration::from_millis(20);
 
     pub fn records(&self) -> u64 {
         self.records.load(Ordering::Relaxed)

@@ -19,6 +19,19 @@ pub struct UplinkSpec {
     pub backup: bool,
 }
 
+impl UplinkSpec {
+    /// `dsl 20 Mbit/s 10 ms`, and ` (backup)` for a backup.
+    pub fn describe(&self) -> String {
+        format!(
+            "{} {} Mbit/s {} ms{}",
+            self.name,
+            self.rate_bps as f64 / 1e6,
+            self.delay.as_millis(),
+            if self.backup { " (backup)" } else { "" }
+        )
+    }
+}
+
 fn millis<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_f64(d.as_secs_f64() * 1e3)
 }
@@ -300,6 +313,7 @@ mod tests {
         assert_eq!(u.len(), 3);
         assert!(u[2].backup && !u[0].backup);
         assert_eq!(u[2].delay, Duration::from_millis(300));
+        assert_eq!(u[2].describe(), "sat 10 Mbit/s 300 ms (backup)");
         assert_eq!(
             parse_uplinks("a:500kbit:1ms,b:1gbit:0").unwrap()[0].rate_bps,
             500_000
