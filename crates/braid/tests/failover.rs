@@ -7,6 +7,8 @@
 mod common;
 
 use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use braid_lab::stream::{Flow, Report, Running, Spec};
@@ -43,8 +45,27 @@ fn stream_addr(cl: &ConverterLab) -> SocketAddr {
     SocketAddr::new(cl.lab.server_v4().into(), 9300)
 }
 
-fn stream(cl: &ConverterLab, flow: Flow, secs: u64) -> Running {
-    Running::start(
+/// A stream with a watchdog: if nothing arrives for [`STALLED`], what the kernel says of the
+/// connections then (`ss -Mni` and the MPTCP counters in the gateway's and the converter's
+/// namespaces) is captured once, while it is stalled, for the failure message.
+struct Watched {
+    running: Running,
+    stop: Arc<AtomicBool>,
+    dog: std::thread::JoinHandle<String>,
+}
+
+const STALLED: Duration = Duration::from_secs(3);
+
+impl Watched {
+    fn wait(self) -> (Report, String) {
+        let r = self.running.wait().unwrap();
+        self.stop.store(true, Ordering::Relaxed);
+        (r, self.dog.join().unwrap_or_default())
+    }
+}
+
+fn stream(cl: &ConverterLab, flow: Flow, secs: u64) -> Watched {
+    let running = Running::start(
         &cl.lab.client,
         &cl.lab.server,
         stream_addr(cl),
@@ -54,7 +75,34 @@ fn stream(cl: &ConverterLab, flow: Flow, secs: u64) -> Running {
             ..Spec::default()
         },
     )
-    .expect("stream")
+    .expect("stream");
+    let live = running.live();
+    let stop = Arc::new(AtomicBool::new(false));
+    let (gw, cv) = (cl.lab.gateway.clone(), cl.lab.converter.clone());
+    let st = stop.clone();
+    let dog = std::thread::spawn(move || {
+        let (mut seen, mut since) = (0, Instant::now());
+        while !st.load(Ordering::Relaxed) {
+            std::thread::sleep(Duration::from_millis(200));
+            let now = live.records();
+            if now != seen || now == 0 {
+                (seen, since) = (now, Instant::now());
+            } else if since.elapsed() >= STALLED {
+                let mut out = format!("stalled {STALLED:?} after {now} records:\n");
+                for (name, ns) in [("gateway", &gw), ("converter", &cv)] {
+                    for cmd in ["ss -Mni", "nstat -az | grep -i mptcp | grep -v ' 0 '"] {
+                        out.push_str(&format!(
+                            "--- {name}: {cmd}\n{}\n",
+                            ns.sh(cmd).unwrap_or_else(|e| e.to_string())
+                        ));
+                    }
+                }
+                return out;
+            }
+        }
+        String::new()
+    });
+    Watched { running, stop, dog }
 }
 
 fn status(cl: &ConverterLab) -> braid::status::Status {
@@ -123,13 +171,19 @@ fn report_line(what: &str, r: &Report) -> String {
     )
 }
 
-fn assert_stream(what: &str, r: &Report, spec_records: u64, max_gap: Duration, gw: &Gateway) {
+fn assert_stream(
+    what: &str,
+    (r, diag): &(Report, String),
+    spec_records: u64,
+    max_gap: Duration,
+    gw: &Gateway,
+) {
     eprintln!("{}", report_line(what, r));
-    assert!(r.intact, "{what}: {:?}\n{}", r.error, gw.log_text());
+    assert!(r.intact, "{what}: {:?}\n{}\n{diag}", r.error, gw.log_text());
     assert_eq!(r.records, spec_records, "{what}: records lost");
     assert!(
         r.longest_gap < max_gap,
-        "{}\n{}",
+        "{}\n{}\n{diag}",
         report_line(what, r),
         gw.log_text()
     );
@@ -191,7 +245,7 @@ fn blackhole_mid_stream(which: usize, port_base: u16) {
             "{flow:?}: no subflow on {name} within 5 s\n{}",
             gw.log_text()
         );
-        let r = s.wait().unwrap();
+        let r = s.wait();
         assert_stream(
             &format!("{flow:?} stream, blackhole on {name}"),
             &r,
@@ -228,7 +282,7 @@ fn a_carrier_loss_mid_stream_is_survived() {
         cl.lab.uplinks[which].link.down().unwrap();
         std::thread::sleep(Duration::from_secs(2));
         cl.lab.uplinks[which].link.up().unwrap();
-        let r = s.wait().unwrap();
+        let r = s.wait();
         assert_stream(
             &format!("{flow:?} stream, uplink {} down for 2 s", which + 1),
             &r,
@@ -401,7 +455,7 @@ fn a_lossy_uplink_is_degraded_and_the_stream_keeps_its_rate() {
     std::thread::sleep(Duration::from_secs(5));
     let (lossy, good) = (if_bytes(&cl, "g-v1") - b1, if_bytes(&cl, "g-v2") - b2);
     eprintln!("over 5 s once degraded: the lossy uplink {lossy} B, the other {good} B");
-    let r = s.wait().unwrap();
+    let r = s.wait();
     assert!(
         degraded.is_some(),
         "the lossy uplink was not degraded\n{}",
@@ -436,7 +490,7 @@ fn a_flapping_uplink_is_held_out_longer_each_time() {
         link.up().unwrap();
         std::thread::sleep(Duration::from_secs(2));
     }
-    let r = s.wait().unwrap();
+    let r = s.wait();
     assert_stream(
         "stream while uplink 2 flaps",
         &r,
