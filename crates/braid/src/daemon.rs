@@ -34,7 +34,7 @@ pub trait Role: Debug + Sized {
 pub fn main<R: Role>(settings: Result<R, ConfigError>, check_config: bool) -> anyhow::Result<()> {
     let mut settings = settings?;
     if check_config {
-        println!("configuration OK\n{settings:#?}");
+        let _ = print_or_broken_pipe(&format!("configuration OK\n{settings:#?}\n"));
         return Ok(());
     }
     crate::logging::init(settings.log_format());
@@ -44,6 +44,15 @@ pub fn main<R: Role>(settings: Result<R, ConfigError>, check_config: bool) -> an
         .build()
         .context("starting the async runtime")?;
     runtime.block_on(settings.run(Daemon::default()))
+}
+
+/// Writes `text` to standard output. Rust ignores SIGPIPE (the daemons need that), so a closed
+/// pipe (`| head`) is an error here rather than a silent exit; `println!` would panic on it.
+pub fn print_or_broken_pipe(text: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    out.write_all(text.as_bytes())?;
+    out.flush()
 }
 
 /// What a running daemon's tasks share: the stop signal of the accept loops, the tracker that
@@ -119,21 +128,38 @@ impl Daemon {
         self.tracker.spawn(f(self.stop.clone()));
     }
 
-    /// Returns at the first SIGTERM or SIGINT.
-    pub async fn wait_for_signal(&self) -> anyhow::Result<()> {
+    /// Tells systemd (`Type=notify`) that the daemon serves: its listeners are bound and, for
+    /// the gateway, its capture is in place. Without `NOTIFY_SOCKET` (not under systemd) this
+    /// does nothing.
+    pub fn ready(&self, status: &str) {
+        notify(&[
+            sd_notify::NotifyState::Ready,
+            sd_notify::NotifyState::Status(status),
+        ]);
+    }
+
+    /// Catches SIGTERM and SIGINT from now on; the future returned completes at the first.
+    /// Taken before [`Daemon::ready`]: a `systemctl stop` right after the start must drain,
+    /// not meet the default action.
+    pub fn signals(&self) -> anyhow::Result<impl Future<Output = ()> + use<>> {
         use tokio::signal::unix::{SignalKind, signal};
         let mut term = signal(SignalKind::terminate())?;
         let mut int = signal(SignalKind::interrupt())?;
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = int.recv() => {}
-        }
-        Ok(())
+        Ok(async move {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+        })
     }
 
     /// Stops the accept loops, lets running connections finish within `deadline`, then cancels
     /// the hard stop (connections reset themselves on it) and waits for them to go.
     pub async fn drain(&self, deadline: Duration) {
+        notify(&[
+            sd_notify::NotifyState::Stopping,
+            sd_notify::NotifyState::Status("draining"),
+        ]);
         self.stop.cancel();
         self.tracker.close();
         if tokio::time::timeout(deadline, self.tracker.wait())
@@ -143,6 +169,16 @@ impl Daemon {
             tracing::warn!("drain deadline passed: resetting the remaining connections");
             self.hard_stop.cancel();
             self.tracker.wait().await;
+        }
+    }
+}
+
+/// A systemd notification; a failure to send one is logged, not fatal (systemd then times the
+/// start out and says so).
+fn notify(states: &[sd_notify::NotifyState]) {
+    if std::env::var_os("NOTIFY_SOCKET").is_some() {
+        if let Err(e) = sd_notify::notify(states) {
+            tracing::warn!(error = %e, "could not notify systemd");
         }
     }
 }

@@ -22,8 +22,12 @@ pub fn init(format: LogFormat) {
         .with_writer(std::io::stderr)
         // Colour codes only for a terminal: log files and journald want plain text.
         .with_ansi(std::io::stderr().is_terminal());
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().flatten_event(true).init(),
+    // systemd sets JOURNAL_STREAM when stderr goes to the journal, which stamps every line
+    // itself: a second timestamp in the text only costs width.
+    let journal = std::env::var_os("JOURNAL_STREAM").is_some();
+    match (format, journal) {
+        (LogFormat::Text, false) => builder.init(),
+        (LogFormat::Text, true) => builder.without_time().init(),
+        (LogFormat::Json, _) => builder.json().flatten_event(true).init(),
     }
 }

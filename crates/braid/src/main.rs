@@ -53,10 +53,14 @@ fn status(json: bool) -> anyhow::Result<()> {
             continue;
         };
         found += 1;
-        if json {
-            println!("{}", serde_json::to_string(&s)?);
+        let text = if json {
+            format!("{}\n", serde_json::to_string(&s)?)
         } else {
-            print!("{}", braid::status::render(&s));
+            braid::status::render(&s)
+        };
+        // A reader that went away (`braid status | head`) is not an error worth a panic.
+        if braid::daemon::print_or_broken_pipe(&text).is_err() {
+            return Ok(());
         }
     }
     if found == 0 {

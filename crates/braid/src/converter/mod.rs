@@ -177,7 +177,9 @@ async fn serve(settings: Settings, daemon: Daemon) -> anyhow::Result<()> {
         });
     }
 
-    daemon.wait_for_signal().await?;
+    let stop = daemon.signals()?;
+    daemon.ready("listening");
+    stop.await;
     tracing::info!(
         active = shared.limits.active(),
         deadline_secs = shared.settings.drain_timeout.as_secs(),

@@ -220,8 +220,9 @@ async fn run(settings: Settings, daemon: Daemon) -> anyhow::Result<()> {
         });
     }
     tracing::info!(converters = ?shared.settings.converters, "gateway running");
-
-    daemon.wait_for_signal().await?;
+    let stop = daemon.signals()?;
+    daemon.ready("gateway running");
+    stop.await;
     // New connections go direct from here on; running ones drain.
     drop(capture);
     tracing::info!(
