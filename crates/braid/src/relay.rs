@@ -12,6 +12,14 @@
 //! connection — a keep-alive HTTP connection between requests, a chat session — costs only its
 //! sockets. The copy buffer starts small and grows to the configured size when a read fills it,
 //! so a request and its short answer never touch the large buffer.
+//!
+//! A write that has waited [`WRITE_RECHECK`] for the socket to become writable is tried anyway,
+//! past tokio's cached readiness. Once seen in a loaded test run: an upload through the gateway
+//! stood still for 20 s after a subflow of its MPTCP socket was closed and another opened, with
+//! a working subflow all along, which a lost EPOLLOUT wakeup would explain (unconfirmed). If the
+//! kernel does drop the wakeup, the retry ends the stall within a second and logs a warning
+//! (first time, then every thousandth); when it does not, the retry costs one failed syscall a
+//! second while a peer is slow.
 
 use std::io;
 use std::os::fd::OwnedFd;
@@ -38,6 +46,34 @@ pub enum Engine {
 
 /// How long a direction may be quiet before its buffer or pipe is given back.
 pub const BUFFER_IDLE: Duration = Duration::from_secs(2);
+/// How long a blocked write waits for a readiness event before it tries the socket anyway.
+pub const WRITE_RECHECK: Duration = Duration::from_secs(1);
+
+/// Writes that succeeded after [`WRITE_RECHECK`] with no readiness event: wakeups the kernel
+/// did not deliver.
+static MISSED_WAKEUPS: AtomicU64 = AtomicU64::new(0);
+
+/// Waits until `dst` is writable; `Ok(true)` if no readiness came within [`WRITE_RECHECK`]
+/// (then the caller tries the syscall itself: tokio's cached readiness says "not writable").
+async fn writable_or_recheck(dst: &TcpStream) -> io::Result<bool> {
+    match tokio::time::timeout(WRITE_RECHECK, dst.writable()).await {
+        Ok(r) => r.map(|()| false),
+        Err(_) => Ok(true),
+    }
+}
+
+fn missed_wakeup(written: usize) {
+    let n = MISSED_WAKEUPS.fetch_add(1, Relaxed);
+    if n % 1000 == 0 {
+        tracing::warn!(
+            written,
+            missed = n + 1,
+            "a socket took data after {WRITE_RECHECK:?} without a writable event (likely a missed \
+             kernel wakeup); relays retry writes every second to survive it"
+        );
+    }
+}
+
 /// The first copy buffer of a direction (it grows to [`RelayConfig::buffer`] when a read fills
 /// it).
 const FIRST_BUFFER: usize = 4 * 1024;
@@ -300,11 +336,23 @@ async fn pump_copy(src: &TcpStream, dst: &TcpStream, moved: &AtomicU64, size: us
         };
         let mut off = 0;
         while off < n {
-            if let Err(e) = dst.writable().await {
-                return PumpEnd::WriteFailed(e);
-            }
-            match dst.try_write(&buf[off..n]) {
-                Ok(m) => off += m,
+            let recheck = match writable_or_recheck(dst).await {
+                Ok(r) => r,
+                Err(e) => return PumpEnd::WriteFailed(e),
+            };
+            let wrote = if recheck {
+                // Straight to the syscall (MSG_NOSIGNAL), past tokio's readiness.
+                SockRef::from(dst).send(&buf[off..n])
+            } else {
+                dst.try_write(&buf[off..n])
+            };
+            match wrote {
+                Ok(m) => {
+                    if recheck && m > 0 {
+                        missed_wakeup(m);
+                    }
+                    off += m
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                 Err(e) => return PumpEnd::WriteFailed(e),
             }
@@ -366,13 +414,23 @@ async fn pump_splice(src: &TcpStream, dst: &TcpStream, moved: &AtomicU64, size: 
         moved.fetch_add(in_pipe as u64, Relaxed);
         quiet.data();
         while in_pipe > 0 {
-            if let Err(e) = dst.writable().await {
-                return PumpEnd::WriteFailed(e);
-            }
-            match dst.try_io(Interest::WRITABLE, || {
-                splice(pr, None, dst, None, in_pipe, flags).map_err(io::Error::from)
-            }) {
-                Ok(m) => in_pipe -= m,
+            let recheck = match writable_or_recheck(dst).await {
+                Ok(r) => r,
+                Err(e) => return PumpEnd::WriteFailed(e),
+            };
+            let out = || splice(pr, None, dst, None, in_pipe, flags).map_err(io::Error::from);
+            let wrote = if recheck {
+                out()
+            } else {
+                dst.try_io(Interest::WRITABLE, out)
+            };
+            match wrote {
+                Ok(m) => {
+                    if recheck && m > 0 {
+                        missed_wakeup(m);
+                    }
+                    in_pipe -= m
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                 Err(e) => return PumpEnd::WriteFailed(e),
             }
@@ -475,6 +533,45 @@ mod tests {
         app_a.read_to_end(&mut resp).await.unwrap();
         assert_eq!(resp, b"response after half-close");
         assert!(matches!(task.await.unwrap().outcome, Outcome::Closed));
+    }
+
+    /// A reader that stops for longer than [`WRITE_RECHECK`]: the relay's write retries past
+    /// tokio's readiness (and finds the socket still full), then goes on when the reader does,
+    /// every byte in order.
+    async fn stalled_reader(engine: Engine) {
+        let ((mut app_a, relay_a), (relay_b, mut app_b)) = pairs().await;
+        let cfg = RelayConfig {
+            engine,
+            buffer: 64 * 1024,
+            ..RelayConfig::default()
+        };
+        let task =
+            tokio::spawn(async move { relay(&relay_a, &relay_b, &cfg, &Moved::default()).await });
+        let up = pattern(24 << 20, 3);
+        let up2 = up.clone();
+        let writer = tokio::spawn(async move {
+            app_a.write_all(&up2).await.unwrap();
+            app_a.shutdown().await.unwrap();
+            app_a
+        });
+        tokio::time::sleep(WRITE_RECHECK * 2 + Duration::from_millis(200)).await;
+        let mut got = Vec::new();
+        app_b.read_to_end(&mut got).await.unwrap();
+        assert!(got == up, "bytes differ after a stalled reader");
+        drop(writer.await.unwrap());
+        drop(app_b);
+        let r = task.await.unwrap();
+        assert_eq!(r.a_to_b, up.len() as u64);
+    }
+
+    #[tokio::test]
+    async fn copy_survives_a_reader_stalled_past_the_recheck() {
+        stalled_reader(Engine::Copy).await;
+    }
+
+    #[tokio::test]
+    async fn splice_survives_a_reader_stalled_past_the_recheck() {
+        stalled_reader(Engine::Splice).await;
     }
 
     #[tokio::test]
