@@ -146,10 +146,35 @@ fn all_read(
         .unwrap();
     assert!(
         failures.is_empty(),
-        "{shape:?} to {dest} (Error {want}): {} of {tries} failed: {:?}",
+        "{shape:?} to {dest} (Error {want}): {} of {tries} failed: {:?}\n{}",
         failures.len(),
-        &failures[..failures.len().min(5)]
+        &failures[..failures.len().min(5)],
+        mptcp_counters()
     );
+}
+
+/// The MPTCP counters that are not zero in every namespace of this test process (a reply read
+/// twice is the kernel's: they say whether a side fell back, or dropped duplicates).
+fn mptcp_counters() -> String {
+    let mine = format!("blab-{}-", std::process::id());
+    braid_lab::lab_namespaces()
+        .into_iter()
+        .filter(|n| n.starts_with(&mine))
+        .map(|n| {
+            let out = std::process::Command::new("ip")
+                .args(["netns", "exec", &n, "nstat", "-az"])
+                .output()
+                .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                .unwrap_or_default();
+            let lines: Vec<&str> = out
+                .lines()
+                .filter(|l| l.starts_with("MPTcp"))
+                .filter(|l| l.split_whitespace().nth(1).is_some_and(|v| v != "0"))
+                .collect();
+            format!("--- {n}:\n{}", lines.join("\n"))
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 /// Converter flags that make each of the four errors reachable: 96 (a closed port), 97 (a
