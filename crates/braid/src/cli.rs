@@ -44,11 +44,53 @@ pub enum Command {
     /// Show what the braid daemons of this network namespace are doing: uplinks (state,
     /// rates, subflows) and connections (each subflow with its uplink, RTT and bytes).
     Status(StatusArgs),
+    /// Check this machine for what bonding needs (kernel settings, uplinks, the path to the
+    /// converter, the converter's listener), each problem with its fix. Exit code 0 only if
+    /// no check fails.
+    #[command(subcommand)]
+    Doctor(DoctorCommand),
     /// Build a namespaced lab (LAN client, gateway with shaped uplinks, converter, server), run
     /// real braid processes in it and show bonding and failover live: each link alone, bonded,
     /// a link cut and back, a silent blackhole; a summary and an SVG plot at the end.
     #[cfg(feature = "demo")]
     Demo(DemoArgs),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DoctorCommand {
+    /// On a gateway: MPTCP, Fast Open, the uplinks, rp_filter, the path manager's endpoints,
+    /// and a connection to each converter from each uplink (does MPTCP survive the path? does
+    /// the request ride in the SYN?).
+    Gateway(DoctorGatewayArgs),
+    /// On a converter: MPTCP, Fast Open, the listener, the TFO window fix, the MPTCP limits,
+    /// and (with --destination) the way to a server.
+    Converter(DoctorConverterArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct DoctorGatewayArgs {
+    /// A converter to check the paths to (repeatable).
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub converter: Vec<SocketAddr>,
+    /// Take the converters from this gateway configuration file.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// The findings as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct DoctorConverterArgs {
+    /// The converter's port.
+    #[arg(long, default_value_t = 5124)]
+    pub port: u16,
+    /// A server to reach from here (e.g. 93.184.215.14:443).
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub destination: Option<SocketAddr>,
+    /// The findings as JSON.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Args)]

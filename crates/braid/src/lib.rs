@@ -28,6 +28,7 @@ pub mod converter;
 pub mod daemon;
 #[cfg(feature = "demo")]
 pub mod demo;
+pub mod doctor;
 pub mod framed;
 pub mod gateway;
 pub mod joins;

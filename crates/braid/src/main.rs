@@ -32,6 +32,7 @@ fn main() -> ExitCode {
             a.common.check_config,
         ),
         Command::Status(a) => status(a.json),
+        Command::Doctor(d) => return doctor(d),
         #[cfg(feature = "demo")]
         Command::Demo(a) => braid::demo::main(a.options()),
     };
@@ -41,6 +42,35 @@ fn main() -> ExitCode {
             // `{:#}` prints the whole context chain on one line: "listening on X: Address in use".
             eprintln!("braid: error: {e:#}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+/// `braid doctor`: exit code 0 only when no check failed.
+fn doctor(d: braid::cli::DoctorCommand) -> ExitCode {
+    use braid::cli::DoctorCommand;
+    let r = match d {
+        DoctorCommand::Gateway(a) => {
+            let mut converters = a.converter.clone();
+            let loaded = match &a.config {
+                Some(path) => braid::gateway::config::Settings::load(
+                    Some(path.as_path()),
+                    braid::gateway::config::File::default(),
+                )
+                .map(|s| converters.extend(s.converters))
+                .map_err(anyhow::Error::from),
+                None => Ok(()),
+            };
+            loaded.and_then(|()| braid::doctor::gateway(&converters, a.json))
+        }
+        DoctorCommand::Converter(a) => braid::doctor::converter(a.port, a.destination, a.json),
+    };
+    match r {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(e) => {
+            eprintln!("braid: error: {e:#}");
+            ExitCode::from(2)
         }
     }
 }

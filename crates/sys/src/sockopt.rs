@@ -199,6 +199,9 @@ pub struct SubflowInfo {
     pub state: u8,
     /// `tcpi_backoff`: RTOs in a row without progress (0 when data is being acknowledged).
     pub backoff: u8,
+    /// `tcpi_options`: `TCPI_OPT_*` bits negotiated on the handshake ([`TCPI_OPT_SYN_DATA`]:
+    /// the data in our SYN was acknowledged by the SYN-ACK).
+    pub options: u8,
     /// Segments sent but not yet acknowledged.
     pub unacked: u32,
     /// Segments retransmitted over the subflow's life, and data segments sent.
@@ -208,6 +211,9 @@ pub struct SubflowInfo {
     /// arrivals until the retransmission fills the hole).
     pub rcv_ooopack: u32,
 }
+
+/// `tcpi_options` bit: SYN-ACK acknowledged the data sent in the SYN (TCP Fast Open worked).
+pub const TCPI_OPT_SYN_DATA: u8 = 32;
 
 const MPTCP_FULL_INFO: i32 = 4;
 /// What is read of each subflow's `struct tcp_info`: up to `tcpi_rcv_ooopack` (Linux 5.4).
@@ -287,6 +293,7 @@ pub fn mptcp_subflows(fd: &impl AsFd) -> io::Result<Vec<SubflowInfo>> {
             bytes_acked: if ti.len() >= 128 { get64(ti, 120) } else { 0 },
             bytes_received: if ti.len() >= 136 { get64(ti, 128) } else { 0 },
             backoff: ti.get(4).copied().unwrap_or(0),
+            options: ti.get(5).copied().unwrap_or(0),
             unacked: if ti.len() >= 28 { get32(ti, 24) } else { 0 },
             total_retrans: if ti.len() >= 104 { get32(ti, 100) } else { 0 },
             data_segs_out: if ti.len() >= 160 { get32(ti, 156) } else { 0 },
