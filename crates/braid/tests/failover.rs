@@ -58,9 +58,10 @@ const STALLED: Duration = Duration::from_secs(3);
 
 impl Watched {
     fn wait(self) -> (Report, String) {
-        let r = self.running.wait().unwrap();
+        let r = self.running.wait();
         self.stop.store(true, Ordering::Relaxed);
-        (r, self.dog.join().unwrap_or_default())
+        let diag = self.dog.join().unwrap_or_default();
+        (r.unwrap_or_else(|e| panic!("{e}\n{diag}")), diag)
     }
 }
 

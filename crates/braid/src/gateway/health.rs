@@ -152,6 +152,10 @@ const TRAFFIC_RECENT: Duration = Duration::from_secs(5);
 /// Probe rounds remembered for the loss estimate, and samples for the retransmission share.
 const ROUNDS_KEPT: usize = 10;
 const SAMPLES_KEPT: usize = 10;
+/// A degraded uplink stays degraded at least this long: its share of retransmissions falls
+/// fast when the traffic of a failed uplink moves onto it (seen: 13 % and back under 5 % in
+/// half a second), and each change of health is a priority change on every connection.
+const DEGRADED_MIN: Duration = Duration::from_secs(5);
 /// Fewer handshakes or segments than this say nothing about loss.
 const MIN_ATTEMPTS: u32 = 12;
 const MIN_SEGS: u32 = 300;
@@ -168,6 +172,8 @@ pub struct Tracker {
     oks: u32,
     probe_dead: bool,
     degraded: bool,
+    /// When it last became degraded: it stays so at least [`DEGRADED_MIN`].
+    degraded_at: Option<Instant>,
     rounds: VecDeque<(u8, u8)>,
     samples: VecDeque<(u32, u32)>,
     /// The last answer's handshake time, and the lowest seen.
@@ -205,6 +211,7 @@ impl Tracker {
             oks: 0,
             probe_dead: false,
             degraded: false,
+            degraded_at: None,
             rounds: VecDeque::new(),
             samples: VecDeque::new(),
             rtt: None,
@@ -419,8 +426,15 @@ impl Tracker {
             .fold(None::<f64>, |m, x| Some(m.map_or(x, |m| m.max(x))));
         if let Some(l) = loss {
             if l >= cfg.degraded_loss {
+                if !self.degraded {
+                    self.degraded_at = Some(now);
+                }
                 self.degraded = true;
-            } else if l < cfg.degraded_loss / 2.0 {
+            } else if l < cfg.degraded_loss / 2.0
+                && self
+                    .degraded_at
+                    .is_none_or(|at| now.duration_since(at) >= DEGRADED_MIN)
+            {
                 self.degraded = false;
             }
         }
@@ -551,6 +565,11 @@ pub fn roles(
             backups.active = false;
         }
     }
+    // Healthy primaries: a degraded one yields to them, and only to them.
+    let healthy_primaries = uplinks
+        .iter()
+        .filter(|u| !u.backup && u.state == State::Up && health(u) == Health::Up)
+        .count();
     for u in uplinks.iter_mut() {
         let h = if u.state == State::Up {
             health(u)
@@ -567,8 +586,13 @@ pub fn roles(
                 Role::Standby
             }
         } else {
+            // Backup priority says "the others first": with no healthy primary to go first it
+            // says nothing, and it costs a priority change on every connection (MP_PRIO) with
+            // the kernel's scheduler left choosing among backup subflows. Seen once with the
+            // other uplink dead: the surviving uplink's subflows set to backup and back within
+            // half a second, then an upload that stood still (docs/architecture.md).
             Role::Carry {
-                backup_prio: h == Health::Degraded,
+                backup_prio: h == Health::Degraded && healthy_primaries > 0,
             }
         };
     }
@@ -745,11 +769,31 @@ mod tests {
             assert_ne!(t.health(), Health::Dead);
         }
         assert_eq!(t.health(), Health::Degraded, "{}", t.reason());
-        // Clean rounds bring it back once loss is below half the threshold.
+        // Clean rounds bring it back once loss is below half the threshold, and not before
+        // it has been degraded for DEGRADED_MIN.
         for i in 0..10 {
             t.round(ok_round(4), now + Duration::from_secs(i + 1), &c);
         }
         assert_eq!(t.health(), Health::Up);
+        let mut d = Tracker::new(true, t0);
+        let lossy = Sample {
+            subflows: 1,
+            progress: true,
+            retrans: 40,
+            segs: 300,
+            ..Sample::default()
+        };
+        d.sample(lossy, t0, &c);
+        assert_eq!(d.health(), Health::Degraded);
+        let clean = Sample {
+            retrans: 0,
+            segs: 20_000,
+            ..lossy
+        };
+        d.sample(clean, secs(t0, 0.5), &c);
+        assert_eq!(d.health(), Health::Degraded, "not after half a second");
+        d.sample(clean, secs(t0, 5.0), &c);
+        assert_eq!(d.health(), Health::Up);
         // Retransmissions say the same, without probes.
         for i in 0..5 {
             t.sample(
@@ -897,10 +941,23 @@ mod tests {
         assert_eq!(ups[2].role, Role::Carry { backup_prio: true });
         roles(&mut ups, all_up, &mut b, secs(t0, 12.0), &c);
         assert_eq!(ups[2].role, Role::Standby);
-        // A degraded primary carries at backup priority; down ones are out.
+        // A degraded primary carries at backup priority behind a healthy one; down ones are
+        // out.
+        let first_degraded = |u: &Uplink| {
+            if u.slot == 0 {
+                Health::Degraded
+            } else {
+                Health::Up
+            }
+        };
+        roles(&mut ups, first_degraded, &mut b, secs(t0, 12.5), &c);
+        assert_eq!(ups[0].role, Role::Carry { backup_prio: true });
+        assert_eq!(ups[1].role, Role::Carry { backup_prio: false });
+        // With no healthy primary to go first, a degraded one keeps its priority: there is
+        // nothing to yield to (and a metered backup is not preferred to it).
         ups[1].state = State::Down;
         roles(&mut ups, |_| Health::Degraded, &mut b, secs(t0, 13.0), &c);
-        assert_eq!(ups[0].role, Role::Carry { backup_prio: true });
+        assert_eq!(ups[0].role, Role::Carry { backup_prio: false });
         assert_eq!((ups[1].role, ups[1].health), (Role::Out, Health::Down));
         assert_eq!(ups[2].role, Role::Standby, "a degraded primary still works");
         // Everything dead at once: the converter, not the links; no primary is taken out
