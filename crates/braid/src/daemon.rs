@@ -18,32 +18,49 @@ use crate::config::ConfigError;
 use crate::logging::LogFormat;
 
 /// A daemon: its validated settings, and how it runs.
-pub trait Role: Debug + Sized {
+pub trait Role: Debug + Sized + 'static {
     fn log_format(&self) -> LogFormat;
 
     /// Called once the open-file limit is known (the converter caps its connection count to
     /// what the limit allows).
     fn fit_fd_limit(&mut self, _limit: u64) {}
 
-    /// Runs until a signal and the drain that follows it.
-    fn run(self, daemon: Daemon) -> impl Future<Output = anyhow::Result<()>>;
+    /// Runs until a signal and the drain that follows it; `reload` reads the configuration
+    /// again (file and flags) for SIGHUP.
+    fn run(self, daemon: Daemon, reload: Reload<Self>) -> impl Future<Output = anyhow::Result<()>>;
 }
+
+/// Reads the settings again, as at start: the file, with the command line's flags over it.
+pub type Reload<R> = Box<dyn Fn() -> Result<R, ConfigError> + Send + Sync>;
 
 /// `braid converter|gateway`: with `check_config`, print the settings and stop; otherwise
 /// set up logging, raise the open-file limit and run the role on a multi-threaded runtime.
-pub fn main<R: Role>(settings: Result<R, ConfigError>, check_config: bool) -> anyhow::Result<()> {
+pub fn main<R: Role>(
+    settings: Result<R, ConfigError>,
+    check_config: bool,
+    reload: Reload<R>,
+) -> anyhow::Result<()> {
     let mut settings = settings?;
     if check_config {
         let _ = print_or_broken_pipe(&format!("configuration OK\n{settings:#?}\n"));
         return Ok(());
     }
     crate::logging::init(settings.log_format());
-    settings.fit_fd_limit(raise_fd_limit());
+    let fd_limit = raise_fd_limit();
+    settings.fit_fd_limit(fd_limit);
+    // A reloaded file meets the same limit (else every reload would see max_connections
+    // "changed").
+    let reload: Reload<R> = Box::new(move || {
+        reload().map(|mut s| {
+            s.fit_fd_limit(fd_limit);
+            s
+        })
+    });
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    runtime.block_on(settings.run(Daemon::default()))
+    runtime.block_on(settings.run(Daemon::default(), reload))
 }
 
 /// Writes `text` to standard output. Rust ignores SIGPIPE (the daemons need that), so a closed
@@ -136,6 +153,22 @@ impl Daemon {
             sd_notify::NotifyState::Ready,
             sd_notify::NotifyState::Status(status),
         ]);
+    }
+
+    /// SIGHUPs from now on (a reload request: `systemctl reload`). Caught, so that a hangup
+    /// never ends a daemon by the default action.
+    pub fn hangups(&self) -> anyhow::Result<tokio::signal::unix::Signal> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(signal(SignalKind::hangup())?)
+    }
+
+    /// Tells systemd a reload is under way (`Type=notify`); [`Daemon::ready`] ends it.
+    pub fn reloading(&self) {
+        let mut states = vec![sd_notify::NotifyState::Reloading];
+        if let Ok(now) = sd_notify::NotifyState::monotonic_usec_now() {
+            states.push(now);
+        }
+        notify(&states);
     }
 
     /// Catches SIGTERM and SIGINT from now on; the future returned completes at the first.

@@ -26,10 +26,16 @@ fn main() -> ExitCode {
         Command::Converter(a) => daemon::main(
             braid::converter::config::Settings::load(a.common.config.as_deref(), a.overlay()),
             a.common.check_config,
+            Box::new(move || {
+                braid::converter::config::Settings::load(a.common.config.as_deref(), a.overlay())
+            }),
         ),
         Command::Gateway(a) => daemon::main(
             braid::gateway::config::Settings::load(a.common.config.as_deref(), a.overlay()),
             a.common.check_config,
+            Box::new(move || {
+                braid::gateway::config::Settings::load(a.common.config.as_deref(), a.overlay())
+            }),
         ),
         Command::Status(a) => status(a.json),
         Command::Doctor(d) => return doctor(d),

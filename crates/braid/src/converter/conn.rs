@@ -36,15 +36,34 @@ use crate::relay::{self, reset_on_close};
 /// Everything a connection task needs, shared by all of them.
 #[derive(Debug)]
 pub struct Shared {
+    /// As started; the policy and the cookies below may have been reloaded since (SIGHUP).
     pub settings: Settings,
-    pub policy: Policy,
-    pub cookies: Option<CookieJar>,
+    pub policy: std::sync::RwLock<Arc<Policy>>,
+    pub cookies: std::sync::RwLock<Option<Arc<CookieJar>>>,
     pub limits: Arc<Limits>,
     pub stats: Stats,
     /// Cancelled when the drain deadline passes: relays still running are reset.
     pub hard_stop: CancellationToken,
     /// The connections being relayed, for `braid status`.
     pub registry: Arc<crate::status::Registry>,
+}
+
+impl Shared {
+    /// The policy in force now.
+    pub fn policy(&self) -> Arc<Policy> {
+        self.policy
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// The cookie jar in force now, if cookies are required.
+    pub fn cookies(&self) -> Option<Arc<CookieJar>> {
+        self.cookies
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
 }
 
 /// Longest wait for the client's handshake ACK before writing a reply anyway.
@@ -152,7 +171,7 @@ async fn converse(
 ) -> Closed {
     let s = &shared.settings;
     let stats = &shared.stats;
-    if let Err(r) = handshake::admit_client(peer.ip(), &shared.policy) {
+    if let Err(r) = handshake::admit_client(peer.ip(), &shared.policy()) {
         refuse(client, &r, shared).await;
         return Closed::refused(None, r);
     }
@@ -208,8 +227,12 @@ async fn converse(
     };
     drop(buf);
 
-    let dest = match handshake::decide(&request, peer.ip(), &shared.policy, shared.cookies.as_ref())
-    {
+    let dest = match handshake::decide(
+        &request,
+        peer.ip(),
+        &shared.policy(),
+        shared.cookies().as_deref(),
+    ) {
         Verdict::Connect(dest) => {
             // The request is in: the upstream connect is counted apart (see limits.rs).
             drop(pending);

@@ -63,7 +63,7 @@ impl Role for Settings {
         }
     }
 
-    async fn run(self, daemon: Daemon) -> anyhow::Result<()> {
+    async fn run(self, daemon: Daemon, reload: crate::daemon::Reload<Self>) -> anyhow::Result<()> {
         check_kernel(&self).await?;
         let endpoints = if self.tcp_only {
             pathmgr::Added::default()
@@ -71,13 +71,98 @@ impl Role for Settings {
             pathmgr::setup(&self).await?
         };
         // Announced addresses are withdrawn whether serving ended well or not.
-        let result = serve(self, daemon).await;
+        let result = serve(self, daemon, reload).await;
         pathmgr::cleanup(endpoints).await;
         if result.is_ok() {
             tracing::info!("stopped");
         }
         result
     }
+}
+
+/// SIGHUP: the policy (clients, destinations, ports) and the cookies take effect for new
+/// connections at once; running connections keep going. Keys that shape sockets, listeners
+/// and limits need a restart, and say so. A file that does not validate changes nothing.
+fn apply_reload(
+    shared: &Shared,
+    current: &mut Settings,
+    new: Result<Settings, crate::config::ConfigError>,
+) {
+    let new = match new {
+        Ok(n) => n,
+        Err(e) => {
+            tracing::warn!(error = %e, "reload refused: the running configuration stays");
+            return;
+        }
+    };
+    let restart = restart_needed(current, &new);
+    let policy = Arc::new(policy::Policy::new(&new));
+    policy.set_own_addresses(policy::local_addresses());
+    *shared.policy.write().unwrap_or_else(|e| e.into_inner()) = policy;
+    // The same cookie settings keep the same jar: cookies handed out stay valid.
+    if (new.cookies, &new.cookie_secret) != (current.cookies, &current.cookie_secret) {
+        *shared.cookies.write().unwrap_or_else(|e| e.into_inner()) = new
+            .cookies
+            .then(|| Arc::new(cookie::CookieJar::new(new.cookie_secret.clone())));
+    }
+    if restart.is_empty() {
+        tracing::info!("configuration reloaded: policy and cookies apply to new connections");
+    } else {
+        tracing::warn!(
+            keys = restart.join(", "),
+            "configuration reloaded (policy and cookies); these keys changed and take a restart"
+        );
+    }
+    // What runs now: the policy and cookies of `new`, the rest as started (so that the next
+    // reload compares against what runs).
+    current.allow_client = new.allow_client;
+    current.allow_any_client = new.allow_any_client;
+    current.allow_dest = new.allow_dest;
+    current.deny_dest = new.deny_dest;
+    current.allow_ports = new.allow_ports;
+    current.deny_ports = new.deny_ports;
+    current.allow_loopback_dest = new.allow_loopback_dest;
+    current.cookies = new.cookies;
+    current.cookie_secret = new.cookie_secret;
+}
+
+/// The keys whose change a reload cannot apply.
+fn restart_needed(old: &Settings, new: &Settings) -> Vec<&'static str> {
+    macro_rules! changed {
+        ($($k:ident),* $(,)?) => {{
+            let mut v = Vec::new();
+            $(if format!("{:?}", old.$k) != format!("{:?}", new.$k) { v.push(stringify!($k)); })*
+            v
+        }};
+    }
+    changed!(
+        listen,
+        metrics,
+        log_format,
+        tcp_only,
+        tfo_queue,
+        tfo_window_fix,
+        set_sysctls,
+        handshake_timeout,
+        connect_timeout,
+        drain_timeout,
+        max_connections,
+        max_connections_per_client,
+        max_pending_handshakes,
+        max_pending_per_prefix,
+        max_connecting_per_prefix,
+        client_prefix_v4,
+        client_prefix_v6,
+        backoff_secs,
+        relay,
+        congestion_control,
+        upstream_fastopen,
+        mptcp_subflows,
+        mptcp_add_addr_accepted,
+        signal,
+        join_initial_addr,
+        stale_loss_cnt,
+    )
 }
 
 /// Descriptors one relayed connection holds: two sockets, plus two pipes for splice.
@@ -106,7 +191,11 @@ async fn check_kernel(s: &Settings) -> anyhow::Result<()> {
     crate::daemon::check_congestion_control(s.congestion_control.as_deref())
 }
 
-async fn serve(settings: Settings, daemon: Daemon) -> anyhow::Result<()> {
+async fn serve(
+    settings: Settings,
+    daemon: Daemon,
+    reload: crate::daemon::Reload<Settings>,
+) -> anyhow::Result<()> {
     let mut listeners = Vec::new();
     for addr in &settings.listen {
         let std_listener = listener::bind(*addr, !settings.tcp_only, settings.tfo_queue)
@@ -122,10 +211,12 @@ async fn serve(settings: Settings, daemon: Daemon) -> anyhow::Result<()> {
 
     let stats = stats::Stats::default();
     let shared = Arc::new(Shared {
-        policy: policy::Policy::new(&settings),
-        cookies: settings
-            .cookies
-            .then(|| cookie::CookieJar::new(settings.cookie_secret.clone())),
+        policy: std::sync::RwLock::new(Arc::new(policy::Policy::new(&settings))),
+        cookies: std::sync::RwLock::new(
+            settings
+                .cookies
+                .then(|| Arc::new(cookie::CookieJar::new(settings.cookie_secret.clone()))),
+        ),
         limits: limits::Limits::new(
             limits::LimitConfig {
                 max_total: settings.max_connections,
@@ -143,7 +234,7 @@ async fn serve(settings: Settings, daemon: Daemon) -> anyhow::Result<()> {
         registry: Arc::default(),
         settings,
     });
-    shared.policy.set_own_addresses(policy::local_addresses());
+    shared.policy().set_own_addresses(policy::local_addresses());
 
     daemon
         .serve_metrics(shared.settings.metrics, |r| shared.stats.register(r))
@@ -171,13 +262,30 @@ async fn serve(settings: Settings, daemon: Daemon) -> anyhow::Result<()> {
             loop {
                 tokio::select! {
                     _ = stop.cancelled() => return,
-                    _ = tick.tick() => shared.policy.set_own_addresses(policy::local_addresses()),
+                    _ = tick.tick() => shared.policy().set_own_addresses(policy::local_addresses()),
                 }
             }
         });
     }
 
     let stop = daemon.signals()?;
+    let mut hangups = daemon.hangups()?;
+    {
+        let (shared, d) = (shared.clone(), daemon.clone());
+        daemon.spawn_until_stop(|cancel| async move {
+            let mut current = shared.settings.clone();
+            loop {
+                tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    _ = hangups.recv() => {
+                        d.reloading();
+                        apply_reload(&shared, &mut current, reload());
+                        d.ready("listening");
+                    }
+                }
+            }
+        });
+    }
     daemon.ready("listening");
     stop.await;
     tracing::info!(

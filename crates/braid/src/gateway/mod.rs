@@ -45,7 +45,7 @@ impl Role for Settings {
         self.log_format
     }
 
-    async fn run(self, daemon: Daemon) -> anyhow::Result<()> {
+    async fn run(self, daemon: Daemon, _reload: crate::daemon::Reload<Self>) -> anyhow::Result<()> {
         run(self, daemon).await
     }
 }
@@ -221,6 +221,18 @@ async fn run(settings: Settings, daemon: Daemon) -> anyhow::Result<()> {
     }
     tracing::info!(converters = ?shared.settings.converters, "gateway running");
     let stop = daemon.signals()?;
+    let mut hangups = daemon.hangups()?;
+    daemon.spawn_until_stop(|cancel| async move {
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = hangups.recv() => tracing::warn!(
+                    "SIGHUP: the gateway does not reload its configuration yet; restart it to \
+                     apply a change (connections drain)"
+                ),
+            }
+        }
+    });
     daemon.ready("gateway running");
     stop.await;
     // New connections go direct from here on; running ones drain.
