@@ -229,6 +229,11 @@ pub struct GatewayArgs {
     /// Leave routing tables, source rules and MPTCP endpoints to the system.
     #[arg(long)]
     pub no_manage_uplinks: bool,
+    /// MPTCP endpoints `subflow fullmesh`: a subflow from every uplink to every address the
+    /// converter announces (needed for converters behind one shared address, which refuse
+    /// joins to it).
+    #[arg(long)]
+    pub fullmesh: bool,
 }
 
 /// `IFACE` or `IFACE,backup`.
@@ -290,6 +295,7 @@ impl GatewayArgs {
             log_format: self.common.log_format,
             uplink: list(&self.uplink),
             manage_uplinks: self.no_manage_uplinks.then_some(false),
+            fullmesh: given(self.fullmesh),
             ..GatewayFile::default()
         }
     }

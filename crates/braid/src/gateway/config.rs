@@ -209,6 +209,8 @@ pub struct File {
     pub uplinks: Option<Vec<UplinkFile>>,
     /// Program the uplinks (routing tables, source rules, MPTCP endpoints and limits).
     pub manage_uplinks: Option<bool>,
+    /// The uplinks' endpoints are `subflow fullmesh` (converters behind one address).
+    pub fullmesh: Option<bool>,
     pub state_dir: Option<std::path::PathBuf>,
     /// `[health]`.
     pub health: Option<HealthFile>,
@@ -264,6 +266,7 @@ impl File {
             uplink,
             uplinks,
             manage_uplinks,
+            fullmesh,
             state_dir,
             health,
         );
@@ -313,6 +316,9 @@ pub struct Settings {
     /// The uplinks braid manages (`None`: left to the system, `manage_uplinks = false`).
     pub uplinks: Option<Selection>,
     pub uplink_numbers: Numbers,
+    /// Endpoints `subflow fullmesh`: a subflow from every uplink to every address the
+    /// converter announces, for converters that refuse joins to their first address.
+    pub fullmesh: bool,
     pub state_dir: std::path::PathBuf,
     pub health: HealthConfig,
 }
@@ -495,6 +501,7 @@ impl Settings {
                 table_base: route_table + UPLINK_TABLE_OFFSET,
                 id_base: UPLINK_ENDPOINT_ID_BASE,
             },
+            fullmesh: f.fullmesh.unwrap_or(false),
             state_dir: f
                 .state_dir
                 .unwrap_or_else(|| std::path::PathBuf::from(DEFAULT_STATE_DIR)),

@@ -150,6 +150,7 @@ async fn run(settings: Settings, daemon: Daemon) -> anyhow::Result<()> {
                     mark: settings
                         .capture_output
                         .then(|| capture::own_mark(settings.fwmark)),
+                    fullmesh: settings.fullmesh,
                 },
                 stats.clone(),
                 registry.clone(),
