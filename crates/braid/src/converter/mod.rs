@@ -115,54 +115,48 @@ fn apply_reload(
     }
     // What runs now: the policy and cookies of `new`, the rest as started (so that the next
     // reload compares against what runs).
-    current.allow_client = new.allow_client;
-    current.allow_any_client = new.allow_any_client;
-    current.allow_dest = new.allow_dest;
-    current.deny_dest = new.deny_dest;
-    current.allow_ports = new.allow_ports;
-    current.deny_ports = new.deny_ports;
-    current.allow_loopback_dest = new.allow_loopback_dest;
-    current.cookies = new.cookies;
-    current.cookie_secret = new.cookie_secret;
+    *current = with_reloaded(current, &new);
 }
 
-/// The keys whose change a reload cannot apply.
-fn restart_needed(old: &Settings, new: &Settings) -> Vec<&'static str> {
-    macro_rules! changed {
-        ($($k:ident),* $(,)?) => {{
-            let mut v = Vec::new();
-            $(if format!("{:?}", old.$k) != format!("{:?}", new.$k) { v.push(stringify!($k)); })*
-            v
-        }};
+/// `base` with the keys a reload applies (policy and cookies) taken from `from`.
+fn with_reloaded(base: &Settings, from: &Settings) -> Settings {
+    Settings {
+        allow_client: from.allow_client.clone(),
+        allow_any_client: from.allow_any_client,
+        allow_dest: from.allow_dest.clone(),
+        deny_dest: from.deny_dest.clone(),
+        allow_ports: from.allow_ports.clone(),
+        deny_ports: from.deny_ports.clone(),
+        allow_loopback_dest: from.allow_loopback_dest,
+        cookies: from.cookies,
+        cookie_secret: from.cookie_secret.clone(),
+        ..base.clone()
     }
-    changed!(
-        listen,
-        metrics,
-        log_format,
-        tcp_only,
-        tfo_queue,
-        tfo_window_fix,
-        set_sysctls,
-        handshake_timeout,
-        connect_timeout,
-        drain_timeout,
-        max_connections,
-        max_connections_per_client,
-        max_pending_handshakes,
-        max_pending_per_prefix,
-        max_connecting_per_prefix,
-        client_prefix_v4,
-        client_prefix_v6,
-        backoff_secs,
-        relay,
-        congestion_control,
-        upstream_fastopen,
-        mptcp_subflows,
-        mptcp_add_addr_accepted,
-        signal,
-        join_initial_addr,
-        stale_loss_cnt,
-    )
+}
+
+/// The keys whose change a reload cannot apply: every key but the policy and the cookies
+/// (a key added later needs a restart unless it is added to [`with_reloaded`]). Read off the
+/// settings' pretty `Debug`, one top-level field per entry.
+fn restart_needed(old: &Settings, new: &Settings) -> Vec<String> {
+    fn fields(s: &Settings) -> Vec<(String, String)> {
+        let mut v: Vec<(String, String)> = Vec::new();
+        for line in format!("{s:#?}").lines().skip(1) {
+            let top = line.strip_prefix("    ").filter(|l| !l.starts_with(' '));
+            match (top.and_then(|l| l.split_once(':')), v.last_mut()) {
+                (Some((k, rest)), _) => v.push((k.to_string(), rest.to_string())),
+                (None, Some(last)) => last.1.push_str(line),
+                (None, None) => {}
+            }
+        }
+        v
+    }
+    let was = fields(old);
+    fields(&with_reloaded(new, old))
+        .into_iter()
+        .zip(was)
+        .filter(|(n, o)| n != o)
+        .map(|(n, _)| n.0)
+        .collect()
 }
 
 /// Descriptors one relayed connection holds: two sockets, plus two pipes for splice.
@@ -295,4 +289,37 @@ async fn serve(
     );
     daemon.drain(shared.settings.drain_timeout).await;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings(extra: &str) -> Settings {
+        let f: config::File =
+            toml::from_str(&format!("allow_client = [\"10.0.0.0/8\"]\n{extra}")).expect("toml");
+        Settings::validate(f, None).expect("valid")
+    }
+
+    #[test]
+    fn a_reload_names_exactly_the_keys_that_take_a_restart() {
+        let old = settings("");
+        assert!(restart_needed(&old, &settings("deny_ports = [25]\ncookies = true")).is_empty());
+        assert_eq!(
+            restart_needed(&old, &settings("tfo_queue = 16\ndeny_ports = [25]")),
+            ["tfo_queue"]
+        );
+        assert_eq!(
+            restart_needed(
+                &old,
+                &settings("listen = [\"0.0.0.0:9\"]\ndrain_timeout_secs = 5")
+            ),
+            ["listen", "drain_timeout"]
+        );
+        let now = with_reloaded(&old, &settings("deny_ports = [25]\ntfo_queue = 16"));
+        assert_eq!(
+            (now.deny_ports.as_slice(), now.tfo_queue),
+            (&[25][..], old.tfo_queue)
+        );
+    }
 }
