@@ -6,6 +6,8 @@
 #   nginx-light  an unmodified web server behind the converter (tests)
 #   curl         an unmodified client through the gateway (tests, demo)
 #   procps       sysctl (lab tests)
+#   systemd      systemd-analyze verify of the units (package test)
+#   binutils     strip, for the .deb (scripts/package)
 braid_require_root() {
   if [ "$(id -u)" != 0 ]; then
     echo "$0: needs root (it builds network namespaces); run: sudo $0" >&2
@@ -14,7 +16,7 @@ braid_require_root() {
 }
 
 braid_install_deps() {
-  local pkgs=(iproute2 nftables iperf3 nginx-light curl procps)
+  local pkgs=(iproute2 nftables iperf3 nginx-light curl procps systemd binutils)
   local missing=() p
   for p in "${pkgs[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
