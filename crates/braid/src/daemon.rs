@@ -206,6 +206,30 @@ impl Daemon {
     }
 }
 
+/// The top-level fields of two values of the same settings type that differ, read off their
+/// pretty `Debug` (one top-level field per entry): what a reload cannot apply is named from
+/// it, with no second list of keys to keep in step.
+pub fn differing_fields<T: Debug>(old: &T, new: &T) -> Vec<String> {
+    fn fields<T: Debug>(s: &T) -> Vec<(String, String)> {
+        let mut v: Vec<(String, String)> = Vec::new();
+        for line in format!("{s:#?}").lines().skip(1) {
+            let top = line.strip_prefix("    ").filter(|l| !l.starts_with(' '));
+            match (top.and_then(|l| l.split_once(':')), v.last_mut()) {
+                (Some((k, rest)), _) => v.push((k.to_string(), rest.to_string())),
+                (None, Some(last)) => last.1.push_str(line),
+                (None, None) => {}
+            }
+        }
+        v
+    }
+    fields(new)
+        .into_iter()
+        .zip(fields(old))
+        .filter(|(n, o)| n != o)
+        .map(|(n, _)| n.0)
+        .collect()
+}
+
 /// A systemd notification; a failure to send one is logged, not fatal (systemd then times the
 /// start out and says so).
 fn notify(states: &[sd_notify::NotifyState]) {

@@ -131,3 +131,104 @@ fn a_reload_changes_the_policy_for_new_connections_and_keeps_running_ones() {
     );
     let _ = std::fs::remove_file(&path);
 }
+
+fn gateway_file(path: &std::path::Path, converter: std::net::SocketAddr, uplinks: &[&str]) {
+    let mut text = format!("converter = [\"{converter}\"]\nsocks5 = \"127.0.0.1:1080\"\n");
+    for u in uplinks {
+        text.push_str(&format!("\n[[uplink]]\n{u}\n"));
+    }
+    std::fs::write(path, text).unwrap();
+}
+
+fn endpoints(ns: &braid_lab::Netns) -> String {
+    ns.ip(&["mptcp", "endpoint", "show"]).unwrap_or_default()
+}
+
+#[test]
+fn a_gateway_reload_takes_new_uplinks_and_names_what_needs_a_restart() {
+    let cl = ConverterLab::new(StandardConfig::default(), &default_converter_args());
+    let path = std::env::temp_dir().join(format!("braid-gw-reload-{}.toml", std::process::id()));
+    let conv = cl.converter_addr_v4();
+    gateway_file(&path, conv, &["interface = \"g-v1\""]);
+    let mut gw = Gateway::start(
+        &cl.lab.gateway,
+        &strings(&["--config", path.to_str().unwrap()]),
+    );
+    assert!(eventually(
+        || endpoints(&cl.lab.gateway).contains("10.1.1.1")
+    ));
+    assert!(!endpoints(&cl.lab.gateway).contains("10.1.2.1"));
+
+    // The second uplink listed, with a name: managed at once, no restart.
+    gateway_file(
+        &path,
+        conv,
+        &[
+            "interface = \"g-v1\"",
+            "interface = \"g-v2\"\nname = \"lte\"",
+        ],
+    );
+    let hup = |gw: &mut Gateway| {
+        let before = gw.log_text().lines().count();
+        gw.process.as_mut().unwrap().signal(Signal::SIGHUP).unwrap();
+        assert!(
+            eventually(|| gw
+                .log_text()
+                .lines()
+                .skip(before)
+                .any(|l| l.contains("reload"))),
+            "{}",
+            gw.log_text()
+        );
+    };
+    hup(&mut gw);
+    assert!(
+        gw.log_text()
+            .contains("configuration reloaded: uplinks and health apply now"),
+        "{}",
+        gw.log_text()
+    );
+    assert!(
+        eventually(|| endpoints(&cl.lab.gateway).contains("10.1.2.1")),
+        "no endpoint for the uplink added by the reload: {}\n{}",
+        endpoints(&cl.lab.gateway),
+        gw.log_text()
+    );
+    let status = cl
+        .lab
+        .gateway
+        .run([env!("CARGO_BIN_EXE_braid"), "status"])
+        .unwrap();
+    assert!(status.contains("lte"), "{status}");
+
+    // A bad file changes nothing; another converter takes a restart, and the log says so.
+    std::fs::write(
+        &path,
+        "converter = [\"not an address\"]\nsocks5 = \"127.0.0.1:1080\"\n",
+    )
+    .unwrap();
+    hup(&mut gw);
+    assert!(
+        gw.log_text().contains("reload refused"),
+        "{}",
+        gw.log_text()
+    );
+    gateway_file(
+        &path,
+        (cl.lab.converter_v4(), 6000).into(),
+        &[
+            "interface = \"g-v1\"",
+            "interface = \"g-v2\"\nname = \"lte\"",
+        ],
+    );
+    hup(&mut gw);
+    assert!(
+        gw.log_text()
+            .lines()
+            .any(|l| l.contains("take a restart") && l.contains("converters")),
+        "{}",
+        gw.log_text()
+    );
+    assert!(endpoints(&cl.lab.gateway).contains("10.1.2.1"));
+    let _ = std::fs::remove_file(&path);
+}

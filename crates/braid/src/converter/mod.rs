@@ -135,28 +135,9 @@ fn with_reloaded(base: &Settings, from: &Settings) -> Settings {
 }
 
 /// The keys whose change a reload cannot apply: every key but the policy and the cookies
-/// (a key added later needs a restart unless it is added to [`with_reloaded`]). Read off the
-/// settings' pretty `Debug`, one top-level field per entry.
+/// (a key added later needs a restart unless it is added to [`with_reloaded`]).
 fn restart_needed(old: &Settings, new: &Settings) -> Vec<String> {
-    fn fields(s: &Settings) -> Vec<(String, String)> {
-        let mut v: Vec<(String, String)> = Vec::new();
-        for line in format!("{s:#?}").lines().skip(1) {
-            let top = line.strip_prefix("    ").filter(|l| !l.starts_with(' '));
-            match (top.and_then(|l| l.split_once(':')), v.last_mut()) {
-                (Some((k, rest)), _) => v.push((k.to_string(), rest.to_string())),
-                (None, Some(last)) => last.1.push_str(line),
-                (None, None) => {}
-            }
-        }
-        v
-    }
-    let was = fields(old);
-    fields(&with_reloaded(new, old))
-        .into_iter()
-        .zip(was)
-        .filter(|(n, o)| n != o)
-        .map(|(n, _)| n.0)
-        .collect()
+    crate::daemon::differing_fields(old, &with_reloaded(new, old))
 }
 
 /// Descriptors one relayed connection holds: two sockets, plus two pipes for splice.

@@ -45,8 +45,8 @@ impl Role for Settings {
         self.log_format
     }
 
-    async fn run(self, daemon: Daemon, _reload: crate::daemon::Reload<Self>) -> anyhow::Result<()> {
-        run(self, daemon).await
+    async fn run(self, daemon: Daemon, reload: crate::daemon::Reload<Self>) -> anyhow::Result<()> {
+        run(self, daemon, reload).await
     }
 }
 
@@ -114,7 +114,11 @@ fn transparent_listeners(mode: TransparentMode, port: u16) -> anyhow::Result<Vec
     Ok(out)
 }
 
-async fn run(settings: Settings, daemon: Daemon) -> anyhow::Result<()> {
+async fn run(
+    settings: Settings,
+    daemon: Daemon,
+    reload: crate::daemon::Reload<Settings>,
+) -> anyhow::Result<()> {
     check_kernel(&settings).await?;
 
     let mut transparent = Vec::new();
@@ -223,17 +227,23 @@ async fn run(settings: Settings, daemon: Daemon) -> anyhow::Result<()> {
     tracing::info!(converters = ?shared.settings.converters, "gateway running");
     let stop = daemon.signals()?;
     let mut hangups = daemon.hangups()?;
-    daemon.spawn_until_stop(|cancel| async move {
-        loop {
-            tokio::select! {
-                _ = cancel.cancelled() => return,
-                _ = hangups.recv() => tracing::warn!(
-                    "SIGHUP: the gateway does not reload its configuration yet; restart it to \
-                     apply a change (connections drain)"
-                ),
+    let paths = paths.map(Arc::new);
+    {
+        let (paths, d) = (paths.clone(), daemon.clone());
+        let mut current = shared.settings.clone();
+        daemon.spawn_until_stop(|cancel| async move {
+            loop {
+                tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    _ = hangups.recv() => {
+                        d.reloading();
+                        apply_reload(paths.as_deref(), &mut current, reload()).await;
+                        d.ready("gateway running");
+                    }
+                }
             }
-        }
-    });
+        });
+    }
     daemon.ready("gateway running");
     stop.await;
     // New connections go direct from here on; running ones drain.
@@ -243,11 +253,73 @@ async fn run(settings: Settings, daemon: Daemon) -> anyhow::Result<()> {
         "stopping: capture removed, draining"
     );
     daemon.drain(shared.settings.drain_timeout).await;
-    if let Some(p) = paths {
+    // The reload task ended with the drain: this is the last reference.
+    if let Some(p) = paths.and_then(|p| {
+        Arc::try_unwrap(p)
+            .map_err(|_| tracing::error!("uplinks still in use at exit: left for the next start"))
+            .ok()
+    }) {
         p.stop().await;
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// SIGHUP: the uplinks (`[[uplink]]`: which, their names, backup) and `[health]` apply at
+/// once, connections go on (an uplink no longer listed loses its endpoint like a dead one);
+/// every other key takes a restart, and the log names them. A file that does not validate
+/// changes nothing.
+async fn apply_reload(
+    paths: Option<&paths::Paths>,
+    current: &mut Settings,
+    new: Result<Settings, crate::config::ConfigError>,
+) {
+    let new = match new {
+        Ok(n) => n,
+        Err(e) => {
+            tracing::warn!(error = %e, "reload refused: the running configuration stays");
+            return;
+        }
+    };
+    // Managing the uplinks or not is decided at start: only a managing gateway takes a new
+    // list.
+    let took_uplinks = match (paths, &new.uplinks) {
+        (Some(p), Some(selection)) => {
+            p.reconfigure(selection.clone(), new.health.clone()).await;
+            true
+        }
+        _ => false,
+    };
+    let applied = Settings {
+        health: new.health.clone(),
+        uplinks: if took_uplinks {
+            new.uplinks.clone()
+        } else {
+            current.uplinks.clone()
+        },
+        ..current.clone()
+    };
+    let restart = crate::daemon::differing_fields(
+        &applied,
+        &Settings {
+            health: applied.health.clone(),
+            uplinks: if took_uplinks {
+                applied.uplinks.clone()
+            } else {
+                new.uplinks.clone()
+            },
+            ..new
+        },
+    );
+    if restart.is_empty() {
+        tracing::info!("configuration reloaded: uplinks and health apply now");
+    } else {
+        tracing::warn!(
+            keys = restart.join(", "),
+            "configuration reloaded (uplinks and health); these keys changed and take a restart"
+        );
+    }
+    *current = applied;
 }
 
 /// What `braid status` shows of the gateway: its uplinks (rates over the last second, the

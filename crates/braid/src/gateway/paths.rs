@@ -101,6 +101,7 @@ pub struct Paths {
     task: tokio::task::JoinHandle<()>,
     sampler: tokio::task::JoinHandle<()>,
     stop: CancellationToken,
+    reconfigure: tokio::sync::mpsc::Sender<(Selection, HealthConfig)>,
 }
 
 /// What the rest of the gateway reads of the uplinks: their state and their rates.
@@ -235,6 +236,7 @@ impl Paths {
             stop.clone(),
         ));
         let (probe_tx, mut probe_rx) = tokio::sync::mpsc::channel(64);
+        let (reconf_tx, mut reconf_rx) = tokio::sync::mpsc::channel(4);
         let mut m = Manager {
             cfg,
             nl,
@@ -289,6 +291,13 @@ impl Paths {
                         m.probed(&interface, r);
                         false
                     }
+                    // A reload: the uplinks to manage and how they are judged. The next round
+                    // assesses them afresh; trackers of uplinks that stay keep their history.
+                    Some((selection, health)) = reconf_rx.recv() => {
+                        m.cfg.selection = selection;
+                        m.cfg.health = health;
+                        true
+                    }
                     _ = tick.tick() => {
                         m.health_tick();
                         false
@@ -311,7 +320,13 @@ impl Paths {
             task,
             sampler,
             stop,
+            reconfigure: reconf_tx,
         })
+    }
+
+    /// Manages `selection` from now on, judging uplinks by `health` (a reload).
+    pub async fn reconfigure(&self, selection: Selection, health: HealthConfig) {
+        let _ = self.reconfigure.send((selection, health)).await;
     }
 
     /// Removes everything it added and puts back what it changed.
