@@ -8,7 +8,8 @@
 //! middlebox that removes the MPTCP option makes the connection fall back to plain TCP (it
 //! works, on one link); one that drops SYN data costs every connection a round trip (the
 //! request is sent again after the handshake); both are seen on that socket
-//! (`TCP_IS_MPTCP`, `tcpi_options`).
+//! (`TCP_IS_MPTCP`, `tcpi_options`). Where the option goes missing is then traced like a
+//! traceroute, with SYNs of growing TTL whose "time exceeded" quotes show the option or not.
 
 use std::fmt;
 use std::io::{Read, Write};
@@ -349,6 +350,40 @@ pub fn path(from: &str, converter: SocketAddr, p: &PathProbe) -> Finding {
     }
 }
 
+/// A hop of a TTL-limited trace towards the converter: the router that said "time exceeded",
+/// and whether the SYN it quoted still carried the MPTCP option (`None`: the quote stops
+/// before the TCP options, as RFC 792 allows).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hop {
+    pub ttl: u8,
+    pub router: IpAddr,
+    pub mptcp: Option<bool>,
+}
+
+/// Where the option went, from the hops' quotes: after the last hop that still saw it.
+pub fn locate(hops: &[Hop]) -> String {
+    let last_with = hops.iter().rposition(|h| h.mptcp == Some(true));
+    let first_without = hops.iter().position(|h| h.mptcp == Some(false));
+    match (last_with, first_without) {
+        (_, Some(0)) => format!(
+            "already gone at the first hop ({}): this machine or its own link strips it (a local firewall rule?)",
+            hops[0].router
+        ),
+        (Some(i), Some(j)) if j == i + 1 => format!(
+            "present at hop {} ({}), gone at hop {} ({}): stripped between them",
+            hops[i].ttl, hops[i].router, hops[j].ttl, hops[j].router
+        ),
+        (Some(i), None) => format!(
+            "present at hop {} ({}), the last that answered before the converter: stripped after it",
+            hops[i].ttl, hops[i].router
+        ),
+        _ if hops.is_empty() => {
+            "no router on the way answered a TTL-limited SYN: the hop is not known".into()
+        }
+        _ => "the routers' quotes do not say where".into(),
+    }
+}
+
 /// A converter's MPTCP limits: joins beyond `subflows` are refused.
 pub fn converter_limits(subflows: u32) -> Finding {
     if subflows == 0 {
@@ -520,6 +555,163 @@ fn probe(converter: SocketAddr, src: Option<IpAddr>, timeout: Duration) -> PathP
     }
 }
 
+/// A traceroute made of MPTCP SYNs (TTL 1, 2, ...) from `src` to `converter`, reading the
+/// routers' "time exceeded" messages on a raw ICMP socket: each quotes our SYN, and a quote long
+/// enough shows whether the MPTCP option was still in it. The SYNs are written by hand on a
+/// raw socket: an MPTCP socket refuses `IP_TTL` (EOPNOTSUPP, Linux 6.18). IPv4 only; stops
+/// when the converter answers (the kernel resets that half-open handshake: no socket has it).
+fn trace(converter: SocketAddr, src: Option<IpAddr>) -> Vec<Hop> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let (SocketAddr::V4(conv4), Some(IpAddr::V4(src4))) = (converter, src) else {
+        return Vec::new();
+    };
+    let (Ok(icmp), Ok(tcp)) = (
+        Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::ICMPV4)),
+        Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::TCP)),
+    ) else {
+        return Vec::new();
+    };
+    for s in [&icmp, &tcp] {
+        let _ = s.set_read_timeout(Some(Duration::from_millis(50)));
+    }
+    if tcp.bind(&SocketAddr::new(src4.into(), 0).into()).is_err() {
+        return Vec::new();
+    }
+    let mut hops = Vec::new();
+    for ttl in 1..=8u8 {
+        let sport = rand::random::<u16>() | 0x8000;
+        let packet = syn_with_mp_capable(src4, *conv4.ip(), sport, converter.port());
+        let _ = tcp.set_ttl_v4(u32::from(ttl));
+        if tcp
+            .send_to(&packet, &SocketAddr::new((*conv4.ip()).into(), 0).into())
+            .is_err()
+        {
+            break;
+        }
+        let deadline = Instant::now() + Duration::from_millis(700);
+        let mut found = None;
+        let mut buf = [0u8; 1500];
+        while Instant::now() < deadline && found.is_none() {
+            if let Ok(n) = (&tcp).read(&mut buf)
+                && answered(&buf[..n], *conv4.ip(), converter.port(), sport)
+            {
+                return hops;
+            }
+            if let Ok(n) = (&icmp).read(&mut buf) {
+                found = quoted_syn(&buf[..n], *conv4.ip(), converter.port(), sport);
+            }
+        }
+        if let Some((router, mptcp)) = found {
+            hops.push(Hop { ttl, router, mptcp });
+        }
+    }
+    hops
+}
+
+/// A TCP SYN with MSS and an MP_CAPABLE option (version 1, HMAC-SHA256), checksummed.
+fn syn_with_mp_capable(
+    src: std::net::Ipv4Addr,
+    dst: std::net::Ipv4Addr,
+    sport: u16,
+    dport: u16,
+) -> Vec<u8> {
+    let mut t = vec![0u8; 28];
+    t[0..2].copy_from_slice(&sport.to_be_bytes());
+    t[2..4].copy_from_slice(&dport.to_be_bytes());
+    t[4..8].copy_from_slice(&rand::random::<u32>().to_be_bytes());
+    t[12] = 7 << 4; // 28 bytes of header
+    t[13] = 0x02; // SYN
+    t[14..16].copy_from_slice(&64240u16.to_be_bytes());
+    t[20..28].copy_from_slice(&[2, 4, 0x05, 0xb4, 30, 4, 0x01, 0x01]);
+    let mut sum: u32 = 0;
+    let mut add = |b: &[u8]| {
+        for c in b.chunks(2) {
+            sum += u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]));
+        }
+    };
+    add(&src.octets());
+    add(&dst.octets());
+    add(&[0, 6]);
+    add(&(t.len() as u16).to_be_bytes());
+    add(&t);
+    while sum >> 16 != 0 {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    t[16..18].copy_from_slice(&(!(sum as u16)).to_be_bytes());
+    t
+}
+
+/// `pkt` (an IPv4 packet from a raw TCP socket) is the converter's SYN-ACK to our SYN.
+fn answered(pkt: &[u8], from: std::net::Ipv4Addr, sport: u16, dport: u16) -> bool {
+    let ihl = usize::from(pkt.first().copied().unwrap_or(0) & 0x0f) * 4;
+    let (Some(src), Some(tcp)) = (pkt.get(12..16), pkt.get(ihl..)) else {
+        return false;
+    };
+    tcp.len() >= 14
+        && src == from.octets()
+        && u16::from_be_bytes([tcp[0], tcp[1]]) == sport
+        && u16::from_be_bytes([tcp[2], tcp[3]]) == dport
+        && tcp[13] & 0x12 == 0x12
+}
+
+/// `(router, the quote shows the MPTCP option)` if `pkt` (an IPv4 packet with an ICMP "time
+/// exceeded" in it) quotes our SYN from `sport` to `dst:dport`.
+fn quoted_syn(
+    pkt: &[u8],
+    dst: std::net::Ipv4Addr,
+    dport: u16,
+    sport: u16,
+) -> Option<(IpAddr, Option<bool>)> {
+    let ihl = usize::from(pkt.first()? & 0x0f) * 4;
+    let router = IpAddr::from(<[u8; 4]>::try_from(pkt.get(12..16)?).ok()?);
+    let icmp = pkt.get(ihl..)?;
+    if icmp.first() != Some(&11) {
+        return None;
+    }
+    let inner = icmp.get(8..)?;
+    let iihl = usize::from(inner.first()? & 0x0f) * 4;
+    if inner.get(9) != Some(&6) || inner.get(16..20)? != dst.octets() {
+        return None;
+    }
+    let tcp = inner.get(iihl..)?;
+    let (sp, dp) = (
+        u16::from_be_bytes([*tcp.first()?, *tcp.get(1)?]),
+        u16::from_be_bytes([*tcp.get(2)?, *tcp.get(3)?]),
+    );
+    if sp != sport || dp != dport {
+        return None;
+    }
+    let Some(off) = tcp.get(12).map(|b| usize::from(b >> 4) * 4) else {
+        return Some((router, None));
+    };
+    let Some(opts) = tcp.get(20..off) else {
+        return Some((router, None));
+    };
+    Some((router, Some(has_option(opts, 30))))
+}
+
+/// Whether TCP options `opts` hold one of `kind`.
+fn has_option(opts: &[u8], kind: u8) -> bool {
+    let mut i = 0;
+    while i < opts.len() {
+        match opts[i] {
+            0 => return false,
+            1 => i += 1,
+            k => {
+                if k == kind {
+                    return true;
+                }
+                let len = usize::from(*opts.get(i + 1).unwrap_or(&0));
+                if len < 2 {
+                    return false;
+                }
+                i += len;
+            }
+        }
+    }
+    false
+}
+
 fn report(findings: &[Finding], json: bool) -> anyhow::Result<bool> {
     let ok = findings.iter().all(|f| f.verdict != Verdict::Fail);
     let text = if json {
@@ -594,11 +786,14 @@ pub fn gateway(converters: &[SocketAddr], json: bool) -> anyhow::Result<bool> {
             ));
         }
         for (ifname, src) in sources {
-            f.push(path(
-                &ifname,
-                *conv,
-                &probe(*conv, Some(src), Duration::from_secs(3)),
-            ));
+            let p = probe(*conv, Some(src), Duration::from_secs(3));
+            let mut finding = path(&ifname, *conv, &p);
+            if let PathProbe::Connected { mptcp: false, .. } = p {
+                // Where on the way: the routers' quotes of TTL-limited SYNs.
+                finding.detail =
+                    format!("{}; {}", finding.detail, locate(&trace(*conv, Some(src))));
+            }
+            f.push(finding);
         }
     }
     if converters.is_empty() {
@@ -712,6 +907,82 @@ mod tests {
             endpoints(&[IpAddr::from([10, 1, 0, 2])], &two, true).verdict,
             Verdict::Pass
         );
+    }
+
+    #[test]
+    fn the_hop_that_strips_the_option_is_named_from_the_quotes() {
+        let hop = |ttl, last: u8, mptcp| Hop {
+            ttl,
+            router: IpAddr::from([10, 0, ttl, last]),
+            mptcp,
+        };
+        let l = locate(&[hop(1, 1, Some(true)), hop(2, 1, Some(false))]);
+        assert!(
+            l.contains("present at hop 1 (10.0.1.1), gone at hop 2 (10.0.2.1)"),
+            "{l}"
+        );
+        let l = locate(&[hop(1, 1, Some(true))]);
+        assert!(l.contains("stripped after it"), "{l}");
+        assert!(locate(&[hop(1, 1, Some(false))]).contains("first hop"));
+        assert!(locate(&[]).contains("not known"));
+        assert!(locate(&[hop(1, 1, None)]).contains("do not say"));
+    }
+
+    #[test]
+    fn a_time_exceeded_quote_is_read_down_to_the_tcp_options() {
+        // Outer IPv4 header (from 10.0.0.1), ICMP 11/0, the quoted IPv4 header to
+        // 192.0.2.1, TCP 40000 -> 5124 with MSS and MP_CAPABLE options.
+        let mut p = vec![
+            0x45, 0, 0, 0, 0, 0, 0, 0, 64, 1, 0, 0, 10, 0, 0, 1, 10, 1, 1, 1,
+        ];
+        p.extend([11, 0, 0, 0, 0, 0, 0, 0]);
+        p.extend([
+            0x45, 0, 0, 0, 0, 0, 0, 0, 1, 6, 0, 0, 10, 1, 1, 1, 192, 0, 2, 1,
+        ]);
+        p.extend([
+            0x9c, 0x40, 0x14, 0x04, 0, 0, 0, 0, 0, 0, 0, 0, 0x80, 0x02, 0, 0, 0, 0, 0, 0,
+        ]);
+        p.extend([2, 4, 5, 0xb4, 30, 4, 0x81, 0x01, 1, 1, 1, 1]);
+        let dst = std::net::Ipv4Addr::new(192, 0, 2, 1);
+        assert_eq!(
+            quoted_syn(&p, dst, 5124, 40000),
+            Some((IpAddr::from([10, 0, 0, 1]), Some(true)))
+        );
+        assert_eq!(
+            quoted_syn(&p, dst, 5124, 40001),
+            None,
+            "another socket's SYN"
+        );
+        // A quote cut after 8 bytes of TCP (RFC 792) says nothing of the options.
+        assert_eq!(
+            quoted_syn(&p[..20 + 8 + 20 + 8], dst, 5124, 40000),
+            Some((IpAddr::from([10, 0, 0, 1]), None))
+        );
+        assert!(!has_option(&[2, 4, 5, 0xb4, 1, 0], 30));
+    }
+
+    #[test]
+    fn a_hand_made_syn_carries_mp_capable_and_checks_out() {
+        let (src, dst) = (
+            std::net::Ipv4Addr::new(10, 1, 1, 1),
+            std::net::Ipv4Addr::new(192, 0, 2, 1),
+        );
+        let t = syn_with_mp_capable(src, dst, 40000, 5124);
+        assert!(has_option(&t[20..], 30) && t[13] == 0x02);
+        // The ones' complement sum over the pseudo-header and the segment is all ones.
+        let mut sum: u32 = 0;
+        let mut bytes = Vec::new();
+        bytes.extend(src.octets());
+        bytes.extend(dst.octets());
+        bytes.extend([0, 6, 0, t.len() as u8]);
+        bytes.extend(&t);
+        for c in bytes.chunks(2) {
+            sum += u32::from(u16::from_be_bytes([c[0], c[1]]));
+        }
+        while sum >> 16 != 0 {
+            sum = (sum & 0xffff) + (sum >> 16);
+        }
+        assert_eq!(sum, 0xffff);
     }
 
     #[test]

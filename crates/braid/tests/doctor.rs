@@ -139,3 +139,71 @@ fn a_converter_doctor_sees_the_listener_the_fix_and_the_way_out() {
     assert_eq!(code, 1, "{text}");
     assert!(line(&text, "destination").contains("10.2.0.2:81"), "{text}");
 }
+
+/// gateway — router — converter, the router stripping the MPTCP option from what it forwards:
+/// the doctor names the last hop whose quote of a TTL-limited SYN still had it.
+#[test]
+fn the_hop_that_strips_mptcp_is_named() {
+    use braid_lab::Link;
+    let gw = Netns::create("gw").unwrap();
+    let rt = Netns::create("rt").unwrap();
+    let cv = Netns::create("cv").unwrap();
+    let _l1 = Link::create(&gw, "g1", &rt, "r1").unwrap();
+    let _l2 = Link::create(&rt, "rc", &cv, "c0").unwrap();
+    for (ns, cmds) in [
+        (
+            &gw,
+            &[
+                "addr add 10.1.1.1/24 dev g1",
+                "route add default via 10.1.1.2",
+            ][..],
+        ),
+        (
+            &rt,
+            &["addr add 10.1.1.2/24 dev r1", "addr add 10.5.1.1/24 dev rc"][..],
+        ),
+        (
+            &cv,
+            &[
+                "addr add 10.5.1.2/24 dev c0",
+                "route add default via 10.5.1.1",
+            ][..],
+        ),
+    ] {
+        for c in cmds {
+            ns.ip(&c.split_whitespace().collect::<Vec<_>>()).unwrap();
+        }
+    }
+    rt.sysctl("net.ipv4.ip_forward", 1).unwrap();
+    rt.nft(
+        "add table inet strip\n\
+         add chain inet strip pass { type filter hook forward priority 0; }\n\
+         add rule inet strip pass tcp dport 5124 reset tcp option mptcp",
+    )
+    .unwrap();
+    let log = std::env::temp_dir().join(format!("{}-converter.log", cv.name()));
+    let mut conv = cv
+        .command(env!("CARGO_BIN_EXE_braid"))
+        .args([
+            "converter",
+            "--listen",
+            "0.0.0.0:5124",
+            "--allow-client",
+            "10.1.0.0/16",
+        ])
+        .env("RUST_LOG", "info")
+        .stderr(braid_lab::Output::File(log.clone()))
+        .spawn()
+        .unwrap();
+    wait_listening(&cv, 5124, &mut conv, &log);
+    let (code, text) = doctor(&gw, &["gateway", "--converter", "10.5.1.2:5124"]);
+    let _ = conv.stop();
+    let _ = std::fs::remove_file(&log);
+    assert_eq!(code, 1, "{text}");
+    let l = line(&text, "path g1");
+    assert!(l.contains("MPTCP option was removed"), "{text}");
+    assert!(
+        l.contains("present at hop 1 (10.1.1.2)") && l.contains("stripped after it"),
+        "{text}"
+    );
+}
