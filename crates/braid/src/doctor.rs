@@ -384,6 +384,36 @@ pub fn locate(hops: &[Hop]) -> String {
     }
 }
 
+/// A gateway's MPTCP limits against its uplinks: a connection opens at most `subflows` extra
+/// subflows. braid gateway raises them (to 8) while it runs and puts them back at exit.
+pub fn gateway_limits(subflows: u32, uplinks: usize, gateway_running: bool) -> Finding {
+    let needed = uplinks.saturating_sub(1) as u32;
+    if subflows >= needed {
+        return Finding::pass(
+            "limits",
+            format!("up to {subflows} extra subflows per connection"),
+        );
+    }
+    Finding::bad(
+        "limits",
+        if gateway_running {
+            Verdict::Fail
+        } else {
+            Verdict::Warn
+        },
+        format!(
+            "MPTCP subflows limit {subflows} for {uplinks} uplinks: connections cannot use them \
+             all{}",
+            if gateway_running {
+                " although braid gateway runs (something set them back)"
+            } else {
+                " (braid gateway raises it while it runs)"
+            }
+        ),
+        "ip mptcp limits set subflows 8 add_addr_accepted 8",
+    )
+}
+
 /// A converter's MPTCP limits: joins beyond `subflows` are refused.
 pub fn converter_limits(subflows: u32) -> Finding {
     if subflows == 0 {
@@ -764,6 +794,9 @@ pub fn gateway(converters: &[SocketAddr], json: bool) -> anyhow::Result<bool> {
         })
         .unwrap_or_default();
     let running = crate::status::fetch("gateway").is_ok();
+    if let Ok(l) = rt.block_on(braid_sys::pm::limits()) {
+        f.push(gateway_limits(l.subflows, found.len(), running));
+    }
     f.push(uplinks(&found));
     f.push(rp_filter(&found, running));
     f.push(endpoints(&eps, &found, running));
@@ -879,6 +912,10 @@ mod tests {
             Some("sysctl -w net.ipv4.tcp_fastopen=3")
         );
         assert_eq!(converter_limits(0).verdict, Verdict::Fail);
+        assert_eq!(gateway_limits(0, 2, false).verdict, Verdict::Warn);
+        assert_eq!(gateway_limits(0, 2, true).verdict, Verdict::Fail);
+        assert_eq!(gateway_limits(8, 3, true).verdict, Verdict::Pass);
+        assert_eq!(gateway_limits(0, 1, false).verdict, Verdict::Pass);
         assert_eq!(converter_limits(8).verdict, Verdict::Pass);
     }
 

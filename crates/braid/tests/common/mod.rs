@@ -537,6 +537,8 @@ impl Drop for Gateway {
                 self.log.display(),
                 self.log_text()
             );
+        } else {
+            let _ = std::fs::remove_file(&self.log);
         }
     }
 }
