@@ -206,6 +206,25 @@ impl Daemon {
     }
 }
 
+/// A reload's new settings, or `None` (logged) when the file does not validate: then the
+/// running configuration stays.
+pub fn reloaded<R>(new: Result<R, ConfigError>) -> Option<R> {
+    new.map_err(|e| tracing::warn!(error = %e, "reload refused: the running configuration stays"))
+        .ok()
+}
+
+/// Logs a reload that applied `what`, naming the changed keys that take a restart.
+pub fn log_reload(what: &str, restart: &[String]) {
+    if restart.is_empty() {
+        tracing::info!("configuration reloaded: {what} apply now");
+    } else {
+        tracing::warn!(
+            keys = restart.join(", "),
+            "configuration reloaded ({what}); these keys changed and take a restart"
+        );
+    }
+}
+
 /// The top-level fields of two values of the same settings type that differ, read off their
 /// pretty `Debug` (one top-level field per entry): what a reload cannot apply is named from
 /// it, with no second list of keys to keep in step.

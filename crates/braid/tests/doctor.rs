@@ -181,21 +181,10 @@ fn the_hop_that_strips_mptcp_is_named() {
          add rule inet strip pass tcp dport 5124 reset tcp option mptcp",
     )
     .unwrap();
-    let log = std::env::temp_dir().join(format!("{}-converter.log", cv.name()));
-    let mut conv = cv
-        .command(env!("CARGO_BIN_EXE_braid"))
-        .args([
-            "converter",
-            "--listen",
-            "0.0.0.0:5124",
-            "--allow-client",
-            "10.1.0.0/16",
-        ])
-        .env("RUST_LOG", "info")
-        .stderr(braid_lab::Output::File(log.clone()))
-        .spawn()
-        .unwrap();
-    wait_listening(&cv, 5124, &mut conv, &log);
+    let (mut conv, log) = converter_in(
+        &cv,
+        &["--listen", "0.0.0.0:5124", "--allow-client", "10.1.0.0/16"],
+    );
     let (code, text) = doctor(&gw, &["gateway", "--converter", "10.5.1.2:5124"]);
     let _ = conv.stop();
     let _ = std::fs::remove_file(&log);

@@ -16,7 +16,7 @@ mod common;
 
 use std::time::Duration;
 
-use braid_lab::{Link, Netns, Output, Process};
+use braid_lab::{Link, Netns, Process};
 use common::*;
 
 const VIP: &str = "10.9.0.1";
@@ -81,11 +81,10 @@ fn fabric() -> Fabric {
     }
 }
 
-fn converter(ns: &Netns, unique: &str, log: &std::path::Path) -> Process {
-    let mut p = ns
-        .command(env!("CARGO_BIN_EXE_braid"))
-        .args([
-            "converter",
+fn converter(ns: &Netns, unique: &str) -> (Process, std::path::PathBuf) {
+    converter_in(
+        ns,
+        &[
             "--listen",
             "0.0.0.0:5124",
             "--allow-client",
@@ -97,14 +96,8 @@ fn converter(ns: &Netns, unique: &str, log: &std::path::Path) -> Process {
             "--no-join-initial-addr",
             "--mptcp-subflows",
             "4",
-        ])
-        .env("RUST_LOG", "info")
-        .stderr(Output::File(log.to_path_buf()))
-        .grace(Duration::from_secs(40))
-        .spawn()
-        .unwrap();
-    wait_listening(ns, 5124, &mut p, &log.to_path_buf());
-    p
+        ],
+    )
 }
 
 /// `n` downloads through the gateway's SOCKS5 listener, `parallel` at a time, each piped to
@@ -132,15 +125,12 @@ fn closed_lines(log: &std::path::Path) -> usize {
 #[test]
 fn two_converters_behind_one_address_share_the_load_and_drain() {
     let f = fabric();
-    let logs: Vec<std::path::PathBuf> = f
-        .conv
-        .iter()
-        .map(|c| std::env::temp_dir().join(format!("{}-converter.log", c.name())))
-        .collect();
-    let mut convs = [
-        converter(&f.conv[0], "10.5.1.2", &logs[0]),
-        converter(&f.conv[1], "10.5.2.2", &logs[1]),
-    ];
+    let (a, b) = (
+        converter(&f.conv[0], "10.5.1.2"),
+        converter(&f.conv[1], "10.5.2.2"),
+    );
+    let logs = [a.1, b.1];
+    let mut convs = [a.0, b.0];
     let nginx = Nginx::start(&f.sv, 256 << 10);
     let gw = Gateway::start(
         &f.gw,

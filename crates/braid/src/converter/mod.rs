@@ -88,12 +88,8 @@ fn apply_reload(
     current: &mut Settings,
     new: Result<Settings, crate::config::ConfigError>,
 ) {
-    let new = match new {
-        Ok(n) => n,
-        Err(e) => {
-            tracing::warn!(error = %e, "reload refused: the running configuration stays");
-            return;
-        }
+    let Some(new) = crate::daemon::reloaded(new) else {
+        return;
     };
     let restart = restart_needed(current, &new);
     let policy = Arc::new(policy::Policy::new(&new));
@@ -105,14 +101,7 @@ fn apply_reload(
             .cookies
             .then(|| Arc::new(cookie::CookieJar::new(new.cookie_secret.clone())));
     }
-    if restart.is_empty() {
-        tracing::info!("configuration reloaded: policy and cookies apply to new connections");
-    } else {
-        tracing::warn!(
-            keys = restart.join(", "),
-            "configuration reloaded (policy and cookies); these keys changed and take a restart"
-        );
-    }
+    crate::daemon::log_reload("policy and cookies", &restart);
     // What runs now: the policy and cookies of `new`, the rest as started (so that the next
     // reload compares against what runs).
     *current = with_reloaded(current, &new);

@@ -274,12 +274,8 @@ async fn apply_reload(
     current: &mut Settings,
     new: Result<Settings, crate::config::ConfigError>,
 ) {
-    let new = match new {
-        Ok(n) => n,
-        Err(e) => {
-            tracing::warn!(error = %e, "reload refused: the running configuration stays");
-            return;
-        }
+    let Some(new) = crate::daemon::reloaded(new) else {
+        return;
     };
     // Managing the uplinks or not is decided at start: only a managing gateway takes a new
     // list.
@@ -311,14 +307,7 @@ async fn apply_reload(
             ..new
         },
     );
-    if restart.is_empty() {
-        tracing::info!("configuration reloaded: uplinks and health apply now");
-    } else {
-        tracing::warn!(
-            keys = restart.join(", "),
-            "configuration reloaded (uplinks and health); these keys changed and take a restart"
-        );
-    }
+    crate::daemon::log_reload("uplinks and health", &restart);
     *current = applied;
 }
 

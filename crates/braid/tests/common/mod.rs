@@ -117,6 +117,24 @@ impl Drop for ConverterLab {
     }
 }
 
+/// `braid converter ARGS` in a namespace of the test's own making (not a [`ConverterLab`]),
+/// logging to the temp dir; returns once it listens on port 5124. Stopping it waits for its
+/// drain.
+pub fn converter_in(ns: &Netns, args: &[&str]) -> (Process, PathBuf) {
+    let log = std::env::temp_dir().join(format!("{}-converter.log", ns.name()));
+    let mut p = ns
+        .command(env!("CARGO_BIN_EXE_braid"))
+        .arg("converter")
+        .args(args)
+        .env("RUST_LOG", "info")
+        .stderr(Output::File(log.clone()))
+        .grace(Duration::from_secs(40))
+        .spawn()
+        .expect("spawn braid converter");
+    wait_listening(ns, CONVERTER_PORT, &mut p, &log);
+    (p, log)
+}
+
 /// Waits until this daemon says it listens on `port` (its log) and the kernel agrees (`ss`),
 /// without making a test connection; panics with the log if the daemon exits first. The log
 /// is the authority because a closed MPTCP listener can linger in `ss` for a moment.
