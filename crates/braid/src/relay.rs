@@ -14,11 +14,12 @@
 //! so a request and its short answer never touch the large buffer.
 //!
 //! A write that has waited [`WRITE_RECHECK`] for the socket to become writable is tried anyway,
-//! past tokio's cached readiness. Once seen in a loaded test run: an upload through the gateway
-//! stood still for 20 s after a subflow of its MPTCP socket was closed and another opened, with
-//! a working subflow all along, which a lost EPOLLOUT wakeup would explain (unconfirmed). If the
-//! kernel does drop the wakeup, the retry ends the stall within a second and logs a warning
-//! (first time, then every thousandth); when it does not, the retry costs one failed syscall a
+//! past tokio's cached readiness, and a write that then succeeds is logged (first time, then
+//! every thousandth). Seen once: an upload through the gateway stood still for 20 s after the
+//! only carrying uplink's subflows were set to backup priority and back and another uplink's
+//! subflow was added; the MPTCP socket gave no EPOLLOUT, the recheck wrote a record into it,
+//! and the data still did not leave. So this detects the state more than it cures it (the
+//! trigger is avoided in `gateway::health`); with no such trouble it costs one failed syscall a
 //! second while a peer is slow.
 
 use std::io;
@@ -68,8 +69,9 @@ fn missed_wakeup(written: usize) {
         tracing::warn!(
             written,
             missed = n + 1,
-            "a socket took data after {WRITE_RECHECK:?} without a writable event (likely a missed \
-             kernel wakeup); relays retry writes every second to survive it"
+            "a socket took data after {WRITE_RECHECK:?} without a writable event: the kernel's \
+             MPTCP stopped signalling (seen after subflow priority changes, docs/architecture.md); \
+             relays retry writes every second"
         );
     }
 }
