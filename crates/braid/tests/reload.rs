@@ -32,21 +32,14 @@ fn write_config(path: &std::path::Path, extra: &str) {
     .unwrap();
 }
 
-fn hup(cl: &mut ConverterLab) {
-    let before = cl.log_text().lines().count();
-    cl.converter
-        .as_mut()
-        .unwrap()
-        .signal(Signal::SIGHUP)
-        .unwrap();
+/// SIGHUP to a daemon, and waits until its log (read by `log`) has a new line about the reload.
+fn hup(p: &mut braid_lab::Process, log: impl Fn() -> String) {
+    let before = log().lines().count();
+    p.signal(Signal::SIGHUP).unwrap();
     assert!(
-        eventually(|| cl
-            .log_text()
-            .lines()
-            .skip(before)
-            .any(|l| l.contains("reload"))),
+        eventually(|| log().lines().skip(before).any(|l| l.contains("reload"))),
         "no reload line:\n{}",
-        cl.log_text()
+        log()
     );
 }
 
@@ -75,6 +68,7 @@ fn a_reload_changes_the_policy_for_new_connections_and_keeps_running_ones() {
         config,
         &strings(&["--listen", "[::]:5124", "--config", path.to_str().unwrap()]),
     );
+    let log = cl.log.clone();
     let _a = HashServer::start(&cl.lab.server, HASH_PORT);
     let _b = HashServer::start(&cl.lab.server, HASH_PORT + 1);
     assert_eq!(
@@ -95,7 +89,9 @@ fn a_reload_changes_the_policy_for_new_connections_and_keeps_running_ones() {
 
     // The port opened, the first one closed.
     write_config(&path, &format!("deny_ports = [{}]\n", HASH_PORT + 2));
-    hup(&mut cl);
+    hup(cl.converter.as_mut().unwrap(), || {
+        std::fs::read_to_string(&log).unwrap_or_default()
+    });
     assert!(
         cl.log_text()
             .contains("configuration reloaded: policy and cookies apply"),
@@ -111,7 +107,9 @@ fn a_reload_changes_the_policy_for_new_connections_and_keeps_running_ones() {
 
     // A file that does not validate changes nothing.
     std::fs::write(&path, "allow_client = [\"10.1.2.3/8\"]\n").unwrap();
-    hup(&mut cl);
+    hup(cl.converter.as_mut().unwrap(), || {
+        std::fs::read_to_string(&log).unwrap_or_default()
+    });
     assert!(
         cl.log_text().contains("reload refused"),
         "{}",
@@ -122,7 +120,9 @@ fn a_reload_changes_the_policy_for_new_connections_and_keeps_running_ones() {
 
     // Keys that shape the listeners take a restart, and say which.
     write_config(&path, "tfo_queue = 16\n");
-    hup(&mut cl);
+    hup(cl.converter.as_mut().unwrap(), || {
+        std::fs::read_to_string(&log).unwrap_or_default()
+    });
     let log = cl.log_text();
     assert!(
         log.lines()
@@ -154,6 +154,7 @@ fn a_gateway_reload_takes_new_uplinks_and_names_what_needs_a_restart() {
         &cl.lab.gateway,
         &strings(&["--config", path.to_str().unwrap()]),
     );
+    let gw_log = gw.log.clone();
     assert!(eventually(
         || endpoints(&cl.lab.gateway).contains("10.1.1.1")
     ));
@@ -168,20 +169,9 @@ fn a_gateway_reload_takes_new_uplinks_and_names_what_needs_a_restart() {
             "interface = \"g-v2\"\nname = \"lte\"",
         ],
     );
-    let hup = |gw: &mut Gateway| {
-        let before = gw.log_text().lines().count();
-        gw.process.as_mut().unwrap().signal(Signal::SIGHUP).unwrap();
-        assert!(
-            eventually(|| gw
-                .log_text()
-                .lines()
-                .skip(before)
-                .any(|l| l.contains("reload"))),
-            "{}",
-            gw.log_text()
-        );
-    };
-    hup(&mut gw);
+    hup(gw.process.as_mut().unwrap(), || {
+        std::fs::read_to_string(&gw_log).unwrap_or_default()
+    });
     assert!(
         gw.log_text()
             .contains("configuration reloaded: uplinks and health apply now"),
@@ -207,7 +197,9 @@ fn a_gateway_reload_takes_new_uplinks_and_names_what_needs_a_restart() {
         "converter = [\"not an address\"]\nsocks5 = \"127.0.0.1:1080\"\n",
     )
     .unwrap();
-    hup(&mut gw);
+    hup(gw.process.as_mut().unwrap(), || {
+        std::fs::read_to_string(&gw_log).unwrap_or_default()
+    });
     assert!(
         gw.log_text().contains("reload refused"),
         "{}",
@@ -221,7 +213,9 @@ fn a_gateway_reload_takes_new_uplinks_and_names_what_needs_a_restart() {
             "interface = \"g-v2\"\nname = \"lte\"",
         ],
     );
-    hup(&mut gw);
+    hup(gw.process.as_mut().unwrap(), || {
+        std::fs::read_to_string(&gw_log).unwrap_or_default()
+    });
     assert!(
         gw.log_text()
             .lines()
