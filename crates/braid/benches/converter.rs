@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 use braid::client::{self, ClientOptions};
 use braid_lab::{Netns, Process, StandardConfig, StandardLab};
 use socket2::{Domain, Protocol, Socket, Type};
-use support::{env_or, wait_listening};
+use support::{counters, deltas, env_or, machine_busy_ticks, proc_cpu_ticks, wait_listening};
 
 const TCP_SINK: u16 = 8001;
 const TCP_SOURCE: u16 = 8002;
@@ -232,88 +232,6 @@ fn pump(mut c: TcpStream, source: bool) {
     } else {
         while matches!(c.read(&mut buf), Ok(n) if n > 0) {}
     }
-}
-
-/// Kernel counters worth reading when a path is slow: TCP retransmissions, segments beyond the
-/// window, MPTCP-level retransmissions and duplicates.
-const WATCHED: &[&str] = &[
-    "TcpRetransSegs",
-    "TcpExtBeyondWindow",
-    "TcpExtTCPLossProbes",
-    "TcpExtTCPSackRecovery",
-    "TcpExtTCPTimeouts",
-    "TcpExtTCPRcvQDrop",
-    "TcpExtTCPZeroWindowDrop",
-    "TcpExtTCPOFOQueue",
-    "MPTcpExtDuplicateData",
-    "MPTcpExtMPTCPRetrans",
-    "MPTcpExtOFOQueue",
-    "MPTcpExtRcvPruned",
-    "MPTcpExtSubflowRecover",
-    "TcpExtTCPBacklogDrop",
-    "IpExtInNoRoutes",
-    // Not a netstat counter: packets dropped by the per-CPU input backlog, machine-wide
-    // (/proc/net/softnet_stat), added to every namespace's map.
-    "softnet_dropped",
-];
-
-fn counters(ns: &Netns) -> std::collections::HashMap<String, u64> {
-    let mut m: std::collections::HashMap<String, u64> = ns
-        .run(["nstat", "-asz"])
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| {
-            let mut it = l.split_whitespace();
-            Some((it.next()?.to_string(), it.next()?.parse().ok()?))
-        })
-        .collect();
-    let softnet: u64 = std::fs::read_to_string("/proc/net/softnet_stat")
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| u64::from_str_radix(l.split_whitespace().nth(1)?, 16).ok())
-        .sum();
-    m.insert("softnet_dropped".into(), softnet);
-    m
-}
-
-fn deltas(
-    a: &std::collections::HashMap<String, u64>,
-    b: &std::collections::HashMap<String, u64>,
-    gib: f64,
-) -> String {
-    WATCHED
-        .iter()
-        .filter_map(|k| {
-            let d = b.get(*k)?.saturating_sub(*a.get(*k).unwrap_or(&0));
-            (d > 0).then(|| format!("{k}={:.0}", d as f64 / gib.max(1e-9)))
-        })
-        .collect::<Vec<_>>()
-        .join(" ")
-}
-
-fn proc_cpu_ticks(pid: u32) -> u64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // Fields after the command name (which may contain spaces) start after ") ".
-    let rest = stat.rsplit_once(") ").map_or("", |(_, r)| r);
-    let f: Vec<u64> = rest
-        .split_whitespace()
-        .filter_map(|x| x.parse().ok())
-        .collect();
-    // utime and stime are fields 14 and 15 of the line, i.e. 11 and 12 after the state.
-    f.get(10).copied().unwrap_or(0) + f.get(11).copied().unwrap_or(0)
-}
-
-fn machine_busy_ticks() -> u64 {
-    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
-    let line = stat.lines().next().unwrap_or_default();
-    let v: Vec<u64> = line
-        .split_whitespace()
-        .skip(1)
-        .filter_map(|x| x.parse().ok())
-        .collect();
-    let total: u64 = v.iter().sum();
-    // idle and iowait are the 4th and 5th numbers.
-    total - v.get(3).copied().unwrap_or(0) - v.get(4).copied().unwrap_or(0)
 }
 
 fn open_flow(lab: &StandardLab, path: Path, dir: Dir) -> TcpStream {

@@ -4,112 +4,230 @@
 //! lab, interleaved: the gateway bypasses port 5202, so iperf3 to that port is forwarded plain
 //! while iperf3 to 5201 is captured and converted.
 //!
-//! Run: `cargo bench -p braid --bench gateway` (as root). Knobs: `BRAID_BENCH_ROUNDS` (3),
-//! `BRAID_BENCH_SECS` (3), `BRAID_BENCH_STREAMS` ("1,4"), `BRAID_BENCH_CC` ("reno").
+//! Every round is printed (rate of both paths, their ratio, each relay's CPU-seconds per GiB),
+//! then per case the median, the worst round's ratio and the spread of braid's rate between
+//! rounds (max / min − 1): a stall shows as one slow round, which a median hides.
+//!
+//! Run: `cargo bench -p braid --bench gateway` (as root). Knobs: `BRAID_BENCH_ROUNDS` (5),
+//! `BRAID_BENCH_SECS` (3), `BRAID_BENCH_STREAMS` ("1,4"), `BRAID_BENCH_CC` ("reno"), `BRAID_BENCH_DIRS` ("up,down"; down = server → client),
+//! `BRAID_BENCH_CAPTURE` ("tproxy" or "redirect"), `BRAID_BENCH_GATEWAY_ARGS` and
+//! `BRAID_BENCH_CONVERTER_ARGS` (extra arguments, space-separated), `BRAID_BENCH_NSTAT` (set:
+//! the kernel counters of both relays per GiB for every converted run; `all`: every counter
+//! that moved), `BRAID_BENCH_INTERVALS` (set: the converted runs' rate every 0.1 s), `BRAID_BENCH_SS` (set: `ss -tinmM` in both relays' namespaces 1.5 s into every
+//! converted run).
 
 mod support;
 
-use braid_lab::process::spawn_daemon;
-use braid_lab::standard::converter_args as lab_converter_args;
 use braid_lab::{StandardConfig, StandardLab};
-use support::{env_or, median};
+use support::{
+    counters, deltas, env_or, machine_busy_ticks, median, proc_cpu_ticks, start_daemons,
+};
 
 const CAPTURED: u16 = 5201;
 const FORWARDED: u16 = 5202;
 
+/// One iperf3 run: rate, bytes, and CPU ticks (USER_HZ) spent meanwhile.
+#[derive(Debug, Clone, Copy)]
+struct Run {
+    gbit: f64,
+    bytes: u64,
+    gateway_ticks: u64,
+    converter_ticks: u64,
+    machine_ticks: u64,
+}
+
+impl Run {
+    fn per_gib(&self, ticks: u64) -> f64 {
+        ticks as f64 / 100.0 / (self.bytes as f64 / (1u64 << 30) as f64)
+    }
+}
+
 fn main() {
-    let rounds: usize = env_or("BRAID_BENCH_ROUNDS", 3);
+    let rounds: usize = env_or("BRAID_BENCH_ROUNDS", 5);
     let secs: u32 = env_or("BRAID_BENCH_SECS", 3);
     let streams: Vec<u32> = env_or("BRAID_BENCH_STREAMS", "1,4".to_string())
         .split(',')
         .filter_map(|s| s.trim().parse().ok())
         .collect();
     let cc: String = env_or("BRAID_BENCH_CC", "reno".to_string());
+    let dirs: String = env_or("BRAID_BENCH_DIRS", "up,down".to_string());
+    let dirs: Vec<&str> = dirs.split(',').map(str::trim).collect();
+    let capture: String = env_or("BRAID_BENCH_CAPTURE", "tproxy".to_string());
+    let words = |key: &str| -> Vec<String> {
+        env_or(key, String::new())
+            .split_whitespace()
+            .map(str::to_string)
+            .collect()
+    };
     let lab = StandardLab::new(StandardConfig {
-        uplinks: 2,
+        uplinks: env_or("BRAID_BENCH_UPLINKS", 2),
         rates: None,
         congestion_control: Some(cc.clone()),
         ..StandardConfig::default()
     })
     .expect("lab");
-    let bin = std::path::Path::new(env!("CARGO_BIN_EXE_braid"));
-    let logs = std::env::temp_dir();
-    let mut converter = spawn_daemon(
-        &lab.converter,
-        bin,
-        "converter",
-        &lab_converter_args(5124),
-        logs.join(format!("{}-converter.log", lab.converter.name())),
-        "listening",
-    )
-    .expect("converter");
-    let conv = format!("{}:5124", lab.converter_v4());
-    let mut gateway = spawn_daemon(
-        &lab.gateway,
-        bin,
-        "gateway",
-        &[
-            "--converter".into(),
-            conv,
-            "--transparent".into(),
-            "tproxy".into(),
-            "--bypass-port".into(),
-            FORWARDED.to_string(),
-        ],
-        logs.join(format!("{}-gateway.log", lab.gateway.name())),
-        "gateway running",
-    )
-    .expect("gateway");
+    let converter_args = words("BRAID_BENCH_CONVERTER_ARGS");
+    let mut gateway_args = vec![
+        "--transparent".to_string(),
+        capture.clone(),
+        "--bypass-port".into(),
+        FORWARDED.to_string(),
+    ];
+    gateway_args.extend(words("BRAID_BENCH_GATEWAY_ARGS"));
+    let converter_args: Vec<&str> = converter_args.iter().map(String::as_str).collect();
+    let mut daemons = start_daemons(&lab, &converter_args, &gateway_args);
+    let pids = (daemons[1].pid(), daemons[0].pid());
+    let nstat = std::env::var_os("BRAID_BENCH_NSTAT").is_some();
+    let snapshots = std::env::var_os("BRAID_BENCH_SS").is_some();
 
     println!(
         "# braid gateway benchmark: iperf3 LAN client → server, {rounds} interleaved rounds of \
-         {secs} s, congestion control {cc}, 2 unshaped veth uplinks, {} cores",
+         {secs} s, congestion control {cc}, capture {capture}, 2 unshaped veth uplinks, {} cores",
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
     println!();
-    println!("| streams | direction | forwarded Gbit/s | gateway + converter Gbit/s | ratio |");
-    println!("|---|---|---|---|---|");
+    println!(
+        "| streams | direction | round | forwarded Gbit/s | gateway + converter Gbit/s | ratio | \
+         CPU-s/GiB gateway / converter | machine CPU-s/GiB fwd / braid |"
+    );
+    println!("|---|---|---|---|---|---|---|---|");
+    let mut summary = Vec::new();
     for &n in &streams {
         for reverse in [false, true] {
-            let (mut fwd, mut conv) = (Vec::new(), Vec::new());
-            for _ in 0..rounds {
-                fwd.push(iperf(&lab, FORWARDED, n, secs, reverse));
-                conv.push(iperf(&lab, CAPTURED, n, secs, reverse));
+            if !dirs.contains(&(if reverse { "down" } else { "up" })) {
+                continue;
             }
+            let dir = if reverse {
+                "server → client"
+            } else {
+                "client → server"
+            };
+            let (mut fwd, mut conv) = (Vec::new(), Vec::new());
+            for round in 1..=rounds {
+                let f = iperf(&lab, FORWARDED, n, secs, reverse, pids);
+                let n0 = nstat.then(|| (counters(&lab.gateway), counters(&lab.converter)));
+                let c = std::thread::scope(|scope| {
+                    if snapshots {
+                        scope.spawn(|| {
+                            std::thread::sleep(std::time::Duration::from_millis(1500));
+                            for ns in [&lab.gateway, &lab.converter] {
+                                let out = ns.run(["ss", "-tinmM"]).unwrap_or_default();
+                                println!("# ss -tinmM in {}, round {round}:\n{out}", ns.name());
+                            }
+                        });
+                    }
+                    iperf(&lab, CAPTURED, n, secs, reverse, pids)
+                });
+                if let (Some((g0, c0)), Some(c)) = (n0, c) {
+                    let gib = c.bytes as f64 / (1u64 << 30) as f64;
+                    let (g1, c1) = (counters(&lab.gateway), counters(&lab.converter));
+                    println!(
+                        "# nstat per GiB, round {round}: gateway [{}] converter [{}]",
+                        deltas(&g0, &g1, gib),
+                        deltas(&c0, &c1, gib)
+                    );
+                }
+                let rate = |r: &Option<Run>| r.map_or(f64::NAN, |r| r.gbit);
+                let cpu =
+                    |r: &Option<Run>, t: fn(&Run) -> u64| r.map_or(f64::NAN, |r| r.per_gib(t(&r)));
+                println!(
+                    "| {n} | {dir} | {round} | {:.2} | {:.2} | {:.2} | {:.2} / {:.2} | {:.2} / {:.2} |",
+                    rate(&f),
+                    rate(&c),
+                    rate(&c) / rate(&f),
+                    cpu(&c, |r| r.gateway_ticks),
+                    cpu(&c, |r| r.converter_ticks),
+                    cpu(&f, |r| r.machine_ticks),
+                    cpu(&c, |r| r.machine_ticks),
+                );
+                fwd.push(rate(&f));
+                conv.push(rate(&c));
+            }
+            let worst = fwd
+                .iter()
+                .zip(&conv)
+                .map(|(f, c)| c / f)
+                .fold(f64::INFINITY, f64::min);
+            let finite: Vec<f64> = conv.iter().copied().filter(|x| x.is_finite()).collect();
+            let spread = finite.iter().copied().fold(0.0, f64::max)
+                / finite.iter().copied().fold(f64::INFINITY, f64::min)
+                - 1.0;
             let (f, c) = (median(fwd), median(conv));
-            println!(
-                "| {n} | {} | {f:.2} | {c:.2} | {:.2} |",
-                if reverse {
-                    "server → client"
-                } else {
-                    "client → server"
-                },
-                c / f
-            );
+            summary.push(format!(
+                "| {n} | {dir} | {f:.2} | {c:.2} | {:.2} | {worst:.2} | {:.0}% |",
+                c / f,
+                spread * 100.0
+            ));
         }
     }
-    let _ = gateway.stop();
-    let _ = converter.stop();
+    println!();
+    println!(
+        "| streams | direction | forwarded Gbit/s | gateway + converter Gbit/s | ratio (median) | \
+         worst round | spread |"
+    );
+    println!("|---|---|---|---|---|---|---|");
+    for line in summary {
+        println!("{line}");
+    }
+    for d in daemons.iter_mut().rev() {
+        let _ = d.stop();
+    }
 }
 
-/// Gbit/s received (`end.sum_received`), NaN if the run failed.
-fn iperf(lab: &StandardLab, port: u16, streams: u32, secs: u32, reverse: bool) -> f64 {
+/// One iperf3 run to `port`, `None` if it failed.
+fn iperf(
+    lab: &StandardLab,
+    port: u16,
+    streams: u32,
+    secs: u32,
+    reverse: bool,
+    (gateway, converter): (u32, u32),
+) -> Option<Run> {
     let (secs, streams) = (secs.to_string(), streams.to_string());
     let mut args = vec!["-t", secs.as_str(), "-P", streams.as_str()];
     if reverse {
         args.push("-R");
     }
-    match braid_lab::iperf3::run(
+    let intervals = std::env::var_os("BRAID_BENCH_INTERVALS").is_some();
+    if intervals {
+        args.extend(["-i", "0.1"]);
+    }
+    let (g0, c0, m0) = (
+        proc_cpu_ticks(gateway),
+        proc_cpu_ticks(converter),
+        machine_busy_ticks(),
+    );
+    let run = braid_lab::iperf3::run(
         &lab.server,
         &lab.client,
         lab.server_v4().into(),
         port,
         &args,
-    ) {
-        Ok(run) => run.received_bps / 1e9,
+    );
+    match run {
+        Ok(run) => {
+            if intervals && port == CAPTURED {
+                let rates: Vec<String> = run
+                    .json
+                    .split("\"sum\":")
+                    .skip(1)
+                    .filter_map(|s| s.split("\"bits_per_second\":").nth(1))
+                    .filter_map(|s| s.split([',', '}']).next()?.trim().parse::<f64>().ok())
+                    .map(|b| format!("{:.1}", b / 1e9))
+                    .collect();
+                println!("# Gbit/s per 0.1 s: {}", rates.join(" "));
+            }
+            Some(Run {
+                gbit: run.received_bps / 1e9,
+                bytes: run.received_bytes.max(1),
+                gateway_ticks: proc_cpu_ticks(gateway) - g0,
+                converter_ticks: proc_cpu_ticks(converter) - c0,
+                machine_ticks: machine_busy_ticks() - m0,
+            })
+        }
         Err(e) => {
             eprintln!("iperf3 failed: {e}");
-            f64::NAN
+            None
         }
     }
 }

@@ -8,6 +8,9 @@
 //!   keeps the converter's MPTCP send window close to the real one (Linux derives that limit
 //!   for a passive Fast Open socket from the SYN's unscaled window shifted by the scale, see
 //!   `tfo_fix`);
+//! - on request, a fixed `SO_SNDBUF` bounds what the kernel's MPTCP keeps in flight towards
+//!   the converter, which its receive path cannot always hold at high rates
+//!   (`config::mptcp_send_buffer`);
 //! - an Error reply followed by a reset may arrive before we look: the reply is read before a
 //!   failed write or a reset is taken to mean "converter down".
 
@@ -32,6 +35,9 @@ pub struct ClientOptions {
     pub fast_open: bool,
     /// Fixed receive buffer set before connecting (see the module docs); `None` = autotuning.
     pub rcvbuf: Option<usize>,
+    /// Fixed send buffer set before connecting (`config::mptcp_send_buffer`); `None` =
+    /// autotuning.
+    pub sndbuf: Option<usize>,
     /// Source address to bind, selecting the first subflow's link.
     pub bind: Option<SocketAddr>,
     /// Deadline for the whole exchange (connect, request, reply).
@@ -59,6 +65,7 @@ impl Default for ClientOptions {
             mptcp: true,
             fast_open: true,
             rcvbuf: Some(4 << 20),
+            sndbuf: None,
             bind: None,
             timeout: Duration::from_secs(10),
             congestion_control: None,
@@ -124,6 +131,7 @@ impl ClientOptions {
             // net.ipv4.tcp_fastopen, not the machine-wide 0x4.
             fast_open: self.fast_open.then_some(FastOpen::ConnectNoCookie),
             recv_buffer: self.rcvbuf,
+            send_buffer: self.sndbuf,
             congestion_control: self.congestion_control.clone(),
             mark: self.mark,
             ..SocketSpec::default()

@@ -152,6 +152,30 @@ pub fn relay_config(
     })
 }
 
+/// `mptcp_send_buffer`: a fixed `SO_SNDBUF` for braid's MPTCP sockets; absent or 0: the
+/// kernel's autotuning (the default). Why one would fix it (docs/architecture.md, kernel
+/// workarounds): at tens of Gbit/s the kernel's MPTCP receiver (6.18) can announce more window
+/// than its buffer holds; data sent into that excess is dropped after its TCP-level ACK, and
+/// only the sender's MPTCP-level retransmission timer (200 ms, backing off) fills the hole, so
+/// the transfer stands still. 1 MiB on both daemons removed those stalls on unshaped veth
+/// links; but it also cost bonding over shaped uplinks of different rates 10–25 % of their sum
+/// (the kernel's MPTCP needs send buffer for the slow subflow's queue too), so it is not the
+/// default.
+pub fn mptcp_send_buffer(
+    path: Option<&Path>,
+    v: Option<usize>,
+) -> Result<Option<usize>, ConfigError> {
+    match v.unwrap_or(0) {
+        0 => Ok(None),
+        n if (64 * 1024..=(64 << 20)).contains(&n) => Ok(Some(n)),
+        n => Err(ConfigError::invalid(
+            path,
+            "mptcp_send_buffer",
+            format!("{n} is outside 65536..=67108864 bytes (0: the kernel's autotuning)"),
+        )),
+    }
+}
+
 /// `congestion_control`: a kernel name (checked for shape here; whether the namespace allows
 /// it is only known when a socket asks).
 pub fn congestion_control(path: Option<&Path>, v: Option<&str>) -> Result<(), ConfigError> {
@@ -168,5 +192,25 @@ pub fn congestion_control(path: Option<&Path>, v: Option<&str>) -> Result<(), Co
             ))
         }
         _ => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod send_buffer_tests {
+    use super::*;
+
+    #[test]
+    fn mptcp_send_buffer_defaults_to_autotuning() {
+        assert_eq!(mptcp_send_buffer(None, None).unwrap(), None);
+        assert_eq!(mptcp_send_buffer(None, Some(0)).unwrap(), None);
+        assert_eq!(
+            mptcp_send_buffer(None, Some(4 << 20)).unwrap(),
+            Some(4 << 20)
+        );
+        let e = mptcp_send_buffer(None, Some(1000)).unwrap_err().to_string();
+        assert!(
+            e.contains("mptcp_send_buffer") && e.contains("65536"),
+            "{e}"
+        );
     }
 }

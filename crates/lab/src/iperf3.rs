@@ -14,6 +14,8 @@ use crate::netns::Netns;
 pub struct Iperf3 {
     /// `end.sum_received.bits_per_second`: what arrived, all streams together.
     pub received_bps: f64,
+    /// `end.sum_received.bytes`.
+    pub received_bytes: u64,
     /// The whole JSON report, for anything else a caller wants.
     pub json: String,
 }
@@ -43,21 +45,24 @@ pub fn run(
         let _ = srv.kill();
     }
     let out = out?;
-    let received_bps = out
-        .stdout
-        .split("\"sum_received\":")
-        .nth(1)
-        .and_then(|s| s.split("\"bits_per_second\":").nth(1))
-        .and_then(|s| s.split([',', '}']).next())
-        .and_then(|s| s.trim().parse::<f64>().ok())
-        .ok_or_else(|| {
-            Error::Config(format!(
-                "iperf3 gave no received rate: {} {}",
-                out.stdout, out.stderr
-            ))
-        })?;
+    let field = |name: &str| {
+        out.stdout
+            .split("\"sum_received\":")
+            .nth(1)
+            .and_then(|s| s.split(&format!("\"{name}\":")).nth(1))
+            .and_then(|s| s.split([',', '}']).next())
+            .and_then(|s| s.trim().parse::<f64>().ok())
+    };
+    let received_bytes = field("bytes").unwrap_or(0.0) as u64;
+    let received_bps = field("bits_per_second").ok_or_else(|| {
+        Error::Config(format!(
+            "iperf3 gave no received rate: {} {}",
+            out.stdout, out.stderr
+        ))
+    })?;
     Ok(Iperf3 {
         received_bps,
+        received_bytes,
         json: out.stdout,
     })
 }

@@ -17,6 +17,8 @@
 //! - [`bulk`]: a one-connection TCP/MPTCP transfer that measures throughput; [`iperf3`]: an
 //!   iperf3 run with a server of its own; [`http`]: a minimal HTTP file server; [`stream`]: a
 //!   paced live stream whose receiver checks every byte and records the longest gap.
+//! - [`cgroup`]: [`cgroup::CpuQuota`], processes held to a fraction of a core (benchmarks of
+//!   a small router's CPU).
 //! - [`routing`]: [`Route`], [`Rule`] and [`MptcpEndpoint`] values.
 //!
 //! Namespaces are named `blab-<pid>-<n>-<role>`, so parallel test processes never collide,
@@ -56,6 +58,7 @@
 #![forbid(unsafe_code)]
 
 pub mod bulk;
+pub mod cgroup;
 pub mod delay;
 mod error;
 pub mod http;

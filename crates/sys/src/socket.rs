@@ -42,6 +42,8 @@ pub struct SocketSpec {
     /// A fixed `SO_RCVBUF` (disables receive autotuning; it also fixes the window scale that
     /// the SYN advertises).
     pub recv_buffer: Option<usize>,
+    /// A fixed `SO_SNDBUF` (disables send autotuning; bounds what the socket keeps in flight).
+    pub send_buffer: Option<usize>,
     /// `IP_TRANSPARENT` / `IPV6_TRANSPARENT`: accept connections to any address (TPROXY).
     pub transparent: bool,
     /// `SO_REUSEADDR` (listeners restarted while old connections linger).
@@ -117,6 +119,9 @@ impl SocketSpec {
         }
         if let Some(size) = self.recv_buffer {
             s.set_recv_buffer_size(size).map_err(option("SO_RCVBUF"))?;
+        }
+        if let Some(size) = self.send_buffer {
+            s.set_send_buffer_size(size).map_err(option("SO_SNDBUF"))?;
         }
         if let Some(cc) = &self.congestion_control {
             s.set_tcp_congestion(cc.as_bytes())

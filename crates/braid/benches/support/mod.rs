@@ -67,3 +67,102 @@ pub fn start_daemons(
     .expect("gateway");
     vec![converter, gateway]
 }
+
+/// Kernel counters worth reading when a path is slow: TCP retransmissions, segments beyond the
+/// window, MPTCP-level retransmissions and duplicates.
+pub const WATCHED: &[&str] = &[
+    "TcpRetransSegs",
+    "TcpExtBeyondWindow",
+    "TcpExtTCPLossProbes",
+    "TcpExtTCPSackRecovery",
+    "TcpExtTCPTimeouts",
+    "TcpExtTCPRcvQDrop",
+    "TcpExtTCPZeroWindowDrop",
+    "TcpExtTCPOFOQueue",
+    "MPTcpExtDuplicateData",
+    "MPTcpExtNoDSSInWindow",
+    "MPTcpExtMPTCPRetrans",
+    "MPTcpExtOFOQueue",
+    "MPTcpExtRcvPruned",
+    "MPTcpExtSubflowRecover",
+    "TcpExtTCPBacklogDrop",
+    "TcpExtTCPWantZeroWindowAdv",
+    "TcpExtTCPToZeroWindowAdv",
+    "MPTcpExtDSSNotMatching",
+    "MPTcpExtMPRstTx",
+    "MPTcpExtMPRstRx",
+    "MPTcpExtRcvWndShared",
+    "MPTcpExtRcvWndConflict",
+    "IpExtInNoRoutes",
+    // Not a netstat counter: packets dropped by the per-CPU input backlog, machine-wide
+    // (/proc/net/softnet_stat), added to every namespace's map.
+    "softnet_dropped",
+];
+
+/// The namespace's SNMP/netstat counters (`nstat -asz`) plus `softnet_dropped`.
+pub fn counters(ns: &Netns) -> std::collections::HashMap<String, u64> {
+    let mut m: std::collections::HashMap<String, u64> = ns
+        .run(["nstat", "-asz"])
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| {
+            let mut it = l.split_whitespace();
+            Some((it.next()?.to_string(), it.next()?.parse().ok()?))
+        })
+        .collect();
+    let softnet: u64 = std::fs::read_to_string("/proc/net/softnet_stat")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| u64::from_str_radix(l.split_whitespace().nth(1)?, 16).ok())
+        .sum();
+    m.insert("softnet_dropped".into(), softnet);
+    m
+}
+
+/// The [`WATCHED`] counters that moved from `a` to `b`, per GiB moved meanwhile; every counter
+/// that moved with `BRAID_BENCH_NSTAT=all`.
+pub fn deltas(
+    a: &std::collections::HashMap<String, u64>,
+    b: &std::collections::HashMap<String, u64>,
+    gib: f64,
+) -> String {
+    let all = std::env::var("BRAID_BENCH_NSTAT").is_ok_and(|v| v == "all");
+    let mut keys: Vec<&str> = if all {
+        b.keys().map(String::as_str).collect()
+    } else {
+        WATCHED.to_vec()
+    };
+    keys.sort_unstable();
+    keys.iter()
+        .filter_map(|k| {
+            let d = b.get(*k)?.saturating_sub(*a.get(*k).unwrap_or(&0));
+            (d > 0).then(|| format!("{k}={:.0}", d as f64 / gib.max(1e-9)))
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+pub fn proc_cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may contain spaces) start after ") ".
+    let rest = stat.rsplit_once(") ").map_or("", |(_, r)| r);
+    let f: Vec<u64> = rest
+        .split_whitespace()
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    // utime and stime are fields 14 and 15 of the line, i.e. 11 and 12 after the state.
+    f.get(10).copied().unwrap_or(0) + f.get(11).copied().unwrap_or(0)
+}
+
+pub fn machine_busy_ticks() -> u64 {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let line = stat.lines().next().unwrap_or_default();
+    let v: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    let total: u64 = v.iter().sum();
+    // idle and iowait are the 4th and 5th numbers.
+    total - v.get(3).copied().unwrap_or(0) - v.get(4).copied().unwrap_or(0)
+}

@@ -10,7 +10,8 @@ use ipnet::IpNet;
 use serde::Deserialize;
 
 use crate::config::{
-    ConfigError, congestion_control, overlay, parse_prefixes, read_toml, relay_config,
+    ConfigError, congestion_control, mptcp_send_buffer, overlay, parse_prefixes, read_toml,
+    relay_config,
 };
 use crate::logging::LogFormat;
 use crate::relay::{Engine, RelayConfig};
@@ -53,6 +54,7 @@ pub struct File {
     pub cookie_secret: Option<String>,
     pub relay_engine: Option<Engine>,
     pub relay_buffer: Option<usize>,
+    pub mptcp_send_buffer: Option<usize>,
     pub congestion_control: Option<String>,
     pub upstream_fastopen: Option<bool>,
     pub mptcp_subflows: Option<u32>,
@@ -102,6 +104,9 @@ pub struct Settings {
     pub cookies: bool,
     pub cookie_secret: Option<Vec<u8>>,
     pub relay: RelayConfig,
+    /// `SO_SNDBUF` of the MPTCP sockets (`None`: the kernel's autotuning); see
+    /// [`crate::config::mptcp_send_buffer`].
+    pub mptcp_send_buffer: Option<usize>,
     /// Congestion control for both sockets of a relayed connection; `None` keeps the system's.
     pub congestion_control: Option<String>,
     pub upstream_fastopen: bool,
@@ -153,6 +158,7 @@ impl File {
             cookie_secret,
             relay_engine,
             relay_buffer,
+            mptcp_send_buffer,
             congestion_control,
             upstream_fastopen,
             mptcp_subflows,
@@ -204,6 +210,7 @@ impl Settings {
         let log_format = f.log_format.unwrap_or_default();
         let relay = relay_config(path, f.relay_engine, f.relay_buffer, f.idle_timeout_secs)?;
         congestion_control(path, f.congestion_control.as_deref())?;
+        let mptcp_send_buffer = mptcp_send_buffer(path, f.mptcp_send_buffer)?;
         let ms = |key: &str, v: Option<u64>, default: u64| -> Result<Duration, ConfigError> {
             match v.unwrap_or(default) {
                 0 => Err(err(key, "must be greater than 0".into())),
@@ -328,6 +335,7 @@ impl Settings {
             cookies: f.cookies.unwrap_or(false),
             cookie_secret,
             relay,
+            mptcp_send_buffer,
             congestion_control: f.congestion_control,
             upstream_fastopen: f.upstream_fastopen.unwrap_or(false),
             mptcp_subflows: f.mptcp_subflows,
@@ -401,6 +409,10 @@ mod tests {
             (
                 "allow_any_client = true\nrelay_engine = \"zero\"",
                 "relay_engine",
+            ),
+            (
+                "allow_any_client = true\nmptcp_send_buffer = 1000",
+                "mptcp_send_buffer",
             ),
             (
                 "allow_any_client = true\nhandshake_timeout_ms = 0",

@@ -284,6 +284,12 @@ async fn converse(
     if let Some(cc) = &s.congestion_control {
         let _ = SockRef::from(client).set_tcp_congestion(cc.as_bytes());
     }
+    // On request, a bounded send buffer keeps the kernel's MPTCP from overrunning the
+    // client's receive buffer (`config::mptcp_send_buffer`). A socket that fell back to TCP does not need it;
+    // refusing the option (it cannot on a connected socket) would only cost speed.
+    if let (Some(n), true) = (s.mptcp_send_buffer, is_mptcp(client).unwrap_or(false)) {
+        let _ = SockRef::from(client).set_send_buffer_size(n);
+    }
 
     // Success: the bare header goes out the moment the server accepted.
     if let Err(e) = write_reply(client, &wire::BARE_REPLY).await {

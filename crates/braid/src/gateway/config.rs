@@ -12,7 +12,8 @@ use super::capture::TransparentMode;
 use super::health::HealthConfig;
 use super::uplinks::{MAX_UPLINKS, Numbers, Selection, UplinkConf};
 use crate::config::{
-    ConfigError, congestion_control, overlay, parse_prefixes, read_toml, relay_config,
+    ConfigError, congestion_control, mptcp_send_buffer, overlay, parse_prefixes, read_toml,
+    relay_config,
 };
 use crate::logging::LogFormat;
 use crate::relay::{Engine, RelayConfig};
@@ -201,6 +202,7 @@ pub struct File {
     pub drain_timeout_secs: Option<u64>,
     pub relay_engine: Option<Engine>,
     pub relay_buffer: Option<usize>,
+    pub mptcp_send_buffer: Option<usize>,
     pub fast_open: Option<bool>,
     pub congestion_control: Option<String>,
     /// `[[uplink]]` tables.
@@ -261,6 +263,7 @@ impl File {
             drain_timeout_secs,
             relay_engine,
             relay_buffer,
+            mptcp_send_buffer,
             fast_open,
             congestion_control,
             uplink,
@@ -311,6 +314,9 @@ pub struct Settings {
     pub default_backoff: Duration,
     pub drain_timeout: Duration,
     pub relay: RelayConfig,
+    /// `SO_SNDBUF` of the MPTCP sockets (`None`: the kernel's autotuning); see
+    /// [`crate::config::mptcp_send_buffer`].
+    pub mptcp_send_buffer: Option<usize>,
     pub fast_open: bool,
     pub congestion_control: Option<String>,
     /// The uplinks braid manages (`None`: left to the system, `manage_uplinks = false`).
@@ -401,6 +407,7 @@ impl Settings {
         let log_format = f.log_format.unwrap_or_default();
         let relay = relay_config(path, f.relay_engine, f.relay_buffer, f.idle_timeout_secs)?;
         congestion_control(path, f.congestion_control.as_deref())?;
+        let mptcp_send_buffer = mptcp_send_buffer(path, f.mptcp_send_buffer)?;
         let connect_timeout = match f.connect_timeout_ms.unwrap_or(5_000) {
             0 => return Err(err("connect_timeout_ms", "must be greater than 0".into())),
             n => Duration::from_millis(n),
@@ -494,6 +501,7 @@ impl Settings {
             default_backoff: Duration::from_secs(f.default_backoff_secs.unwrap_or(30)),
             drain_timeout: Duration::from_secs(f.drain_timeout_secs.unwrap_or(10)),
             relay,
+            mptcp_send_buffer,
             fast_open: f.fast_open.unwrap_or(true),
             congestion_control: f.congestion_control,
             uplinks,
@@ -582,6 +590,10 @@ mod tests {
                 "uplinks[0].interface",
             ),
             (&format!("{base}relay_engine = \"zero\""), "relay_engine"),
+            (
+                &format!("{base}mptcp_send_buffer = 1000"),
+                "mptcp_send_buffer",
+            ),
             (
                 &format!("{base}[health]\nprobe_attempts = 1"),
                 "health.probe_attempts",

@@ -190,6 +190,7 @@ async fn run(
         // An IPv6 socket even to an IPv4 converter: only then can IPv6 subflows join when
         // the converter announces an IPv6 address.
         dual_stack: true,
+        sndbuf: settings.mptcp_send_buffer,
         ..ClientOptions::default()
     };
     let shared = Arc::new(Shared {
