@@ -16,7 +16,9 @@
 //! `BRAID_BENCH_ROUNDS` (3), `BRAID_BENCH_SECS` (2), `BRAID_BENCH_FLOWS` ("1,4,16"),
 //! `BRAID_BENCH_CC` ("reno,bbr"), `BRAID_BENCH_RELAY_CC` (the converter's own sockets; default:
 //! the namespaces' congestion control), `BRAID_BENCH_NSTAT` (set: print the kernel counters of
-//! `WATCHED` per GiB for every measurement).
+//! `WATCHED` per GiB for every measurement), `BRAID_BENCH_CPU_QUOTA` (e.g. 0.25: each relay
+//! process held to that fraction of a core by a CPU cgroup, as on a small router; forwarding
+//! and kernel MPTCP stay unconstrained, they run in the kernel).
 
 mod support;
 
@@ -29,7 +31,9 @@ use std::time::{Duration, Instant};
 use braid::client::{self, ClientOptions};
 use braid_lab::{Netns, Process, StandardConfig, StandardLab};
 use socket2::{Domain, Protocol, Socket, Type};
-use support::{counters, deltas, env_or, machine_busy_ticks, proc_cpu_ticks, wait_listening};
+use support::{
+    counters, cpu_quota, deltas, env_or, machine_busy_ticks, proc_cpu_ticks, wait_listening,
+};
 
 const TCP_SINK: u16 = 8001;
 const TCP_SOURCE: u16 = 8002;
@@ -112,6 +116,14 @@ fn bench_cc(cc: &str, rounds: usize, secs: f64, flow_set: &[usize]) {
     let relay_cc: String = env_or("BRAID_BENCH_RELAY_CC", cc.to_string());
     let mut copy = start_converter(&lab, CONV_COPY, "copy", &relay_cc);
     let mut splice = start_converter(&lab, CONV_SPLICE, "splice", &relay_cc);
+    // A small router's CPU: each relay held to its own quota, the kernel paths left free.
+    let quotas = cpu_quota().map(|f| {
+        [copy.pid(), splice.pid()].map(|pid| {
+            let q = braid_lab::cgroup::CpuQuota::new(f).expect("CPU quota");
+            q.add(pid).expect("into the CPU quota");
+            q
+        })
+    });
 
     // results[flows][dir][path] = samples
     let mut results = vec![vec![vec![Vec::<Sample>::new(); 4]; 2]; flow_set.len()];
@@ -150,6 +162,14 @@ fn bench_cc(cc: &str, rounds: usize, secs: f64, flow_set: &[usize]) {
                 c.machine_cpu_per_gib,
             );
         }
+    }
+    if let Some(q) = &quotas {
+        println!(
+            "# {cc}: relays held to {} of a core, throttled {} / {} times (copy / splice)",
+            q[0].fraction(),
+            q[0].throttled(),
+            q[1].throttled()
+        );
     }
     stop.store(true, Relaxed);
     let _ = copy.stop();

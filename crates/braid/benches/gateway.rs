@@ -10,17 +10,20 @@
 //!
 //! Run: `cargo bench -p braid --bench gateway` (as root). Knobs: `BRAID_BENCH_ROUNDS` (5),
 //! `BRAID_BENCH_SECS` (3), `BRAID_BENCH_STREAMS` ("1,4"), `BRAID_BENCH_CC` ("reno"), `BRAID_BENCH_DIRS` ("up,down"; down = server → client),
+//! `BRAID_BENCH_UPLINKS` (2), `BRAID_BENCH_RATES` (Mbit/s per uplink, e.g. "100,200"; unset:
+//! unshaped), `BRAID_BENCH_DELAYS` (one-way ms per uplink, e.g. "10,20"),
 //! `BRAID_BENCH_CAPTURE` ("tproxy" or "redirect"), `BRAID_BENCH_GATEWAY_ARGS` and
 //! `BRAID_BENCH_CONVERTER_ARGS` (extra arguments, space-separated), `BRAID_BENCH_NSTAT` (set:
 //! the kernel counters of both relays per GiB for every converted run; `all`: every counter
 //! that moved), `BRAID_BENCH_INTERVALS` (set: the converted runs' rate every 0.1 s), `BRAID_BENCH_SS` (set: `ss -tinmM` in both relays' namespaces 1.5 s into every
-//! converted run).
+//! converted run), `BRAID_BENCH_CPU_QUOTA` (e.g. 0.25: each daemon held to that fraction of a
+//! core by a CPU cgroup, as on a small router).
 
 mod support;
 
-use braid_lab::{StandardConfig, StandardLab};
+use braid_lab::{Delay, StandardConfig, StandardLab};
 use support::{
-    counters, deltas, env_or, machine_busy_ticks, median, proc_cpu_ticks, start_daemons,
+    counters, cpu_quota, deltas, env_or, machine_busy_ticks, median, proc_cpu_ticks, start_daemons,
 };
 
 const CAPTURED: u16 = 5201;
@@ -59,9 +62,22 @@ fn main() {
             .map(str::to_string)
             .collect()
     };
+    let list = |key: &str| -> Option<Vec<u64>> {
+        let v: Vec<u64> = env_or(key, String::new())
+            .split(',')
+            .filter_map(|s| s.trim().parse().ok())
+            .collect();
+        (!v.is_empty()).then_some(v)
+    };
+    let shaping = format!(
+        "uplinks {} Mbit/s, one-way delay {} ms",
+        env_or("BRAID_BENCH_RATES", "unshaped".to_string()),
+        env_or("BRAID_BENCH_DELAYS", "0".to_string())
+    );
     let lab = StandardLab::new(StandardConfig {
         uplinks: env_or("BRAID_BENCH_UPLINKS", 2),
-        rates: None,
+        rates: list("BRAID_BENCH_RATES").map(|v| v.iter().map(|m| m * 1_000_000).collect()),
+        delays: list("BRAID_BENCH_DELAYS").map(|v| v.into_iter().map(Delay::ms).collect()),
         congestion_control: Some(cc.clone()),
         ..StandardConfig::default()
     })
@@ -77,12 +93,20 @@ fn main() {
     let converter_args: Vec<&str> = converter_args.iter().map(String::as_str).collect();
     let mut daemons = start_daemons(&lab, &converter_args, &gateway_args);
     let pids = (daemons[1].pid(), daemons[0].pid());
+    // A small router's CPU: each daemon held to its own quota, the forwarding left free.
+    let quotas = cpu_quota().map(|f| {
+        [pids.0, pids.1].map(|pid| {
+            let q = braid_lab::cgroup::CpuQuota::new(f).expect("CPU quota");
+            q.add(pid).expect("into the CPU quota");
+            q
+        })
+    });
     let nstat = std::env::var_os("BRAID_BENCH_NSTAT").is_some();
     let snapshots = std::env::var_os("BRAID_BENCH_SS").is_some();
 
     println!(
         "# braid gateway benchmark: iperf3 LAN client → server, {rounds} interleaved rounds of \
-         {secs} s, congestion control {cc}, capture {capture}, 2 unshaped veth uplinks, {} cores",
+         {secs} s, congestion control {cc}, capture {capture}, {shaping}, {} cores",
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
     println!();
@@ -168,6 +192,14 @@ fn main() {
     println!("|---|---|---|---|---|---|---|");
     for line in summary {
         println!("{line}");
+    }
+    if let Some(q) = &quotas {
+        println!(
+            "# each daemon held to {} of a core, throttled {} / {} times (gateway / converter)",
+            q[0].fraction(),
+            q[0].throttled(),
+            q[1].throttled()
+        );
     }
     for d in daemons.iter_mut().rev() {
         let _ = d.stop();

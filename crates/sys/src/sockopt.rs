@@ -192,6 +192,8 @@ pub struct SubflowInfo {
     pub remote: std::net::SocketAddr,
     /// Smoothed round-trip time, microseconds.
     pub rtt_us: u32,
+    /// The lowest round-trip time seen (`tcpi_min_rtt`), microseconds; 0 if unknown.
+    pub min_rtt_us: u32,
     /// Bytes the peer acknowledged, and bytes received, on this subflow.
     pub bytes_acked: u64,
     pub bytes_received: u64,
@@ -290,6 +292,7 @@ pub fn mptcp_subflows(fd: &impl AsFd) -> io::Result<Vec<SubflowInfo>> {
             remote,
             state: ti.first().copied().unwrap_or(0),
             rtt_us: if ti.len() >= 72 { get32(ti, 68) } else { 0 },
+            min_rtt_us: if ti.len() >= 152 { get32(ti, 148) } else { 0 },
             bytes_acked: if ti.len() >= 128 { get64(ti, 120) } else { 0 },
             bytes_received: if ti.len() >= 136 { get64(ti, 128) } else { 0 },
             backoff: ti.get(4).copied().unwrap_or(0),

@@ -14,6 +14,14 @@ pub fn env_or<T: std::str::FromStr>(key: &str, default: T) -> T {
         .unwrap_or(default)
 }
 
+/// `BRAID_BENCH_CPU_QUOTA`: the fraction of a core to hold each relay process to, if set.
+pub fn cpu_quota() -> Option<f64> {
+    std::env::var("BRAID_BENCH_CPU_QUOTA")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|f: &f64| *f > 0.0)
+}
+
 /// Median of the finite values (NaN if none).
 pub fn median(mut v: Vec<f64>) -> f64 {
     v.retain(|x| x.is_finite());

@@ -595,7 +595,19 @@ impl Manager {
             if let Some(prev) = self.last_subflows.get(&key) {
                 s.progress |=
                     sf.bytes_acked > prev.bytes_acked || sf.bytes_received > prev.bytes_received;
-                s.retrans += sf.total_retrans.saturating_sub(prev.total_retrans);
+                let retrans = sf.total_retrans.saturating_sub(prev.total_retrans);
+                s.retrans += retrans;
+                // The queue of the previous sample counts too: a loss drains it (the sender
+                // halves its window) before the next sample sees the retransmissions.
+                let queued = [&sf, prev].iter().any(|i| {
+                    health::queue_built(
+                        Duration::from_micros(i.rtt_us.into()),
+                        Duration::from_micros(i.min_rtt_us.into()),
+                    )
+                });
+                if queued {
+                    s.congestion_retrans += retrans;
+                }
                 s.segs += sf.data_segs_out.saturating_sub(prev.data_segs_out);
                 s.ooo += sf.rcv_ooopack.saturating_sub(prev.rcv_ooopack);
             }
