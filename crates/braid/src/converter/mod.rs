@@ -47,19 +47,32 @@ impl Role for Settings {
     /// Running out of descriptors mid-connection helps nobody: cap the connection count so
     /// that the limit answers with Error 64 first.
     fn fit_fd_limit(&mut self, fd_limit: u64) {
-        // Refusals being delivered hold a socket each beyond the connections (up to the pending
-        // handshakes), and 256 are kept for listeners, metrics and the like.
-        let spare = 256 + self.max_pending_handshakes as u64;
-        let fits = fd_limit.saturating_sub(spare) / fds_per_connection(self);
-        if (self.max_connections as u64) > fits {
+        let (pending, connections) = fit_fds(
+            fd_limit,
+            self.max_pending_handshakes,
+            self.max_connections,
+            fds_per_connection(self),
+        );
+        if pending < self.max_pending_handshakes {
+            tracing::warn!(
+                fd_limit,
+                max_pending_handshakes = self.max_pending_handshakes,
+                effective = pending,
+                "the open-file limit allows fewer pending handshakes than max_pending_handshakes \
+                 (they may take a quarter of it); raise it (systemd: LimitNOFILE=, shell: \
+                 ulimit -n) to use the configured value"
+            );
+            self.max_pending_handshakes = pending;
+        }
+        if connections < self.max_connections {
             tracing::warn!(
                 fd_limit,
                 max_connections = self.max_connections,
-                effective = fits,
+                effective = connections,
                 "the open-file limit allows fewer connections than max_connections; raise it \
                  (systemd: LimitNOFILE=, shell: ulimit -n) to use the configured value"
             );
-            self.max_connections = fits.max(1) as usize;
+            self.max_connections = connections;
         }
     }
 
@@ -130,6 +143,31 @@ fn restart_needed(old: &Settings, new: &Settings) -> Vec<String> {
 }
 
 /// Descriptors one relayed connection holds: two sockets, plus two pipes for splice.
+/// How many pending handshakes and connections fit into `fd_limit` descriptors: 256 are kept
+/// for listeners, metrics and the like; refusals being delivered hold a socket each beyond the
+/// connections (up to the pending handshakes), which may take at most a quarter of the rest, so
+/// that a large `max_pending_handshakes` cannot leave no room for connections (it did: 100,000
+/// pending handshakes under a 20,000 limit made the converter refuse every connection).
+fn fit_fds(
+    fd_limit: u64,
+    pending: usize,
+    connections: usize,
+    per_connection: u64,
+) -> (usize, usize) {
+    let usable = fd_limit.saturating_sub(256);
+    let pending = (pending as u64).min(usable / 4);
+    let fits = usable.saturating_sub(pending) / per_connection;
+    let to_usize = |n: u64| usize::try_from(n).unwrap_or(usize::MAX);
+    (
+        to_usize(pending),
+        (connections as u64)
+            .min(fits)
+            .max(1)
+            .try_into()
+            .unwrap_or(usize::MAX),
+    )
+}
+
 fn fds_per_connection(s: &Settings) -> u64 {
     match s.relay.engine {
         crate::relay::Engine::Copy => 2,
@@ -264,6 +302,23 @@ async fn serve(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn descriptors_are_shared_between_pending_handshakes_and_connections() {
+        // Plenty: nothing changes.
+        assert_eq!(fit_fds(1 << 20, 4096, 10_000, 2), (4096, 10_000));
+        // Tight: the connections get what the pending handshakes leave.
+        assert_eq!(
+            fit_fds(20_000, 4096, 100_000, 2),
+            (4096, (20_000 - 256 - 4096) / 2)
+        );
+        // Pending handshakes beyond a quarter of the limit are cut, so connections still fit.
+        let (p, c) = fit_fds(20_000, 100_000, 100_000, 2);
+        assert_eq!(p, (20_000 - 256) / 4);
+        assert_eq!(c, (20_000 - 256 - p) / 2);
+        // Absurdly low: one connection, no pending slot beyond it.
+        assert_eq!(fit_fds(100, 4096, 100, 2), (0, 1));
+    }
 
     fn settings(extra: &str) -> Settings {
         let f: config::File =
