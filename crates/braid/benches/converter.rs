@@ -32,7 +32,8 @@ use braid::client::{self, ClientOptions};
 use braid_lab::{Netns, Process, StandardConfig, StandardLab};
 use socket2::{Domain, Protocol, Socket, Type};
 use support::{
-    counters, cpu_quota, deltas, env_or, machine_busy_ticks, proc_cpu_ticks, wait_listening,
+    counters, deltas, env_or, hold_to_quota, machine_busy_ticks, proc_cpu_ticks, quota_report,
+    wait_listening,
 };
 
 const TCP_SINK: u16 = 8001;
@@ -117,13 +118,7 @@ fn bench_cc(cc: &str, rounds: usize, secs: f64, flow_set: &[usize]) {
     let mut copy = start_converter(&lab, CONV_COPY, "copy", &relay_cc);
     let mut splice = start_converter(&lab, CONV_SPLICE, "splice", &relay_cc);
     // A small router's CPU: each relay held to its own quota, the kernel paths left free.
-    let quotas = cpu_quota().map(|f| {
-        [copy.pid(), splice.pid()].map(|pid| {
-            let q = braid_lab::cgroup::CpuQuota::new(f).expect("CPU quota");
-            q.add(pid).expect("into the CPU quota");
-            q
-        })
-    });
+    let quotas = hold_to_quota([copy.pid(), splice.pid()]);
 
     // results[flows][dir][path] = samples
     let mut results = vec![vec![vec![Vec::<Sample>::new(); 4]; 2]; flow_set.len()];
@@ -164,12 +159,7 @@ fn bench_cc(cc: &str, rounds: usize, secs: f64, flow_set: &[usize]) {
         }
     }
     if let Some(q) = &quotas {
-        println!(
-            "# {cc}: relays held to {} of a core, throttled {} / {} times (copy / splice)",
-            q[0].fraction(),
-            q[0].throttled(),
-            q[1].throttled()
-        );
+        println!("{} ({cc})", quota_report(q, "copy / splice"));
     }
     stop.store(true, Relaxed);
     let _ = copy.stop();

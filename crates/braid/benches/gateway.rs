@@ -23,7 +23,8 @@ mod support;
 
 use braid_lab::{Delay, StandardConfig, StandardLab};
 use support::{
-    counters, cpu_quota, deltas, env_or, machine_busy_ticks, median, proc_cpu_ticks, start_daemons,
+    counters, deltas, env_or, hold_to_quota, machine_busy_ticks, median, proc_cpu_ticks,
+    quota_report, start_daemons,
 };
 
 const CAPTURED: u16 = 5201;
@@ -94,13 +95,7 @@ fn main() {
     let mut daemons = start_daemons(&lab, &converter_args, &gateway_args);
     let pids = (daemons[1].pid(), daemons[0].pid());
     // A small router's CPU: each daemon held to its own quota, the forwarding left free.
-    let quotas = cpu_quota().map(|f| {
-        [pids.0, pids.1].map(|pid| {
-            let q = braid_lab::cgroup::CpuQuota::new(f).expect("CPU quota");
-            q.add(pid).expect("into the CPU quota");
-            q
-        })
-    });
+    let quotas = hold_to_quota([pids.0, pids.1]);
     let nstat = std::env::var_os("BRAID_BENCH_NSTAT").is_some();
     let snapshots = std::env::var_os("BRAID_BENCH_SS").is_some();
 
@@ -194,12 +189,7 @@ fn main() {
         println!("{line}");
     }
     if let Some(q) = &quotas {
-        println!(
-            "# each daemon held to {} of a core, throttled {} / {} times (gateway / converter)",
-            q[0].fraction(),
-            q[0].throttled(),
-            q[1].throttled()
-        );
+        println!("{}", quota_report(q, "gateway / converter"));
     }
     for d in daemons.iter_mut().rev() {
         let _ = d.stop();

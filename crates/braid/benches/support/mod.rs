@@ -22,6 +22,27 @@ pub fn cpu_quota() -> Option<f64> {
         .filter(|f: &f64| *f > 0.0)
 }
 
+/// With `BRAID_BENCH_CPU_QUOTA` set: each of `pids` in a CPU cgroup of its own, held to that
+/// fraction of a core (a small router's CPU); the groups go when the value drops.
+pub fn hold_to_quota<const N: usize>(pids: [u32; N]) -> Option<[braid_lab::cgroup::CpuQuota; N]> {
+    let f = cpu_quota()?;
+    Some(pids.map(|pid| {
+        let q = braid_lab::cgroup::CpuQuota::new(f).expect("CPU quota");
+        q.add(pid).expect("into the CPU quota");
+        q
+    }))
+}
+
+/// One line saying how hard the quota held `names` (e.g. "copy / splice") back.
+pub fn quota_report(quotas: &[braid_lab::cgroup::CpuQuota], names: &str) -> String {
+    let throttled: Vec<String> = quotas.iter().map(|q| q.throttled().to_string()).collect();
+    format!(
+        "# each held to {} of a core, throttled {} times ({names})",
+        quotas.first().map_or(0.0, |q| q.fraction()),
+        throttled.join(" / ")
+    )
+}
+
 /// Median of the finite values (NaN if none).
 pub fn median(mut v: Vec<f64>) -> f64 {
     v.retain(|x| x.is_finite());
