@@ -827,39 +827,31 @@ mod tests {
         }
         assert_eq!(t.health(), Health::Degraded);
         assert!(t.reason().contains("loss 20 %"), "{}", t.reason());
-        // Ordinary congestion (1 % retransmitted) is not degradation.
-        let mut t = Tracker::new(true, t0);
-        for i in 0..10 {
-            t.sample(
-                Sample {
-                    subflows: 1,
-                    progress: true,
-                    retrans: 2,
-                    segs: 200,
-                    ..Sample::default()
-                },
-                secs(t0, f64::from(i)),
-                &c,
+        // Ordinary congestion (1 % retransmitted) is not degradation, and the loss of a full
+        // queue, however much, is not either.
+        let busy = Sample {
+            subflows: 1,
+            progress: true,
+            ..Sample::default()
+        };
+        for (retrans, congestion_retrans, segs) in [(2, 0, 200), (60, 60, 300)] {
+            let mut t = Tracker::new(true, t0);
+            for i in 0..10 {
+                let s = Sample {
+                    retrans,
+                    congestion_retrans,
+                    segs,
+                    ..busy
+                };
+                t.sample(s, secs(t0, f64::from(i)), &c);
+            }
+            assert_eq!(
+                t.health(),
+                Health::Up,
+                "{retrans} of {segs}: {}",
+                t.reason()
             );
         }
-        assert_eq!(t.health(), Health::Up);
-        // The loss of a full queue, however much, is not degradation either.
-        let mut t = Tracker::new(true, t0);
-        for i in 0..10 {
-            t.sample(
-                Sample {
-                    subflows: 1,
-                    progress: true,
-                    retrans: 60,
-                    congestion_retrans: 60,
-                    segs: 300,
-                    ..Sample::default()
-                },
-                secs(t0, f64::from(i)),
-                &c,
-            );
-        }
-        assert_eq!(t.health(), Health::Up, "{}", t.reason());
     }
 
     #[test]
