@@ -402,8 +402,20 @@ async fn probe_round(
     timeout: Duration,
     mark: Option<u32>,
 ) -> Round {
+    // An attempt that fails early (refused, an ICMP error) still takes the whole `timeout`,
+    // as silence does: otherwise a round against a converter that refuses (one that is down,
+    // not yet known to be in back-off) ends within a millisecond, its repeat too, and the
+    // uplink is dead 30 ms after start, before the first connection has moved on to the next
+    // converter (seen in CI). The dead verdict keeps its bound, `interval + 2 × timeout`.
+    let attempt = || async move {
+        let r = probe_once(src, target, mark).await;
+        if r.is_err() {
+            tokio::time::sleep(timeout).await;
+        }
+        r
+    };
     let mut set: futures::stream::FuturesUnordered<_> = (0..attempts)
-        .map(|_| tokio::time::timeout(timeout, probe_once(src, target, mark)))
+        .map(|_| tokio::time::timeout(timeout, attempt()))
         .collect();
     let (mut answered, mut rtt) = (0u8, None::<Duration>);
     while let Some(r) = set.next().await {
