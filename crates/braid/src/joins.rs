@@ -119,6 +119,11 @@ impl SubflowPeak {
         }
     }
 
+    /// Whether the socket is MPTCP (checked once, at accept).
+    pub fn mptcp(&self) -> bool {
+        self.mptcp
+    }
+
     fn sample(&self, s: &TcpStream) {
         if let Ok(info) = mptcp_info(s) {
             self.peak.fetch_max(info.subflows_total, Relaxed);

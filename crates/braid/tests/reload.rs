@@ -33,7 +33,8 @@ fn write_config(path: &std::path::Path, extra: &str) {
 }
 
 /// SIGHUP to a daemon, and waits until its log (read by `log`) has a new line about the reload.
-fn hup(p: &mut braid_lab::Process, log: impl Fn() -> String) {
+fn hup(p: &mut braid_lab::Process, log_file: &std::path::Path) {
+    let log = || std::fs::read_to_string(log_file).unwrap_or_default();
     let before = log().lines().count();
     p.signal(Signal::SIGHUP).unwrap();
     assert!(
@@ -89,9 +90,7 @@ fn a_reload_changes_the_policy_for_new_connections_and_keeps_running_ones() {
 
     // The port opened, the first one closed.
     write_config(&path, &format!("deny_ports = [{}]\n", HASH_PORT + 2));
-    hup(cl.converter.as_mut().unwrap(), || {
-        std::fs::read_to_string(&log).unwrap_or_default()
-    });
+    hup(cl.converter.as_mut().unwrap(), &log);
     assert!(
         cl.log_text()
             .contains("configuration reloaded: policy and cookies apply"),
@@ -107,9 +106,7 @@ fn a_reload_changes_the_policy_for_new_connections_and_keeps_running_ones() {
 
     // A file that does not validate changes nothing.
     std::fs::write(&path, "allow_client = [\"10.1.2.3/8\"]\n").unwrap();
-    hup(cl.converter.as_mut().unwrap(), || {
-        std::fs::read_to_string(&log).unwrap_or_default()
-    });
+    hup(cl.converter.as_mut().unwrap(), &log);
     assert!(
         cl.log_text().contains("reload refused"),
         "{}",
@@ -120,9 +117,7 @@ fn a_reload_changes_the_policy_for_new_connections_and_keeps_running_ones() {
 
     // Keys that shape the listeners take a restart, and say which.
     write_config(&path, "tfo_queue = 16\n");
-    hup(cl.converter.as_mut().unwrap(), || {
-        std::fs::read_to_string(&log).unwrap_or_default()
-    });
+    hup(cl.converter.as_mut().unwrap(), &log);
     let log = cl.log_text();
     assert!(
         log.lines()
@@ -169,9 +164,7 @@ fn a_gateway_reload_takes_new_uplinks_and_names_what_needs_a_restart() {
             "interface = \"g-v2\"\nname = \"lte\"",
         ],
     );
-    hup(gw.process.as_mut().unwrap(), || {
-        std::fs::read_to_string(&gw_log).unwrap_or_default()
-    });
+    hup(gw.process.as_mut().unwrap(), &gw_log);
     assert!(
         gw.log_text()
             .contains("configuration reloaded: uplinks and health apply now"),
@@ -197,9 +190,7 @@ fn a_gateway_reload_takes_new_uplinks_and_names_what_needs_a_restart() {
         "converter = [\"not an address\"]\nsocks5 = \"127.0.0.1:1080\"\n",
     )
     .unwrap();
-    hup(gw.process.as_mut().unwrap(), || {
-        std::fs::read_to_string(&gw_log).unwrap_or_default()
-    });
+    hup(gw.process.as_mut().unwrap(), &gw_log);
     assert!(
         gw.log_text().contains("reload refused"),
         "{}",
@@ -213,9 +204,7 @@ fn a_gateway_reload_takes_new_uplinks_and_names_what_needs_a_restart() {
             "interface = \"g-v2\"\nname = \"lte\"",
         ],
     );
-    hup(gw.process.as_mut().unwrap(), || {
-        std::fs::read_to_string(&gw_log).unwrap_or_default()
-    });
+    hup(gw.process.as_mut().unwrap(), &gw_log);
     assert!(
         gw.log_text()
             .lines()

@@ -285,9 +285,10 @@ async fn converse(
         let _ = SockRef::from(client).set_tcp_congestion(cc.as_bytes());
     }
     // On request, a bounded send buffer keeps the kernel's MPTCP from overrunning the
-    // client's receive buffer (`config::mptcp_send_buffer`). A socket that fell back to TCP does not need it;
-    // refusing the option (it cannot on a connected socket) would only cost speed.
-    if let (Some(n), true) = (s.mptcp_send_buffer, is_mptcp(client).unwrap_or(false)) {
+    // client's receive buffer (`config::mptcp_send_buffer`). A socket that fell back to TCP
+    // does not need it; refusing the option (it cannot on a connected socket) would only cost
+    // speed.
+    if let (Some(n), true) = (s.mptcp_send_buffer, peak_subflows.mptcp()) {
         let _ = SockRef::from(client).set_send_buffer_size(n);
     }
 
@@ -312,7 +313,7 @@ async fn converse(
         dest,
         None,
         moved.clone(),
-        is_mptcp(&**client).unwrap_or(false).then(|| client.clone()),
+        peak_subflows.mptcp().then(|| client.clone()),
     );
     let relayed = tokio::select! {
         r = relay::relay(client, &server, &s.relay, &moved) => r,

@@ -155,17 +155,11 @@ fn fit_fds(
     per_connection: u64,
 ) -> (usize, usize) {
     let usable = fd_limit.saturating_sub(256);
+    // Both results are at most their usize inputs, so the conversions back cannot fail.
     let pending = (pending as u64).min(usable / 4);
     let fits = usable.saturating_sub(pending) / per_connection;
-    let to_usize = |n: u64| usize::try_from(n).unwrap_or(usize::MAX);
-    (
-        to_usize(pending),
-        (connections as u64)
-            .min(fits)
-            .max(1)
-            .try_into()
-            .unwrap_or(usize::MAX),
-    )
+    let connections = (connections as u64).min(fits).max(1);
+    (pending as usize, connections as usize)
 }
 
 fn fds_per_connection(s: &Settings) -> u64 {
