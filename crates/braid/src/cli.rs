@@ -115,10 +115,11 @@ pub struct CommonArgs {
     /// Serve Prometheus metrics over HTTP on this address.
     #[arg(long, value_name = "ADDR:PORT")]
     pub metrics: Option<SocketAddr>,
-    /// Fixed SO_SNDBUF of the MPTCP sockets, in bytes [default: 0, the kernel's autotuning]
-    /// (see `mptcp_send_buffer` in the README).
-    #[arg(long, value_name = "BYTES")]
-    pub mptcp_send_buffer: Option<usize>,
+    /// Send buffer of the MPTCP sockets: `auto` (sized to each connection's path), 0 (the
+    /// kernel's autotuning) or a fixed SO_SNDBUF in bytes [default: auto] (see
+    /// `mptcp_send_buffer` in the README).
+    #[arg(long, value_name = "auto|0|BYTES")]
+    pub mptcp_send_buffer: Option<crate::config::SendBufferValue>,
 }
 
 /// A flag that is either given (`Some(true)`) or left to the file.
@@ -269,7 +270,7 @@ impl ConverterArgs {
             tcp_only: given(self.tcp_only),
             tfo_window_fix: self.no_tfo_window_fix.then_some(false),
             relay_engine: self.relay_engine,
-            mptcp_send_buffer: self.common.mptcp_send_buffer,
+            mptcp_send_buffer: self.common.mptcp_send_buffer.clone(),
             congestion_control: self.congestion_control.clone(),
             mptcp_subflows: self.mptcp_subflows,
             mptcp_add_addr_accepted: self.mptcp_add_addr_accepted,
@@ -301,7 +302,7 @@ impl GatewayArgs {
             uplink: list(&self.uplink),
             manage_uplinks: self.no_manage_uplinks.then_some(false),
             fullmesh: given(self.fullmesh),
-            mptcp_send_buffer: self.common.mptcp_send_buffer,
+            mptcp_send_buffer: self.common.mptcp_send_buffer.clone(),
             ..GatewayFile::default()
         }
     }

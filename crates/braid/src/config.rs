@@ -152,27 +152,56 @@ pub fn relay_config(
     })
 }
 
-/// `mptcp_send_buffer`: a fixed `SO_SNDBUF` for braid's MPTCP sockets; absent or 0: the
-/// kernel's autotuning (the default). Why one would fix it (docs/architecture.md, kernel
-/// workarounds): at tens of Gbit/s the kernel's MPTCP receiver (6.18) can announce more window
-/// than its buffer holds; data sent into that excess is dropped after its TCP-level ACK, and
-/// only the sender's MPTCP-level retransmission timer (200 ms, backing off) fills the hole, so
-/// the transfer stands still. 1 MiB on both daemons removed those stalls on unshaped veth
-/// links; but it also cost bonding over shaped uplinks of different rates 10–25 % of their sum
-/// (the kernel's MPTCP needs send buffer for the slow subflow's queue too), so it is not the
-/// default.
+/// `mptcp_send_buffer` as written: bytes, or a word (`"auto"`); a flag gives the same.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+#[serde(untagged)]
+pub enum SendBufferValue {
+    Bytes(usize),
+    Word(String),
+}
+
+impl std::str::FromStr for SendBufferValue {
+    type Err = std::convert::Infallible;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(match s.parse() {
+            Ok(n) => SendBufferValue::Bytes(n),
+            Err(_) => SendBufferValue::Word(s.to_string()),
+        })
+    }
+}
+
+/// What braid does with its MPTCP sockets' send buffer ([`crate::sendbuf`] says why).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SendBuffer {
+    /// Sized to each connection's path while it runs (the default).
+    #[default]
+    Auto,
+    /// Left to the kernel's autotuning (`0`).
+    Kernel,
+    /// A fixed `SO_SNDBUF` of this many bytes (the kernel doubles it).
+    Fixed(usize),
+}
+
+/// `mptcp_send_buffer`: `"auto"` (absent: the same), `0` (the kernel's autotuning) or a fixed
+/// size in bytes, 65536..=64 MiB.
 pub fn mptcp_send_buffer(
     path: Option<&Path>,
-    v: Option<usize>,
-) -> Result<Option<usize>, ConfigError> {
-    match v.unwrap_or(0) {
-        0 => Ok(None),
-        n if (64 * 1024..=(64 << 20)).contains(&n) => Ok(Some(n)),
-        n => Err(ConfigError::invalid(
-            path,
-            "mptcp_send_buffer",
-            format!("{n} is outside 65536..=67108864 bytes (0: the kernel's autotuning)"),
-        )),
+    v: Option<SendBufferValue>,
+) -> Result<SendBuffer, ConfigError> {
+    let bad = |what: String| ConfigError::invalid(path, "mptcp_send_buffer", what);
+    match v {
+        None => Ok(SendBuffer::Auto),
+        Some(SendBufferValue::Word(w)) if w == "auto" => Ok(SendBuffer::Auto),
+        Some(SendBufferValue::Word(w)) => Err(bad(format!(
+            "{w:?} is neither \"auto\" nor a size in bytes (0: the kernel's autotuning)"
+        ))),
+        Some(SendBufferValue::Bytes(0)) => Ok(SendBuffer::Kernel),
+        Some(SendBufferValue::Bytes(n)) if (64 * 1024..=(64 << 20)).contains(&n) => {
+            Ok(SendBuffer::Fixed(n))
+        }
+        Some(SendBufferValue::Bytes(n)) => Err(bad(format!(
+            "{n} is outside 65536..=67108864 bytes (0: the kernel's autotuning; \"auto\": sized to the path)"
+        ))),
     }
 }
 
@@ -200,17 +229,31 @@ mod send_buffer_tests {
     use super::*;
 
     #[test]
-    fn mptcp_send_buffer_defaults_to_autotuning() {
-        assert_eq!(mptcp_send_buffer(None, None).unwrap(), None);
-        assert_eq!(mptcp_send_buffer(None, Some(0)).unwrap(), None);
+    fn mptcp_send_buffer_is_auto_unless_told() {
+        use SendBufferValue::*;
+        let word = |w: &str| Some(Word(w.to_string()));
+        assert_eq!(mptcp_send_buffer(None, None).unwrap(), SendBuffer::Auto);
         assert_eq!(
-            mptcp_send_buffer(None, Some(4 << 20)).unwrap(),
-            Some(4 << 20)
+            mptcp_send_buffer(None, word("auto")).unwrap(),
+            SendBuffer::Auto
         );
-        let e = mptcp_send_buffer(None, Some(1000)).unwrap_err().to_string();
-        assert!(
-            e.contains("mptcp_send_buffer") && e.contains("65536"),
-            "{e}"
+        assert_eq!(
+            mptcp_send_buffer(None, Some(Bytes(0))).unwrap(),
+            SendBuffer::Kernel
         );
+        assert_eq!(
+            mptcp_send_buffer(None, Some(Bytes(4 << 20))).unwrap(),
+            SendBuffer::Fixed(4 << 20)
+        );
+        for (v, says) in [(Some(Bytes(1000)), "65536"), (word("big"), "\"big\"")] {
+            let e = mptcp_send_buffer(None, v).unwrap_err().to_string();
+            assert!(e.contains("mptcp_send_buffer") && e.contains(says), "{e}");
+        }
+        // As a flag: a number or a word.
+        assert_eq!(
+            "auto".parse::<SendBufferValue>().unwrap(),
+            Word("auto".into())
+        );
+        assert_eq!("65536".parse::<SendBufferValue>().unwrap(), Bytes(65536));
     }
 }

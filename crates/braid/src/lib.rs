@@ -35,5 +35,6 @@ pub mod joins;
 pub mod logging;
 pub mod metrics;
 pub mod relay;
+pub mod sendbuf;
 pub mod status;
 pub mod tfo_fix;

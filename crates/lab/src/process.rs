@@ -247,6 +247,8 @@ impl fmt::Debug for Process {
 
 /// Starts `exe ROLE ARGS...` (a braid binary) in `ns` with its log in `log`, and waits (10 s
 /// at most) until the log shows `ready`. The demo and the benchmarks start their daemons so.
+/// Their log level is `warn,braid=info` unless `BRAID_DAEMON_LOG` says otherwise (a
+/// `RUST_LOG` filter, e.g. `info,braid::sendbuf=debug`).
 pub fn spawn_daemon(
     ns: &Netns,
     exe: &std::path::Path,
@@ -259,7 +261,10 @@ pub fn spawn_daemon(
         .command(exe)
         .arg(role)
         .args(args)
-        .env("RUST_LOG", "warn,braid=info")
+        .env(
+            "RUST_LOG",
+            std::env::var("BRAID_DAEMON_LOG").unwrap_or_else(|_| "warn,braid=info".into()),
+        )
         .stderr(Output::File(log.clone()))
         .spawn()?;
     let deadline = Instant::now() + Duration::from_secs(10);

@@ -10,14 +10,14 @@ use std::os::unix::fs::OpenOptionsExt as _;
 
 use socket2::{Domain, Socket, Type};
 
+use crate::sockopt::SO_SNDBUFFORCE;
+
 /// Length of the `struct virtio_net_hdr` in front of every frame, on both sides: the TAP's
 /// default header size and what `PACKET_VNET_HDR` expects.
 pub const VNET_HDR_LEN: usize = 10;
 
 /// `PACKET_VNET_HDR` from `<linux/if_packet.h>` (not exported by the libc crate).
 const PACKET_VNET_HDR: libc::c_int = 15;
-/// `SO_SNDBUFFORCE` from `<asm-generic/socket.h>`: like `SO_SNDBUF`, past `wmem_max` (root).
-const SO_SNDBUFFORCE: libc::c_int = 32;
 
 /// Offloads the TAP accepts: checksum offload and TCP segmentation, so the 64 KiB GSO
 /// packets a veth carries cross user space whole instead of being cut to MTU size first.

@@ -121,7 +121,7 @@ impl SocketSpec {
             s.set_recv_buffer_size(size).map_err(option("SO_RCVBUF"))?;
         }
         if let Some(size) = self.send_buffer {
-            s.set_send_buffer_size(size).map_err(option("SO_SNDBUF"))?;
+            crate::sockopt::set_send_buffer(&s, size).map_err(option("SO_SNDBUF"))?;
         }
         if let Some(cc) = &self.congestion_control {
             s.set_tcp_congestion(cc.as_bytes())

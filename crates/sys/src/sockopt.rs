@@ -14,6 +14,9 @@ const TCP_FASTOPEN: i32 = 23;
 const TCP_FASTOPEN_CONNECT: i32 = 30;
 const TCP_FASTOPEN_NO_COOKIE: i32 = 34;
 const TCP_IS_MPTCP: i32 = 43;
+/// `SO_SNDBUFFORCE` from `<asm-generic/socket.h>` (the libc crate exports it for Android
+/// only): like `SO_SNDBUF`, past `net.core.wmem_max`, with `CAP_NET_ADMIN`.
+pub const SO_SNDBUFFORCE: i32 = 32;
 /// `SIOCOUTQ` is `TIOCOUTQ` on Linux: bytes in the send queue not yet acknowledged.
 const SIOCOUTQ: libc::c_ulong = 0x5411;
 
@@ -98,6 +101,22 @@ pub fn tcp_state(fd: &impl AsFd) -> io::Result<u8> {
     } else {
         Err(io::Error::last_os_error())
     }
+}
+
+/// Sets the send buffer to `bytes` (the kernel doubles it for its bookkeeping, as for
+/// `SO_SNDBUF`) and locks it: the kernel no longer autotunes it. Uses `SO_SNDBUFFORCE` where
+/// the process has `CAP_NET_ADMIN`, because `SO_SNDBUF` silently caps the value at
+/// `net.core.wmem_max` (212992 on a stock kernel: a quarter of what braid asks for); falls
+/// back to `SO_SNDBUF` without the capability. Returns the size in effect, read back.
+pub fn set_send_buffer(fd: &impl AsFd, bytes: usize) -> io::Result<usize> {
+    let v = i32::try_from(bytes).unwrap_or(i32::MAX);
+    match setsockopt_int(fd, libc::SOL_SOCKET, SO_SNDBUFFORCE, v) {
+        Err(e) if e.raw_os_error() == Some(libc::EPERM) => {
+            setsockopt_int(fd, libc::SOL_SOCKET, libc::SO_SNDBUF, v)?
+        }
+        r => r?,
+    }
+    Ok(getsockopt_int(fd, libc::SOL_SOCKET, libc::SO_SNDBUF)?.max(0) as usize)
 }
 
 /// `TCP_SYN_SENT`: the SYN is out and unanswered.

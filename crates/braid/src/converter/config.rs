@@ -10,8 +10,8 @@ use ipnet::IpNet;
 use serde::Deserialize;
 
 use crate::config::{
-    ConfigError, congestion_control, mptcp_send_buffer, overlay, parse_prefixes, read_toml,
-    relay_config,
+    ConfigError, SendBuffer, SendBufferValue, congestion_control, mptcp_send_buffer, overlay,
+    parse_prefixes, read_toml, relay_config,
 };
 use crate::logging::LogFormat;
 use crate::relay::{Engine, RelayConfig};
@@ -54,7 +54,7 @@ pub struct File {
     pub cookie_secret: Option<String>,
     pub relay_engine: Option<Engine>,
     pub relay_buffer: Option<usize>,
-    pub mptcp_send_buffer: Option<usize>,
+    pub mptcp_send_buffer: Option<SendBufferValue>,
     pub congestion_control: Option<String>,
     pub upstream_fastopen: Option<bool>,
     pub mptcp_subflows: Option<u32>,
@@ -104,9 +104,8 @@ pub struct Settings {
     pub cookies: bool,
     pub cookie_secret: Option<Vec<u8>>,
     pub relay: RelayConfig,
-    /// `SO_SNDBUF` of the MPTCP sockets (`None`: the kernel's autotuning); see
-    /// [`crate::config::mptcp_send_buffer`].
-    pub mptcp_send_buffer: Option<usize>,
+    /// The MPTCP sockets' send buffer ([`crate::sendbuf`]).
+    pub mptcp_send_buffer: SendBuffer,
     /// Congestion control for both sockets of a relayed connection; `None` keeps the system's.
     pub congestion_control: Option<String>,
     pub upstream_fastopen: bool,

@@ -16,7 +16,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use braid_sys::sockopt::{is_mptcp, mptcp_info, unsent_bytes};
+use braid_sys::sockopt::{is_mptcp, mptcp_info, set_send_buffer, unsent_bytes};
 use socket2::SockRef;
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
@@ -29,9 +29,11 @@ use super::policy::Policy;
 use super::stats::{Direction, Stats};
 use super::upstream::{self, UpstreamOptions};
 use super::wire::{self, Request};
+use crate::config::SendBuffer;
 use crate::framed::{ReadError, read_message};
 use crate::joins::SubflowPeak;
 use crate::relay::{self, reset_on_close};
+use crate::sendbuf;
 
 /// Everything a connection task needs, shared by all of them.
 #[derive(Debug)]
@@ -284,12 +286,10 @@ async fn converse(
     if let Some(cc) = &s.congestion_control {
         let _ = SockRef::from(client).set_tcp_congestion(cc.as_bytes());
     }
-    // On request, a bounded send buffer keeps the kernel's MPTCP from overrunning the
-    // client's receive buffer (`config::mptcp_send_buffer`). A socket that fell back to TCP
-    // does not need it; refusing the option (it cannot on a connected socket) would only cost
-    // speed.
-    if let (Some(n), true) = (s.mptcp_send_buffer, peak_subflows.mptcp()) {
-        let _ = SockRef::from(client).set_send_buffer_size(n);
+    // On request, a fixed send buffer (`sendbuf` says why; "auto" runs beside the relay). A
+    // socket that fell back to TCP does not need it; a refusal would only cost speed.
+    if let (SendBuffer::Fixed(n), true) = (s.mptcp_send_buffer, peak_subflows.mptcp()) {
+        let _ = set_send_buffer(client.as_ref(), n);
     }
 
     // Success: the bare header goes out the moment the server accepted.
@@ -315,9 +315,11 @@ async fn converse(
         moved.clone(),
         peak_subflows.mptcp().then(|| client.clone()),
     );
+    let send_buffer = sendbuf::Watch::start(client, s.mptcp_send_buffer, peak_subflows.mptcp());
     let relayed = tokio::select! {
         r = relay::relay(client, &server, &s.relay, &moved) => r,
         never = peak_subflows.watch(client) => never,
+        never = send_buffer.run(client, &moved) => never,
         _ = shared.hard_stop.cancelled() => {
             reset_on_close(client);
             reset_on_close(&server);

@@ -12,8 +12,8 @@ use super::capture::TransparentMode;
 use super::health::HealthConfig;
 use super::uplinks::{MAX_UPLINKS, Numbers, Selection, UplinkConf};
 use crate::config::{
-    ConfigError, congestion_control, mptcp_send_buffer, overlay, parse_prefixes, read_toml,
-    relay_config,
+    ConfigError, SendBuffer, SendBufferValue, congestion_control, mptcp_send_buffer, overlay,
+    parse_prefixes, read_toml, relay_config,
 };
 use crate::logging::LogFormat;
 use crate::relay::{Engine, RelayConfig};
@@ -202,7 +202,7 @@ pub struct File {
     pub drain_timeout_secs: Option<u64>,
     pub relay_engine: Option<Engine>,
     pub relay_buffer: Option<usize>,
-    pub mptcp_send_buffer: Option<usize>,
+    pub mptcp_send_buffer: Option<SendBufferValue>,
     pub fast_open: Option<bool>,
     pub congestion_control: Option<String>,
     /// `[[uplink]]` tables.
@@ -314,9 +314,8 @@ pub struct Settings {
     pub default_backoff: Duration,
     pub drain_timeout: Duration,
     pub relay: RelayConfig,
-    /// `SO_SNDBUF` of the MPTCP sockets (`None`: the kernel's autotuning); see
-    /// [`crate::config::mptcp_send_buffer`].
-    pub mptcp_send_buffer: Option<usize>,
+    /// The MPTCP sockets' send buffer ([`crate::sendbuf`]).
+    pub mptcp_send_buffer: SendBuffer,
     pub fast_open: bool,
     pub congestion_control: Option<String>,
     /// The uplinks braid manages (`None`: left to the system, `manage_uplinks = false`).

@@ -19,6 +19,7 @@ use super::stats::{Direction, Stats};
 use crate::client::ClientOptions;
 use crate::joins::SubflowPeak;
 use crate::relay;
+use crate::sendbuf;
 
 /// What every connection task shares.
 #[derive(Debug)]
@@ -306,9 +307,11 @@ async fn relay_and_close(shared: &Shared, mut rec: Record, app: TcpStream, up: U
         moved.clone(),
         up.mptcp.then(|| server.clone()),
     );
+    let send_buffer = sendbuf::Watch::start(&server, shared.settings.mptcp_send_buffer, up.mptcp);
     let relayed = tokio::select! {
         r = relay::relay(&app, &server, &shared.settings.relay, &moved) => r,
         never = peak.watch(&server) => never,
+        never = send_buffer.run(&server, &moved) => never,
         _ = shared.hard_stop.cancelled() => {
             relay::reset_on_close(&app);
             relay::reset_on_close(&server);

@@ -75,7 +75,7 @@ impl ConverterLab {
             .command(bin)
             .arg("converter")
             .args(args)
-            .env("RUST_LOG", "info")
+            .env("RUST_LOG", daemon_log())
             .stderr(Output::File(self.log.clone()))
             .spawn()
             .expect("spawn braid converter");
@@ -126,7 +126,7 @@ pub fn converter_in(ns: &Netns, args: &[&str]) -> (Process, PathBuf) {
         .command(env!("CARGO_BIN_EXE_braid"))
         .arg("converter")
         .args(args)
-        .env("RUST_LOG", "info")
+        .env("RUST_LOG", daemon_log())
         .stderr(Output::File(log.clone()))
         .grace(Duration::from_secs(40))
         .spawn()
@@ -520,7 +520,7 @@ impl Gateway {
             .command(bin)
             .arg("gateway")
             .args(args)
-            .env("RUST_LOG", "info")
+            .env("RUST_LOG", daemon_log())
             .stderr(Output::File(self.log.clone()))
             .spawn()
             .expect("spawn braid gateway");
@@ -607,4 +607,10 @@ pub fn gateway_to(cl: &ConverterLab, extra: &[&str]) -> Gateway {
     let mut args = strings(&["--converter", &cl.converter_addr_v4().to_string()]);
     args.extend(strings(extra));
     Gateway::start(&cl.lab.gateway, &args)
+}
+
+/// The daemons' log filter: `info`, or `BRAID_DAEMON_LOG` (e.g. `info,braid::sendbuf=debug`)
+/// when a failing test needs more.
+pub fn daemon_log() -> String {
+    std::env::var("BRAID_DAEMON_LOG").unwrap_or_else(|_| "info".into())
 }
