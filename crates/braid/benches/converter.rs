@@ -6,7 +6,8 @@
 //! - `forward`: plain TCP, the converter namespace only forwards IP (baseline a);
 //! - `mptcp`: MPTCP end to end, both ends MPTCP, converter namespace forwarding (baseline b,
 //!   the real limit for a converter);
-//! - `copy`, `splice`: through `braid converter` with that relay engine.
+//! - two columns through `braid converter`, each with a relay engine of `BRAID_BENCH_ENGINES`
+//!   ("copy,splice"; `auto` is the default engine: splice from TCP, copy from MPTCP).
 //!
 //! For every congestion control, number of parallel flows and direction it reports the median
 //! rate, the converter's ratio to (a) and (b), the relay's CPU-seconds per GiB (the converter
@@ -14,7 +15,7 @@
 //!
 //! Run: `cargo bench -p braid --bench converter` (as root). Environment knobs:
 //! `BRAID_BENCH_ROUNDS` (3), `BRAID_BENCH_SECS` (2), `BRAID_BENCH_FLOWS` ("1,4,16"),
-//! `BRAID_BENCH_CC` ("reno,bbr"), `BRAID_BENCH_RELAY_CC` (the converter's own sockets; default:
+//! `BRAID_BENCH_CC` ("reno,bbr"), `BRAID_BENCH_ENGINES` ("copy,splice"), `BRAID_BENCH_RELAY_CC` (the converter's own sockets; default:
 //! the namespaces' congestion control), `BRAID_BENCH_NSTAT` (set: print the kernel counters of
 //! `WATCHED` per GiB for every measurement), `BRAID_BENCH_CPU_QUOTA` (e.g. 0.25: each relay
 //! process held to that fraction of a core by a CPU cgroup, as on a small router; forwarding
@@ -40,19 +41,20 @@ const TCP_SINK: u16 = 8001;
 const TCP_SOURCE: u16 = 8002;
 const MPTCP_SINK: u16 = 8101;
 const MPTCP_SOURCE: u16 = 8102;
-const CONV_COPY: u16 = 5124;
-const CONV_SPLICE: u16 = 5125;
+const CONV_FIRST: u16 = 5124;
+const CONV_SECOND: u16 = 5125;
 const CHUNK: usize = 256 * 1024;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Path {
     Forward,
     Mptcp,
-    Copy,
-    Splice,
+    /// Through `braid converter`, the first and the second of `BRAID_BENCH_ENGINES`.
+    First,
+    Second,
 }
 
-const PATHS: [Path; 4] = [Path::Forward, Path::Mptcp, Path::Copy, Path::Splice];
+const PATHS: [Path; 4] = [Path::Forward, Path::Mptcp, Path::First, Path::Second];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Dir {
@@ -84,14 +86,24 @@ fn main() {
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
     println!();
+    let (e1, e2) = engines();
     println!(
-        "| cc | flows | dir | (a) forward Gbit/s | (b) MPTCP e2e | copy | splice | copy/(a) | \
-         copy/(b) | splice/(b) | relay CPU-s/GiB copy / splice | machine CPU-s/GiB fwd / copy |"
+        "| cc | flows | dir | (a) forward Gbit/s | (b) MPTCP e2e | {e1} | {e2} | {e1}/(a) | \
+         {e1}/(b) | {e2}/(b) | relay CPU-s/GiB {e1} / {e2} | machine CPU-s/GiB fwd / {e1} |"
     );
     println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
     for cc in &ccs {
         bench_cc(cc, rounds, secs, &flows);
     }
+}
+
+/// The relay engines of the two converter columns (`BRAID_BENCH_ENGINES`, "copy,splice").
+fn engines() -> (String, String) {
+    let v: String = env_or("BRAID_BENCH_ENGINES", "copy,splice".to_string());
+    let mut it = v.split(',').map(|e| e.trim().to_string());
+    let first = it.next().unwrap_or_else(|| "copy".into());
+    let second = it.next().unwrap_or_else(|| "splice".into());
+    (first, second)
 }
 
 fn bench_cc(cc: &str, rounds: usize, secs: f64, flow_set: &[usize]) {
@@ -115,10 +127,11 @@ fn bench_cc(cc: &str, rounds: usize, secs: f64, flow_set: &[usize]) {
     .collect();
     // The relay's own sockets may use another congestion control than the hosts around it.
     let relay_cc: String = env_or("BRAID_BENCH_RELAY_CC", cc.to_string());
-    let mut copy = start_converter(&lab, CONV_COPY, "copy", &relay_cc);
-    let mut splice = start_converter(&lab, CONV_SPLICE, "splice", &relay_cc);
+    let (e1, e2) = engines();
+    let mut first = start_converter(&lab, CONV_FIRST, &e1, &relay_cc);
+    let mut second = start_converter(&lab, CONV_SECOND, &e2, &relay_cc);
     // A small router's CPU: each relay held to its own quota, the kernel paths left free.
-    let quotas = hold_to_quota([copy.pid(), splice.pid()]);
+    let quotas = hold_to_quota([first.pid(), second.pid()]);
 
     // results[flows][dir][path] = samples
     let mut results = vec![vec![vec![Vec::<Sample>::new(); 4]; 2]; flow_set.len()];
@@ -127,8 +140,8 @@ fn bench_cc(cc: &str, rounds: usize, secs: f64, flow_set: &[usize]) {
             for (di, dir) in [Dir::Up, Dir::Down].into_iter().enumerate() {
                 for (pi, path) in PATHS.into_iter().enumerate() {
                     let relay_pid = match path {
-                        Path::Copy => Some(copy.pid()),
-                        Path::Splice => Some(splice.pid()),
+                        Path::First => Some(first.pid()),
+                        Path::Second => Some(second.pid()),
                         _ => None,
                     };
                     let s = measure(&lab, path, dir, flows, secs, relay_pid);
@@ -159,11 +172,11 @@ fn bench_cc(cc: &str, rounds: usize, secs: f64, flow_set: &[usize]) {
         }
     }
     if let Some(q) = &quotas {
-        println!("{} ({cc})", quota_report(q, "copy / splice"));
+        println!("{} ({cc})", quota_report(q, &format!("{e1} / {e2}")));
     }
     stop.store(true, Relaxed);
-    let _ = copy.stop();
-    let _ = splice.stop();
+    let _ = first.stop();
+    let _ = second.stop();
 }
 
 /// Per-field medians (each field sorted on its own).
@@ -266,11 +279,11 @@ fn open_flow(lab: &StandardLab, path: Path, dir: Dir) -> TcpStream {
                 .expect("enter")
                 .expect("connect")
         }
-        Path::Copy | Path::Splice => {
-            let conv_port = if path == Path::Copy {
-                CONV_COPY
+        Path::First | Path::Second => {
+            let conv_port = if path == Path::First {
+                CONV_FIRST
             } else {
-                CONV_SPLICE
+                CONV_SECOND
             };
             let conv: SocketAddr = (lab.converter_v4(), conv_port).into();
             let dest: SocketAddr = (server, port_tcp).into();

@@ -165,6 +165,8 @@ fn fit_fds(
 fn fds_per_connection(s: &Settings) -> u64 {
     match s.relay.engine {
         crate::relay::Engine::Copy => 2,
+        // One pipe: only the direction read from TCP splices.
+        crate::relay::Engine::Auto => 4,
         crate::relay::Engine::Splice => 6,
     }
 }
