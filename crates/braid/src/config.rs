@@ -182,6 +182,16 @@ pub enum SendBuffer {
     Fixed(usize),
 }
 
+impl SendBuffer {
+    /// The size to set when the socket is made (`Fixed` only; "auto" decides per connection).
+    pub fn fixed(self) -> Option<usize> {
+        match self {
+            SendBuffer::Fixed(n) => Some(n),
+            _ => None,
+        }
+    }
+}
+
 /// `mptcp_send_buffer`: `"auto"` (absent: the same), `0` (the kernel's autotuning) or a fixed
 /// size in bytes, 65536..=64 MiB.
 pub fn mptcp_send_buffer(

@@ -62,47 +62,44 @@ pub fn wanted(srtt_us: u32) -> usize {
     (bytes.min(CEILING as u64) as usize).max(FLOOR)
 }
 
-/// Decides, from readings of the slowest subflow's RTT, what to set.
-#[derive(Debug, Default)]
+/// Follows a bounded connection's slowest subflow RTT and says when to resize.
+#[derive(Debug)]
 pub struct Governor {
-    /// What braid set (`None`: the kernel's autotuning).
-    set: Option<usize>,
-    /// Readings so far.
-    readings: u32,
+    /// What braid set.
+    set: usize,
     /// Readings in a row that asked for a change.
     streak: u8,
 }
 
 impl Governor {
-    /// Whether braid bounds the buffer (decided at the first reading, for good).
-    pub fn bounded(&self) -> bool {
-        self.set.is_some()
+    /// The decision at the handshake's RTT: a governor and the size to set on a short path,
+    /// `None` (the kernel's autotuning, for good) on any other.
+    pub fn first(srtt_us: u32) -> Option<Governor> {
+        (srtt_us < SHORT_US).then(|| Governor {
+            set: wanted(srtt_us),
+            streak: 0,
+        })
     }
 
-    /// The size to set now, if any.
+    /// The size in effect.
+    pub fn size(&self) -> usize {
+        self.set
+    }
+
+    /// A later reading: the size to set now, if any.
     pub fn observe(&mut self, srtt_us: u32) -> Option<usize> {
-        self.readings += 1;
-        let want = wanted(srtt_us);
-        match self.set {
-            None if self.readings == 1 && srtt_us < SHORT_US => {
-                self.set = Some(want);
-                Some(want)
-            }
-            None => None,
-            // Half again more or half as much, [`AGREE`] times in a row.
-            Some(c) if want >= c + c / 2 || want <= c / 2 => {
-                self.streak += 1;
-                (self.streak >= AGREE).then(|| {
-                    self.streak = 0;
-                    self.set = Some(want);
-                    want
-                })
-            }
-            Some(_) => {
-                self.streak = 0;
-                None
-            }
+        let (want, c) = (wanted(srtt_us), self.set);
+        // Half again more or half as much, [`AGREE`] times in a row.
+        if want < c + c / 2 && want > c / 2 {
+            self.streak = 0;
+            return None;
         }
+        self.streak += 1;
+        (self.streak >= AGREE).then(|| {
+            self.streak = 0;
+            self.set = want;
+            want
+        })
     }
 }
 
@@ -116,12 +113,11 @@ fn slowest_rtt(s: &TcpStream) -> Option<u32> {
     let subflows = mptcp_subflows(s).ok()?;
     let established = || subflows.iter().filter(|f| f.state == 1);
     // The SYN counts one.
-    let carried = |f: &&braid_sys::sockopt::SubflowInfo| f.bytes_acked > 1;
-    let pick = if established().any(|f| carried(&f)) {
-        established().filter(carried).map(|f| f.rtt_us).max()
-    } else {
-        established().map(|f| f.rtt_us).max()
-    };
+    let any_acked = established().any(|f| f.bytes_acked > 1);
+    let pick = established()
+        .filter(|f| !any_acked || f.bytes_acked > 1)
+        .map(|f| f.rtt_us)
+        .max();
     tracing::trace!(
         subflows = ?subflows.iter().map(|f| (f.state, f.rtt_us, f.bytes_acked, f.bytes_received)).collect::<Vec<_>>(),
         ?pick,
@@ -130,13 +126,23 @@ fn slowest_rtt(s: &TcpStream) -> Option<u32> {
     pick
 }
 
-/// One connection's governor between readings.
-#[derive(Debug)]
-pub struct Watch {
-    governor: Governor,
-    /// False: nothing (more) to do.
-    active: bool,
+/// Sets `size` on `s`; false if the socket refused (then nothing more is tried).
+fn apply(s: &TcpStream, srtt_us: u32, size: usize) -> bool {
+    match set_send_buffer(s, size) {
+        Ok(got) => {
+            tracing::debug!(srtt_us, size, got, "MPTCP send buffer");
+            true
+        }
+        Err(e) => {
+            tracing::debug!(error = %e, "MPTCP send buffer not set");
+            false
+        }
+    }
 }
+
+/// One connection's governor between readings (`None`: nothing to do).
+#[derive(Debug)]
+pub struct Watch(Option<Governor>);
 
 impl Watch {
     /// The first reading, made before the relay moves a byte (a transfer over the lab's
@@ -144,45 +150,31 @@ impl Watch {
     /// 10 ms in was too late). Does nothing unless `mode` is [`SendBuffer::Auto`] (a fixed size
     /// is set when the socket is made) and the socket is MPTCP.
     pub fn start(s: &TcpStream, mode: SendBuffer, mptcp: bool) -> Watch {
-        let mut w = Watch {
-            governor: Governor::default(),
-            active: mode == SendBuffer::Auto && mptcp,
-        };
-        w.read(s);
-        w
-    }
-
-    fn read(&mut self, s: &TcpStream) {
-        if !self.active {
-            return;
+        if mode != SendBuffer::Auto || !mptcp {
+            return Watch(None);
         }
-        let Some(rtt) = slowest_rtt(s) else {
-            self.active = false;
-            return;
-        };
-        if let Some(size) = self.governor.observe(rtt) {
-            match set_send_buffer(s, size) {
-                Ok(got) => tracing::debug!(srtt_us = rtt, size, got, "MPTCP send buffer"),
-                Err(e) => {
-                    tracing::debug!(error = %e, "MPTCP send buffer not set");
-                    self.active = false;
-                }
-            }
-        }
-        // A long path stays with autotuning for good: nothing more to read.
-        self.active &= self.governor.bounded();
+        let governor =
+            slowest_rtt(s).and_then(|rtt| Governor::first(rtt).filter(|g| apply(s, rtt, g.size())));
+        Watch(governor)
     }
 
     /// Runs beside the relay in a `select!` and never returns.
-    pub async fn run(mut self, s: &TcpStream, moved: &Moved) -> ! {
-        let mut pause = FAST;
-        let mut last = 0;
-        while self.active {
-            tokio::time::sleep(pause).await;
-            let (a, b) = moved.get();
-            pause = (pause * 2).min(if a + b - last >= BUSY { FAST } else { SLOW });
-            last = a + b;
-            self.read(s);
+    pub async fn run(self, s: &TcpStream, moved: &Moved) -> ! {
+        if let Some(mut governor) = self.0 {
+            let mut pause = FAST;
+            let mut last = 0;
+            loop {
+                tokio::time::sleep(pause).await;
+                let (a, b) = moved.get();
+                pause = (pause * 2).min(if a + b - last >= BUSY { FAST } else { SLOW });
+                last = a + b;
+                let Some(rtt) = slowest_rtt(s) else { break };
+                if let Some(size) = governor.observe(rtt) {
+                    if !apply(s, rtt, size) {
+                        break;
+                    }
+                }
+            }
         }
         std::future::pending().await
     }
@@ -204,19 +196,16 @@ mod tests {
 
     #[test]
     fn a_path_of_a_millisecond_or_more_is_left_to_autotuning_for_good() {
-        let mut g = Governor::default();
-        assert_eq!(g.observe(SHORT_US), None);
-        assert!(!g.bounded());
-        // Later short readings do not change it: the transfer has started unbounded.
-        assert_eq!(g.observe(50), None);
-        assert!(!g.bounded());
+        // Decided at the first reading: later short readings cannot change it, since an
+        // unbounded path has no governor to read them.
+        assert!(Governor::first(SHORT_US).is_none());
+        assert!(Governor::first(20_000).is_none());
     }
 
     #[test]
     fn a_short_path_is_bounded_then_follows_its_rtt() {
-        let mut g = Governor::default();
-        assert_eq!(g.observe(60), Some(FLOOR));
-        assert!(g.bounded());
+        let mut g = Governor::first(60).expect("bounded");
+        assert_eq!(g.size(), FLOOR);
         // Noise on a fast path, and a jump that does not last: no change.
         for rtt in [90, 300, 500, 20, 5_000, 5_400, 100, 5_000, 100] {
             assert_eq!(g.observe(rtt), None, "{rtt} µs");
@@ -233,6 +222,6 @@ mod tests {
         assert_eq!(g.observe(700), None);
         assert_eq!(g.observe(100), None);
         assert_eq!(g.observe(100), Some(FLOOR));
-        assert!(g.bounded());
+        assert_eq!(g.size(), FLOOR);
     }
 }

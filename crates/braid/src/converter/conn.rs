@@ -29,7 +29,6 @@ use super::policy::Policy;
 use super::stats::{Direction, Stats};
 use super::upstream::{self, UpstreamOptions};
 use super::wire::{self, Request};
-use crate::config::SendBuffer;
 use crate::framed::{ReadError, read_message};
 use crate::joins::SubflowPeak;
 use crate::relay::{self, reset_on_close};
@@ -288,7 +287,7 @@ async fn converse(
     }
     // On request, a fixed send buffer (`sendbuf` says why; "auto" runs beside the relay). A
     // socket that fell back to TCP does not need it; a refusal would only cost speed.
-    if let (SendBuffer::Fixed(n), true) = (s.mptcp_send_buffer, peak_subflows.mptcp()) {
+    if let (Some(n), true) = (s.mptcp_send_buffer.fixed(), peak_subflows.mptcp()) {
         let _ = set_send_buffer(client.as_ref(), n);
     }
 

@@ -190,11 +190,7 @@ async fn run(
         // An IPv6 socket even to an IPv4 converter: only then can IPv6 subflows join when
         // the converter announces an IPv6 address.
         dual_stack: true,
-        // Fixed: set before connecting; "auto" is sized per connection while it relays.
-        sndbuf: match settings.mptcp_send_buffer {
-            crate::config::SendBuffer::Fixed(n) => Some(n),
-            _ => None,
-        },
+        sndbuf: settings.mptcp_send_buffer.fixed(),
         ..ClientOptions::default()
     };
     let shared = Arc::new(Shared {
