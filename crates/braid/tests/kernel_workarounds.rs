@@ -160,7 +160,18 @@ fn the_nft_rule_lives_and_dies_with_the_converter() {
         14,
         "{rules}"
     );
-    assert!(rules.contains("tcp dport 5124 tcp flags syn / syn,ack tcp option mptcp subtype 0"));
+    // One rule for every packet; the fourteen only for SYNs to the port.
+    assert!(
+        rules.contains("tcp flags syn / syn,ack tcp dport 5124 jump by_scale"),
+        "{rules}"
+    );
+    assert_eq!(
+        rules
+            .matches("tcp option mptcp subtype 0 tcp option window count")
+            .count(),
+        14,
+        "{rules}"
+    );
 
     // SIGTERM: removed.
     cl.converter.as_mut().unwrap().stop().unwrap();

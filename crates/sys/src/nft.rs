@@ -69,6 +69,8 @@ pub mod base {
 pub const NF_ACCEPT: u32 = 1;
 /// `return`: leave this chain; in a base chain, the chain's policy (accept) applies.
 pub const NFT_RETURN: u32 = -5i32 as u32;
+/// `jump CHAIN`: evaluate a regular chain, then go on after this rule.
+const NFT_JUMP: u32 = -3i32 as u32;
 
 /// `fib` lookups.
 pub mod fib {
@@ -207,6 +209,8 @@ pub enum Expr {
     Immediate { dreg: u32, data: Vec<u8> },
     /// A verdict (`accept`, ...).
     Verdict(u32),
+    /// `jump CHAIN` to a regular chain of the same table (see [`Batch::add_regular_chain`]).
+    Jump(String),
     /// `socket load transparent => reg`.
     SocketTransparent { dreg: u32 },
     /// `tproxy FAMILY to :port-in-reg`.
@@ -347,6 +351,14 @@ impl Expr {
                 a.u32(1, REG_VERDICT).nested(2, d);
                 "immediate"
             }
+            Expr::Jump(chain) => {
+                let mut v = Attrs::default();
+                v.u32(1, NFT_JUMP).str(2, chain); // NFTA_VERDICT_CODE, NFTA_VERDICT_CHAIN
+                let mut d = Attrs::default();
+                d.nested(2, v); // NFTA_DATA_VERDICT
+                a.u32(1, REG_VERDICT).nested(2, d);
+                "immediate"
+            }
             Expr::SocketTransparent { dreg } => {
                 a.u32(1, 0).u32(2, *dreg); // NFT_SOCKET_TRANSPARENT
                 "socket"
@@ -423,6 +435,16 @@ impl Batch {
         let mut a = Attrs::default();
         a.str(1, table).str(3, &chain.name).nested(4, hook);
         a.u32(5, NF_ACCEPT).str(7, chain.kind);
+        self.msgs.push((NFT_MSG_NEWCHAIN, NLM_F_CREATE, a.0));
+        self
+    }
+
+    /// A regular chain: attached to no hook, entered only by a `jump` ([`Expr::Jump`]). Rules
+    /// that only some packets need go there, behind one cheap match in the base chain, so
+    /// that every other packet costs one rule instead of all of them.
+    pub fn add_regular_chain(&mut self, table: &str, chain: &str) -> &mut Self {
+        let mut a = Attrs::default();
+        a.str(1, table).str(3, chain);
         self.msgs.push((NFT_MSG_NEWCHAIN, NLM_F_CREATE, a.0));
         self
     }
