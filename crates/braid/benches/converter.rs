@@ -11,15 +11,20 @@
 //!
 //! For every congestion control, number of parallel flows and direction it reports the median
 //! rate, the converter's ratio to (a) and (b), the relay's CPU-seconds per GiB (the converter
-//! process's utime + stime) and the whole machine's.
+//! process's utime + stime), the whole machine's for (a), (b) and the first engine, and the
+//! relay's cost read from the machine's by difference (see `by_difference`).
 //!
 //! Run: `cargo bench -p braid --bench converter` (as root). Environment knobs:
 //! `BRAID_BENCH_ROUNDS` (3), `BRAID_BENCH_SECS` (2), `BRAID_BENCH_FLOWS` ("1,4,16"),
-//! `BRAID_BENCH_CC` ("reno,bbr"), `BRAID_BENCH_ENGINES` ("copy,splice"), `BRAID_BENCH_RELAY_CC` (the converter's own sockets; default:
+//! `BRAID_BENCH_CC` ("reno,bbr"), `BRAID_BENCH_DIRS` ("up,down"), `BRAID_BENCH_ENGINES`
+//! ("copy,splice"), `BRAID_BENCH_CONVERTER_ARGS` (more arguments for both converters,
+//! space-separated), `BRAID_BENCH_RELAY_CC` (the converter's own sockets; default:
 //! the namespaces' congestion control), `BRAID_BENCH_NSTAT` (set: print the kernel counters of
 //! `WATCHED` per GiB for every measurement), `BRAID_BENCH_CPU_QUOTA` (e.g. 0.25: each relay
 //! process held to that fraction of a core by a CPU cgroup, as on a small router; forwarding
-//! and kernel MPTCP stay unconstrained, they run in the kernel).
+//! and kernel MPTCP stay unconstrained, they run in the kernel), `BRAID_BENCH_CPUS` (e.g. "0":
+//! everything on that CPU, the relay's own cost without wakeups between CPUs; see
+//! `support::pin_to_cpus`).
 
 mod support;
 
@@ -33,8 +38,8 @@ use braid::client::{self, ClientOptions};
 use braid_lab::{Netns, Process, StandardConfig, StandardLab};
 use socket2::{Domain, Protocol, Socket, Type};
 use support::{
-    counters, deltas, env_or, hold_to_quota, machine_busy_ticks, proc_cpu_ticks, quota_report,
-    wait_listening,
+    counters, deltas, env_or, hold_to_quota, ipis, machine_busy_ticks, pin_to_cpus, proc_cpu_ticks,
+    quota_report, wait_listening,
 };
 
 const TCP_SINK: u16 = 8001;
@@ -70,6 +75,7 @@ struct Sample {
 }
 
 fn main() {
+    pin_to_cpus();
     let rounds: usize = env_or("BRAID_BENCH_ROUNDS", 3);
     let secs: f64 = env_or("BRAID_BENCH_SECS", 2.0);
     let flows: Vec<usize> = env_or("BRAID_BENCH_FLOWS", "1,4,16".to_string())
@@ -89,9 +95,10 @@ fn main() {
     let (e1, e2) = engines();
     println!(
         "| cc | flows | dir | (a) forward Gbit/s | (b) MPTCP e2e | {e1} | {e2} | {e1}/(a) | \
-         {e1}/(b) | {e2}/(b) | relay CPU-s/GiB {e1} / {e2} | machine CPU-s/GiB fwd / {e1} |"
+         {e1}/(b) | {e2}/(b) | relay CPU-s/GiB {e1} / {e2} | machine CPU-s/GiB (a) / (b) / {e1} \
+         | relay by difference {e1} / {e2} |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     for cc in &ccs {
         bench_cc(cc, rounds, secs, &flows);
     }
@@ -132,12 +139,14 @@ fn bench_cc(cc: &str, rounds: usize, secs: f64, flow_set: &[usize]) {
     let mut second = start_converter(&lab, CONV_SECOND, &e2, &relay_cc);
     // A small router's CPU: each relay held to its own quota, the kernel paths left free.
     let quotas = hold_to_quota([first.pid(), second.pid()]);
-
     // results[flows][dir][path] = samples
     let mut results = vec![vec![vec![Vec::<Sample>::new(); 4]; 2]; flow_set.len()];
     for _ in 0..rounds {
         for (fi, &flows) in flow_set.iter().enumerate() {
             for (di, dir) in [Dir::Up, Dir::Down].into_iter().enumerate() {
+                if !dir_wanted(dir) {
+                    continue;
+                }
                 for (pi, path) in PATHS.into_iter().enumerate() {
                     let relay_pid = match path {
                         Path::First => Some(first.pid()),
@@ -152,11 +161,14 @@ fn bench_cc(cc: &str, rounds: usize, secs: f64, flow_set: &[usize]) {
     }
     for (fi, &flows) in flow_set.iter().enumerate() {
         for (di, dir) in ["up", "down"].into_iter().enumerate() {
+            if !dir_wanted([Dir::Up, Dir::Down][di]) {
+                continue;
+            }
             let med = |pi: usize| median(&results[fi][di][pi]);
             let (a, b, c, s) = (med(0), med(1), med(2), med(3));
             println!(
                 "| {cc} | {flows} | {dir} | {:.1} | {:.1} | {:.1} | {:.1} | {:.2} | {:.2} | {:.2} | \
-                 {:.2} / {:.2} | {:.2} / {:.2} |",
+                 {:.2} / {:.2} | {:.2} / {:.2} / {:.2} | {:.2} / {:.2} |",
                 a.gbit,
                 b.gbit,
                 c.gbit,
@@ -167,7 +179,10 @@ fn bench_cc(cc: &str, rounds: usize, secs: f64, flow_set: &[usize]) {
                 c.relay_cpu_per_gib,
                 s.relay_cpu_per_gib,
                 a.machine_cpu_per_gib,
+                b.machine_cpu_per_gib,
                 c.machine_cpu_per_gib,
+                by_difference(&a, &b, &c),
+                by_difference(&a, &b, &s),
             );
         }
     }
@@ -177,6 +192,15 @@ fn bench_cc(cc: &str, rounds: usize, secs: f64, flow_set: &[usize]) {
     stop.store(true, Relaxed);
     let _ = first.stop();
     let _ = second.stop();
+}
+
+/// The relay's own cost read from the whole machine, so that no attribution between
+/// processes enters (on veth a sender is charged for its peer's receive): with `T` and `M`
+/// what one TCP and one MPTCP end cost, forwarding costs `2T + F` and MPTCP end to end
+/// `2M + F` (`F`: the converter namespace forwarding), a converted path `M + T + R`. So
+/// `R = relay - (forward + mptcp) / 2 + F`: this is that without `F`, a lower bound.
+fn by_difference(forward: &Sample, mptcp: &Sample, relay: &Sample) -> f64 {
+    relay.machine_cpu_per_gib - (forward.machine_cpu_per_gib + mptcp.machine_cpu_per_gib) / 2.0
 }
 
 /// Per-field medians (each field sorted on its own).
@@ -201,6 +225,7 @@ fn start_converter(lab: &StandardLab, port: u16, engine: &str, cc: &str) -> Proc
         .arg("converter")
         .args(braid_lab::standard::converter_args(port))
         .args(["--relay-engine", engine, "--congestion-control", cc])
+        .args(env_or("BRAID_BENCH_CONVERTER_ARGS", String::new()).split_whitespace())
         .env("RUST_LOG", "warn")
         .spawn()
         .expect("braid converter");
@@ -353,10 +378,12 @@ fn measure(
     let n0 = nstat.then(|| (counters(&lab.gateway), counters(&lab.converter)));
     let (b0, t0) = (moved.load(Relaxed), Instant::now());
     let r0 = relay_pid.map(proc_cpu_ticks);
+    let i0 = ipis();
     let m0 = machine_busy_ticks();
     std::thread::sleep(Duration::from_secs_f64(secs));
     let (b1, dt) = (moved.load(Relaxed), t0.elapsed().as_secs_f64());
     let r1 = relay_pid.map(proc_cpu_ticks);
+    let i1 = ipis();
     let m1 = machine_busy_ticks();
     if let Some((g0, c0)) = n0 {
         let gib = (moved.load(Relaxed) - b0) as f64 / (1u64 << 30) as f64;
@@ -365,6 +392,10 @@ fn measure(
             "# nstat per GiB, {path:?} {dir:?} {flows} flow(s): gateway [{}] converter [{}]",
             deltas(&g0, &g1, gib),
             deltas(&c0, &c1, gib)
+        );
+        println!(
+            "# interrupts between CPUs per GiB, {path:?} {dir:?} {flows} flow(s): {:.0}",
+            (i1 - i0) as f64 / gib
         );
     }
     stop.store(true, Relaxed);
@@ -384,4 +415,11 @@ fn measure(
         },
         machine_cpu_per_gib: (m1 - m0) as f64 / tick / gib,
     }
+}
+
+/// `BRAID_BENCH_DIRS` ("up,down").
+fn dir_wanted(dir: Dir) -> bool {
+    let dirs: String = env_or("BRAID_BENCH_DIRS", "up,down".to_string());
+    dirs.split(',')
+        .any(|d| matches!((d.trim(), dir), ("up", Dir::Up) | ("down", Dir::Down)))
 }

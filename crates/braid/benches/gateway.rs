@@ -17,14 +17,15 @@
 //! the kernel counters of both relays per GiB for every converted run; `all`: every counter
 //! that moved), `BRAID_BENCH_INTERVALS` (set: the converted runs' rate every 0.1 s), `BRAID_BENCH_SS` (set: `ss -tinmM` in both relays' namespaces 1.5 s into every
 //! converted run), `BRAID_BENCH_CPU_QUOTA` (e.g. 0.25: each daemon held to that fraction of a
-//! core by a CPU cgroup, as on a small router).
+//! core by a CPU cgroup, as on a small router), `BRAID_BENCH_CPUS` (e.g. "0": the whole lab's
+//! processes on those CPUs only; see `support::pin_to_cpus`).
 
 mod support;
 
 use braid_lab::{Delay, StandardConfig, StandardLab};
 use support::{
-    counters, deltas, env_or, hold_to_quota, machine_busy_ticks, median, proc_cpu_ticks,
-    quota_report, start_daemons,
+    counters, deltas, env_or, hold_to_quota, machine_busy_ticks, median, pin_to_cpus,
+    proc_cpu_ticks, quota_report, start_daemons,
 };
 
 const CAPTURED: u16 = 5201;
@@ -47,6 +48,7 @@ impl Run {
 }
 
 fn main() {
+    pin_to_cpus();
     let rounds: usize = env_or("BRAID_BENCH_ROUNDS", 5);
     let secs: u32 = env_or("BRAID_BENCH_SECS", 3);
     let streams: Vec<u32> = env_or("BRAID_BENCH_STREAMS", "1,4".to_string())

@@ -133,7 +133,7 @@ pub fn relay_config(
     idle_timeout_secs: Option<u64>,
 ) -> Result<RelayConfig, ConfigError> {
     let engine = engine.unwrap_or_default();
-    let buffer = buffer.unwrap_or(256 * 1024);
+    let buffer = buffer.unwrap_or(crate::relay::DEFAULT_BUFFER);
     if !(4096..=(64 << 20)).contains(&buffer) {
         return Err(ConfigError::invalid(
             path,

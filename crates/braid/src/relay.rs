@@ -10,8 +10,10 @@
 //! Memory per direction is one buffer (copy) or one pipe (splice), held only while data flows:
 //! taken when bytes arrive, and given back after [`BUFFER_IDLE`] without any, so an idle
 //! connection — a keep-alive HTTP connection between requests, a chat session — costs only its
-//! sockets. The copy buffer starts small and grows to the configured size when a read fills it,
-//! so a request and its short answer never touch the large buffer.
+//! sockets. The copy buffer starts small and grows fourfold on each read that fills it, up to
+//! the configured size, so a request and its short answer never touch a large buffer, and only
+//! a direction whose socket holds more than the relay reads at once (bulk data, a busy CPU)
+//! reads in large pieces.
 //!
 //! A write that has waited [`WRITE_RECHECK`] for the socket to become writable is tried anyway,
 //! past tokio's cached readiness, and a write that then succeeds is logged (first time, then
@@ -89,9 +91,12 @@ fn missed_wakeup(written: usize) {
     }
 }
 
-/// The first copy buffer of a direction (it grows to [`RelayConfig::buffer`] when a read fills
-/// it).
+/// The first read size of a direction (it grows fourfold on each read that fills it, up to
+/// [`RelayConfig::buffer`]).
 const FIRST_BUFFER: usize = 4 * 1024;
+
+/// `relay_buffer`'s default: the largest read (copy) or the pipe (splice) per direction.
+pub const DEFAULT_BUFFER: usize = 1024 * 1024;
 
 #[derive(Debug, Clone)]
 pub struct RelayConfig {
@@ -107,7 +112,7 @@ impl Default for RelayConfig {
         RelayConfig {
             engine: Engine::Copy,
             idle_timeout: Some(Duration::from_secs(3600)),
-            buffer: 256 * 1024,
+            buffer: DEFAULT_BUFFER,
         }
     }
 }
@@ -341,10 +346,12 @@ impl Quiet {
 }
 
 async fn pump_copy(src: &TcpStream, dst: &TcpStream, moved: &AtomicU64, size: usize) -> PumpEnd {
-    let mut buf = Vec::new();
+    // Bytes are read into the spare capacity and written out before the next read, so the
+    // buffer is empty between reads; its capacity is this direction's read size (0: quiet).
+    let mut buf: Vec<u8> = Vec::new();
     let mut quiet = Quiet::new();
     loop {
-        match quiet.readable(src, !buf.is_empty()).await {
+        match quiet.readable(src, buf.capacity() > 0).await {
             Ok(true) => {}
             Ok(false) => {
                 buf = Vec::new();
@@ -352,11 +359,12 @@ async fn pump_copy(src: &TcpStream, dst: &TcpStream, moved: &AtomicU64, size: us
             }
             Err(e) => return PumpEnd::ReadFailed(e),
         }
-        if buf.is_empty() {
-            buf = vec![0u8; FIRST_BUFFER.min(size)];
+        if buf.capacity() == 0 {
+            buf = Vec::with_capacity(FIRST_BUFFER.min(size));
             quiet.data();
         }
-        let n = match src.try_read(&mut buf) {
+        // Into uninitialised capacity: a buffer the read overwrites is never zeroed first.
+        let n = match src.try_read_buf(&mut buf) {
             Ok(0) => return PumpEnd::Eof,
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
@@ -387,11 +395,22 @@ async fn pump_copy(src: &TcpStream, dst: &TcpStream, moved: &AtomicU64, size: us
         }
         moved.fetch_add(n as u64, Relaxed);
         quiet.data();
-        if n == buf.len() && buf.len() < size {
-            // A full read: bulk data is flowing, take the configured size.
-            buf = vec![0u8; size];
+        let read_size = buf.capacity();
+        buf.clear();
+        if let Some(bigger) = next_read_size(n, read_size, size) {
+            buf = Vec::with_capacity(bigger);
         }
     }
+}
+
+/// The read size after a read of `n` bytes into `read_size`: a full read means more was
+/// waiting, so the next reads are four times larger, up to `max`. Larger reads cost less per
+/// byte where it counts, when the relay is behind: fewer syscalls, and fewer window updates
+/// each followed by the peer's burst (converter bench, a quarter of a core: 1 MiB reads cut
+/// CPU per GiB by 10-30 % and raised the rate 12-30 % against 256 KiB; 4 MiB reads made an
+/// upload crawl, the relay then sitting on data the window needs).
+fn next_read_size(n: usize, read_size: usize, max: usize) -> Option<usize> {
+    (n == read_size && read_size < max).then(|| read_size.saturating_mul(4).min(max))
 }
 
 /// A pipe for splice, created on first data. `F_SETPIPE_SZ` failing (a lower
@@ -544,6 +563,18 @@ mod tests {
     #[tokio::test]
     async fn auto_moves_every_byte_both_ways() {
         both_ways(Engine::Auto).await;
+    }
+
+    #[test]
+    fn reads_grow_fourfold_on_full_reads_up_to_the_maximum() {
+        let max = DEFAULT_BUFFER;
+        assert_eq!(next_read_size(4096, 4096, max), Some(16384));
+        assert_eq!(next_read_size(262144, 262144, max), Some(max));
+        // A partial read keeps the size; the maximum stays the maximum.
+        assert_eq!(next_read_size(4095, 4096, max), None);
+        assert_eq!(next_read_size(max, max, max), None);
+        // A maximum that is not a power of four is still reached.
+        assert_eq!(next_read_size(16384, 16384, 20000), Some(20000));
     }
 
     #[test]

@@ -195,3 +195,42 @@ pub fn machine_busy_ticks() -> u64 {
     // idle and iowait are the 4th and 5th numbers.
     total - v.get(3).copied().unwrap_or(0) - v.get(4).copied().unwrap_or(0)
 }
+
+/// `BRAID_BENCH_CPUS` (e.g. "0"): this process, and so everything it starts (daemons and
+/// iperf3 inherit it through `ip netns exec`), runs on those CPUs only. On one CPU no wakeup
+/// crosses to another: on a virtual machine each crossing is an inter-processor interrupt,
+/// and on this one (Firecracker, 2 vCPUs) plain forwarding in the lab moves 43 Gbit/s at
+/// 0.20 CPU-s/GiB on one vCPU against 14-28 Gbit/s at 0.4-0.8 on two, so per-byte figures on
+/// one CPU are the software's own and those on two mostly the hypervisor's (the converter
+/// benchmark prints interrupts per GiB with `BRAID_BENCH_NSTAT`).
+pub fn pin_to_cpus() {
+    let Ok(list) = std::env::var("BRAID_BENCH_CPUS") else {
+        return;
+    };
+    let mut set = nix::sched::CpuSet::new();
+    for c in list
+        .split(',')
+        .filter_map(|c| c.trim().parse::<usize>().ok())
+    {
+        set.set(c).expect("BRAID_BENCH_CPUS: a CPU number");
+    }
+    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set)
+        .expect("BRAID_BENCH_CPUS: sched_setaffinity");
+}
+
+/// Inter-processor interrupts so far, all CPUs (`/proc/interrupts`: rescheduling, function
+/// call and TLB shootdown lines).
+pub fn ipis() -> u64 {
+    let s = std::fs::read_to_string("/proc/interrupts").unwrap_or_default();
+    s.lines()
+        .filter(|l| {
+            let k = l.trim_start();
+            k.starts_with("RES:") || k.starts_with("CAL:") || k.starts_with("TLB:")
+        })
+        .flat_map(|l| {
+            l.split_whitespace()
+                .skip(1)
+                .map_while(|x| x.parse::<u64>().ok())
+        })
+        .sum()
+}
