@@ -67,6 +67,15 @@ enum Dir {
     Down,
 }
 
+impl Dir {
+    fn label(self) -> &'static str {
+        match self {
+            Dir::Up => "up",
+            Dir::Down => "down",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, Default)]
 struct Sample {
     gbit: f64,
@@ -114,6 +123,7 @@ fn engines() -> (String, String) {
 }
 
 fn bench_cc(cc: &str, rounds: usize, secs: f64, flow_set: &[usize]) {
+    let dirs = dirs_wanted();
     let lab = StandardLab::new(StandardConfig {
         uplinks: 2,
         rates: None,
@@ -143,10 +153,7 @@ fn bench_cc(cc: &str, rounds: usize, secs: f64, flow_set: &[usize]) {
     let mut results = vec![vec![vec![Vec::<Sample>::new(); 4]; 2]; flow_set.len()];
     for _ in 0..rounds {
         for (fi, &flows) in flow_set.iter().enumerate() {
-            for (di, dir) in [Dir::Up, Dir::Down].into_iter().enumerate() {
-                if !dir_wanted(dir) {
-                    continue;
-                }
+            for (di, dir) in wanted(&dirs) {
                 for (pi, path) in PATHS.into_iter().enumerate() {
                     let relay_pid = match path {
                         Path::First => Some(first.pid()),
@@ -160,10 +167,8 @@ fn bench_cc(cc: &str, rounds: usize, secs: f64, flow_set: &[usize]) {
         }
     }
     for (fi, &flows) in flow_set.iter().enumerate() {
-        for (di, dir) in ["up", "down"].into_iter().enumerate() {
-            if !dir_wanted([Dir::Up, Dir::Down][di]) {
-                continue;
-            }
+        for (di, dir) in wanted(&dirs) {
+            let dir = dir.label();
             let med = |pi: usize| median(&results[fi][di][pi]);
             let (a, b, c, s) = (med(0), med(1), med(2), med(3));
             println!(
@@ -375,17 +380,16 @@ fn measure(
         .collect();
     std::thread::sleep(Duration::from_millis(500));
     let nstat = std::env::var_os("BRAID_BENCH_NSTAT").is_some();
-    let n0 = nstat.then(|| (counters(&lab.gateway), counters(&lab.converter)));
+    let n0 = nstat.then(|| (counters(&lab.gateway), counters(&lab.converter), ipis()));
     let (b0, t0) = (moved.load(Relaxed), Instant::now());
     let r0 = relay_pid.map(proc_cpu_ticks);
-    let i0 = ipis();
     let m0 = machine_busy_ticks();
     std::thread::sleep(Duration::from_secs_f64(secs));
     let (b1, dt) = (moved.load(Relaxed), t0.elapsed().as_secs_f64());
     let r1 = relay_pid.map(proc_cpu_ticks);
-    let i1 = ipis();
     let m1 = machine_busy_ticks();
-    if let Some((g0, c0)) = n0 {
+    if let Some((g0, c0, i0)) = n0 {
+        let i1 = ipis();
         let gib = (moved.load(Relaxed) - b0) as f64 / (1u64 << 30) as f64;
         let (g1, c1) = (counters(&lab.gateway), counters(&lab.converter));
         println!(
@@ -417,9 +421,19 @@ fn measure(
     }
 }
 
-/// `BRAID_BENCH_DIRS` ("up,down").
-fn dir_wanted(dir: Dir) -> bool {
+/// `BRAID_BENCH_DIRS` ("up,down"), read once.
+fn dirs_wanted() -> Vec<Dir> {
     let dirs: String = env_or("BRAID_BENCH_DIRS", "up,down".to_string());
-    dirs.split(',')
-        .any(|d| matches!((d.trim(), dir), ("up", Dir::Up) | ("down", Dir::Down)))
+    [Dir::Up, Dir::Down]
+        .into_iter()
+        .filter(|d| dirs.split(',').any(|w| w.trim() == d.label()))
+        .collect()
+}
+
+/// The directions in `dirs`, each with its index in the results.
+fn wanted(dirs: &[Dir]) -> impl Iterator<Item = (usize, Dir)> + '_ {
+    [Dir::Up, Dir::Down]
+        .into_iter()
+        .enumerate()
+        .filter(|(_, d)| dirs.contains(d))
 }

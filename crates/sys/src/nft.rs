@@ -255,6 +255,18 @@ impl Attrs {
     fn nested(&mut self, kind: u16, inner: Attrs) -> &mut Self {
         self.put(kind | NLA_F_NESTED, &inner.0)
     }
+    /// An `immediate` loading a verdict (with the chain a jump goes to) into the verdict
+    /// register.
+    fn verdict(&mut self, code: u32, chain: Option<&str>) -> &mut Self {
+        let mut v = Attrs::default();
+        v.u32(1, code); // NFTA_VERDICT_CODE
+        if let Some(chain) = chain {
+            v.str(2, chain); // NFTA_VERDICT_CHAIN
+        }
+        let mut d = Attrs::default();
+        d.nested(2, v); // NFTA_DATA_VERDICT
+        self.u32(1, REG_VERDICT).nested(2, d)
+    }
     /// `nft_data` holding a plain value.
     fn data(&mut self, kind: u16, value: &[u8]) -> &mut Self {
         let mut d = Attrs::default();
@@ -344,19 +356,11 @@ impl Expr {
                 "immediate"
             }
             Expr::Verdict(code) => {
-                let mut v = Attrs::default();
-                v.u32(1, *code); // NFTA_VERDICT_CODE
-                let mut d = Attrs::default();
-                d.nested(2, v); // NFTA_DATA_VERDICT
-                a.u32(1, REG_VERDICT).nested(2, d);
+                a.verdict(*code, None);
                 "immediate"
             }
             Expr::Jump(chain) => {
-                let mut v = Attrs::default();
-                v.u32(1, NFT_JUMP).str(2, chain); // NFTA_VERDICT_CODE, NFTA_VERDICT_CHAIN
-                let mut d = Attrs::default();
-                d.nested(2, v); // NFTA_DATA_VERDICT
-                a.u32(1, REG_VERDICT).nested(2, d);
+                a.verdict(NFT_JUMP, Some(chain));
                 "immediate"
             }
             Expr::SocketTransparent { dreg } => {

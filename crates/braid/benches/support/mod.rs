@@ -198,11 +198,12 @@ pub fn machine_busy_ticks() -> u64 {
 
 /// `BRAID_BENCH_CPUS` (e.g. "0"): this process, and so everything it starts (daemons and
 /// iperf3 inherit it through `ip netns exec`), runs on those CPUs only. On one CPU no wakeup
-/// crosses to another: on a virtual machine each crossing is an inter-processor interrupt,
-/// and on this one (Firecracker, 2 vCPUs) plain forwarding in the lab moves 43 Gbit/s at
-/// 0.20 CPU-s/GiB on one vCPU against 14-28 Gbit/s at 0.4-0.8 on two, so per-byte figures on
-/// one CPU are the software's own and those on two mostly the hypervisor's (the converter
-/// benchmark prints interrupts per GiB with `BRAID_BENCH_NSTAT`).
+/// crosses to another; on a virtual machine each crossing is an inter-processor interrupt,
+/// and on this one (Firecracker, 2 vCPUs) plain forwarding of one flow in the lab moves 42-44
+/// Gbit/s at 0.19-0.20 CPU-s/GiB on one vCPU against 28-30 Gbit/s at 0.41-0.44 on two. So
+/// per-byte figures on one CPU are the software's own, and those on two include the VM's price
+/// of waking threads on the other vCPU (the converter benchmark prints interrupts between CPUs
+/// per GiB with `BRAID_BENCH_NSTAT`; docs/architecture.md, "CPU per byte").
 pub fn pin_to_cpus() {
     let Ok(list) = std::env::var("BRAID_BENCH_CPUS") else {
         return;
