@@ -393,7 +393,7 @@ fn measure(
         let gib = (moved.load(Relaxed) - b0) as f64 / (1u64 << 30) as f64;
         let (g1, c1) = (counters(&lab.gateway), counters(&lab.converter));
         println!(
-            "# nstat per GiB, {path:?} {dir:?} {flows} flow(s): gateway [{}] converter [{}]",
+            "# nstat per GiB (count), {path:?} {dir:?} {flows} flow(s): gateway [{}] converter [{}]",
             deltas(&g0, &g1, gib),
             deltas(&c0, &c1, gib)
         );

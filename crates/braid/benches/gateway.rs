@@ -143,7 +143,7 @@ fn main() {
                     let gib = c.bytes as f64 / (1u64 << 30) as f64;
                     let (g1, c1) = (counters(&lab.gateway), counters(&lab.converter));
                     println!(
-                        "# nstat per GiB, round {round}: gateway [{}] converter [{}]",
+                        "# nstat per GiB (count), round {round}: gateway [{}] converter [{}]",
                         deltas(&g0, &g1, gib),
                         deltas(&c0, &c1, gib)
                     );

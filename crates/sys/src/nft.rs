@@ -128,6 +128,19 @@ pub mod matches {
 
     /// `tcp flags & (syn|ack) == syn`: a connection's first packet.
     pub fn syn_only() -> Vec<Expr> {
+        syn_ack_bits(eq(vec![0x02]))
+    }
+
+    /// `tcp flags & (syn|ack) != syn`: any packet but a connection's first.
+    pub fn not_syn_only() -> Vec<Expr> {
+        syn_ack_bits(Expr::CmpNeq {
+            sreg: REG_1,
+            data: vec![0x02],
+        })
+    }
+
+    /// Loads the TCP flags' SYN and ACK bits and compares them with `cmp`.
+    fn syn_ack_bits(cmp: Expr) -> Vec<Expr> {
         vec![
             Expr::Payload {
                 base: base::TRANSPORT,
@@ -140,7 +153,7 @@ pub mod matches {
                 mask: vec![0x12],
                 xor: vec![0],
             },
-            eq(vec![0x02]),
+            cmp,
         ]
     }
 

@@ -148,8 +148,12 @@ pub fn counters(ns: &Netns) -> std::collections::HashMap<String, u64> {
     m
 }
 
-/// The [`WATCHED`] counters that moved from `a` to `b`, per GiB moved meanwhile; every counter
-/// that moved with `BRAID_BENCH_NSTAT=all`.
+/// The [`WATCHED`] counters that moved from `a` to `b`, as `name=count/GiB (count)`: per GiB
+/// moved meanwhile, and the raw count, because some counters move per connection, not per byte
+/// (a round's teardown resets four subflows: `MPTcpExtMPRstTx` reads 20/GiB in a round that
+/// moved 0.2 GiB and 0.7/GiB in one that moved 6), and a handful of MPTCP-level retransmissions
+/// in a round of several GiB would otherwise round to nothing. Every counter that moved with
+/// `BRAID_BENCH_NSTAT=all`.
 pub fn deltas(
     a: &std::collections::HashMap<String, u64>,
     b: &std::collections::HashMap<String, u64>,
@@ -165,7 +169,11 @@ pub fn deltas(
     keys.iter()
         .filter_map(|k| {
             let d = b.get(*k)?.saturating_sub(*a.get(*k).unwrap_or(&0));
-            (d > 0).then(|| format!("{k}={:.0}", d as f64 / gib.max(1e-9)))
+            (d > 0).then(|| {
+                let per = d as f64 / gib.max(1e-9);
+                let digits = if per < 10.0 { 1 } else { 0 };
+                format!("{k}={per:.digits$} ({d})")
+            })
         })
         .collect::<Vec<_>>()
         .join(" ")
