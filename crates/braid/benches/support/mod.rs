@@ -150,8 +150,8 @@ pub fn counters(ns: &Netns) -> std::collections::HashMap<String, u64> {
 
 /// The [`WATCHED`] counters that moved from `a` to `b`, as `name=count/GiB (count)`: per GiB
 /// moved meanwhile, and the raw count, because some counters move per connection, not per byte
-/// (a round's teardown resets four subflows: `MPTcpExtMPRstTx` reads 20/GiB in a round that
-/// moved 0.2 GiB and 0.7/GiB in one that moved 6), and a handful of MPTCP-level retransmissions
+/// (a round's teardown resets the data connection's two subflows: `MPTcpExtMPRstTx` reads
+/// 10/GiB in a round that moved 0.2 GiB and 0.3/GiB in one that moved 6), and a handful of MPTCP-level retransmissions
 /// in a round of several GiB would otherwise round to nothing. Every counter that moved with
 /// `BRAID_BENCH_NSTAT=all`.
 pub fn deltas(
