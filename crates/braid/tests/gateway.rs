@@ -118,28 +118,31 @@ fn tproxy_carries_curl_and_iperf3_over_two_subflows() {
         "the Convert request did not ride in the SYN (no TFO from the gateway)"
     );
 
-    // iperf3 both ways, unmodified; each run with a server of its own.
-    for reverse in [false, true] {
-        let mut args = vec!["-t", "2"];
-        if reverse {
-            args.push("-R");
+    // iperf3 both ways, unmodified, to `port`; each run with a server of its own.
+    let iperf_both_ways = |port: u16, what: &str| {
+        for reverse in [false, true] {
+            let mut args = vec!["-t", "2"];
+            if reverse {
+                args.push("-R");
+            }
+            let run = braid_lab::iperf3::run(
+                &cl.lab.server,
+                &cl.lab.client,
+                cl.lab.server_v4().into(),
+                port,
+                &args,
+            )
+            .unwrap_or_else(|e| panic!("iperf3 {what}: {e}"));
+            let bits = run.received_bps;
+            eprintln!("iperf3 {what} reverse={reverse}: {:.0} Mbit/s", bits / 1e6);
+            assert!(
+                bits > 10e6,
+                "iperf3 {what} reverse={reverse} moved almost nothing: {}",
+                run.json
+            );
         }
-        let run = braid_lab::iperf3::run(
-            &cl.lab.server,
-            &cl.lab.client,
-            cl.lab.server_v4().into(),
-            5201,
-            &args,
-        )
-        .expect("iperf3 through the gateway");
-        let bits = run.received_bps;
-        eprintln!("iperf3 reverse={reverse}: {:.0} Mbit/s", bits / 1e6);
-        assert!(
-            bits > 10e6,
-            "iperf3 reverse={reverse} moved almost nothing: {}",
-            run.json
-        );
-    }
+    };
+    iperf_both_ways(5201, "through the gateway");
     let n = || gw.log_text().matches("mode=\"tproxy\"").count();
     assert!(
         eventually(|| n() >= 3),
@@ -149,25 +152,7 @@ fn tproxy_carries_curl_and_iperf3_over_two_subflows() {
 
     // A bypassed port is forwarded untouched: after the transparent-socket rule the chain lets
     // every packet but a first SYN go, and the SYN leaves at the port exclusion.
-    for reverse in [false, true] {
-        let mut args = vec!["-t", "1"];
-        if reverse {
-            args.push("-R");
-        }
-        let run = braid_lab::iperf3::run(
-            &cl.lab.server,
-            &cl.lab.client,
-            cl.lab.server_v4().into(),
-            5202,
-            &args,
-        )
-        .expect("iperf3 forwarded past the gateway");
-        assert!(
-            run.received_bps > 10e6,
-            "forwarded iperf3 reverse={reverse} moved almost nothing: {}",
-            run.json
-        );
-    }
+    iperf_both_ways(5202, "forwarded past the gateway");
     assert!(
         !gw.log_text().contains(":5202"),
         "a connection to the bypassed port was captured:\n{}",
