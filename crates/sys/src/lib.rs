@@ -27,8 +27,6 @@ pub mod route;
 pub mod rtnl;
 pub mod socket;
 pub mod sockopt;
-#[cfg(test)]
-mod testing;
 
 pub use kernel::{KernelError, TfoMode};
 pub use socket::{FastOpen, SocketSpec};

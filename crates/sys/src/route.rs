@@ -196,39 +196,3 @@ pub fn is_local_address(ip: IpAddr) -> bool {
             })
             .unwrap_or(false)
 }
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    use crate::testing::{in_fresh_netns, ip as run};
-
-    #[test]
-    fn tproxy_routing_is_installed_and_removed() {
-        in_fresh_netns(|| {
-            run(&["link", "set", "lo", "up"]);
-            let r = TproxyRouting::install(0x4252, 5180).unwrap();
-            assert!(TproxyRouting::present(0x4252).unwrap());
-            for v in ["-4", "-6"] {
-                let rules = run(&[v, "rule", "show"]);
-                assert!(rules.contains("fwmark 0x4252 lookup 5180"), "{v}: {rules}");
-                let routes = run(&[v, "route", "show", "table", "5180"]);
-                assert!(routes.contains("local default dev lo"), "{v}: {routes}");
-            }
-            // A second install (a restart after a crash) does not duplicate the rule.
-            let again = TproxyRouting::install(0x4252, 5180).unwrap();
-            assert_eq!(run(&["-4", "rule", "show"]).matches("0x4252").count(), 1);
-            again.remove();
-            let _ = r;
-            assert!(!TproxyRouting::present(0x4252).unwrap());
-            for v in ["-4", "-6"] {
-                assert!(!run(&[v, "rule", "show"]).contains("0x4252"));
-                assert!(
-                    run(&[v, "route", "show", "table", "5180"])
-                        .trim()
-                        .is_empty()
-                );
-            }
-        });
-    }
-}
