@@ -38,8 +38,8 @@ use braid::client::{self, ClientOptions};
 use braid_lab::{Netns, Process, StandardConfig, StandardLab};
 use socket2::{Domain, Protocol, Socket, Type};
 use support::{
-    counters, deltas, env_or, hold_to_quota, ipis, machine_busy_ticks, pin_to_cpus, proc_cpu_ticks,
-    quota_report, wait_listening,
+    counters, deltas, dirs_wanted, env_or, hold_to_quota, ipis, machine_busy_ticks, pin_to_cpus,
+    proc_cpu_ticks, quota_report, wait_listening,
 };
 
 const TCP_SINK: u16 = 8001;
@@ -153,7 +153,7 @@ fn bench_cc(cc: &str, rounds: usize, secs: f64, flow_set: &[usize]) {
     let mut results = vec![vec![vec![Vec::<Sample>::new(); 4]; 2]; flow_set.len()];
     for _ in 0..rounds {
         for (fi, &flows) in flow_set.iter().enumerate() {
-            for (di, dir) in wanted(&dirs) {
+            for (di, dir) in wanted(dirs) {
                 for (pi, path) in PATHS.into_iter().enumerate() {
                     let relay_pid = match path {
                         Path::First => Some(first.pid()),
@@ -167,7 +167,7 @@ fn bench_cc(cc: &str, rounds: usize, secs: f64, flow_set: &[usize]) {
         }
     }
     for (fi, &flows) in flow_set.iter().enumerate() {
-        for (di, dir) in wanted(&dirs) {
+        for (di, dir) in wanted(dirs) {
             let dir = dir.label();
             let med = |pi: usize| median(&results[fi][di][pi]);
             let (a, b, c, s) = (med(0), med(1), med(2), med(3));
@@ -421,19 +421,10 @@ fn measure(
     }
 }
 
-/// `BRAID_BENCH_DIRS` ("up,down"), read once.
-fn dirs_wanted() -> Vec<Dir> {
-    let dirs: String = env_or("BRAID_BENCH_DIRS", "up,down".to_string());
-    [Dir::Up, Dir::Down]
-        .into_iter()
-        .filter(|d| dirs.split(',').any(|w| w.trim() == d.label()))
-        .collect()
-}
-
-/// The directions in `dirs`, each with its index in the results.
-fn wanted(dirs: &[Dir]) -> impl Iterator<Item = (usize, Dir)> + '_ {
+/// The directions `BRAID_BENCH_DIRS` asks for, each with its index in the results.
+fn wanted(dirs: [bool; 2]) -> impl Iterator<Item = (usize, Dir)> {
     [Dir::Up, Dir::Down]
         .into_iter()
         .enumerate()
-        .filter(|(_, d)| dirs.contains(d))
+        .filter(move |(i, _)| dirs[*i])
 }

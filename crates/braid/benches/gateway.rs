@@ -24,7 +24,7 @@ mod support;
 
 use braid_lab::{Delay, StandardConfig, StandardLab};
 use support::{
-    counters, deltas, env_or, hold_to_quota, machine_busy_ticks, median, pin_to_cpus,
+    counters, deltas, dirs_wanted, env_or, hold_to_quota, machine_busy_ticks, median, pin_to_cpus,
     proc_cpu_ticks, quota_report, start_daemons,
 };
 
@@ -56,8 +56,7 @@ fn main() {
         .filter_map(|s| s.trim().parse().ok())
         .collect();
     let cc: String = env_or("BRAID_BENCH_CC", "reno".to_string());
-    let dirs: String = env_or("BRAID_BENCH_DIRS", "up,down".to_string());
-    let dirs: Vec<&str> = dirs.split(',').map(str::trim).collect();
+    let dirs = dirs_wanted();
     let capture: String = env_or("BRAID_BENCH_CAPTURE", "tproxy".to_string());
     let words = |key: &str| -> Vec<String> {
         env_or(key, String::new())
@@ -115,7 +114,7 @@ fn main() {
     let mut summary = Vec::new();
     for &n in &streams {
         for reverse in [false, true] {
-            if !dirs.contains(&(if reverse { "down" } else { "up" })) {
+            if !dirs[usize::from(reverse)] {
                 continue;
             }
             let dir = if reverse {

@@ -6,6 +6,12 @@ use std::time::Duration;
 
 use braid_lab::Netns;
 
+/// `BRAID_BENCH_DIRS` ("up,down"): whether uploads and downloads are measured, in that order.
+pub fn dirs_wanted() -> [bool; 2] {
+    let dirs: String = env_or("BRAID_BENCH_DIRS", "up,down".to_string());
+    ["up", "down"].map(|d| dirs.split(',').any(|w| w.trim() == d))
+}
+
 /// An environment knob, or its default when unset or unparsable.
 pub fn env_or<T: std::str::FromStr>(key: &str, default: T) -> T {
     std::env::var(key)
@@ -151,9 +157,9 @@ pub fn counters(ns: &Netns) -> std::collections::HashMap<String, u64> {
 /// The [`WATCHED`] counters that moved from `a` to `b`, as `name=count/GiB (count)`: per GiB
 /// moved meanwhile, and the raw count, because some counters move per connection, not per byte
 /// (a round's teardown resets the data connection's two subflows: `MPTcpExtMPRstTx` reads
-/// 10/GiB in a round that moved 0.2 GiB and 0.3/GiB in one that moved 6), and a handful of MPTCP-level retransmissions
-/// in a round of several GiB would otherwise round to nothing. Every counter that moved with
-/// `BRAID_BENCH_NSTAT=all`.
+/// 10/GiB in a round that moved 0.2 GiB and 0.3/GiB in one that moved 6), and a handful of
+/// MPTCP-level retransmissions in a round of several GiB would otherwise round to nothing.
+/// Every counter that moved with `BRAID_BENCH_NSTAT=all`.
 pub fn deltas(
     a: &std::collections::HashMap<String, u64>,
     b: &std::collections::HashMap<String, u64>,
