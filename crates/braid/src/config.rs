@@ -149,6 +149,8 @@ pub fn relay_config(
         engine,
         idle_timeout,
         buffer,
+        // Per connection, once its send buffer is known.
+        nudge: None,
     })
 }
 

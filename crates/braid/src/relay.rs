@@ -63,18 +63,45 @@ pub const WRITE_RECHECK: Duration = Duration::from_secs(1);
 /// did not deliver.
 static MISSED_WAKEUPS: AtomicU64 = AtomicU64::new(0);
 
-/// Waits until `dst` is writable; `Ok(true)` if no readiness came within [`WRITE_RECHECK`]
-/// (then the caller tries the syscall itself: tokio's cached readiness says "not writable").
-async fn writable_or_recheck(dst: &TcpStream) -> io::Result<bool> {
+/// What a wait for room in the destination ended with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Room {
+    /// The socket said it is writable.
+    Ready,
+    /// No readiness came within [`WRITE_RECHECK`]: try the syscall anyway (tokio's cached
+    /// readiness says "not writable").
+    Recheck,
+    /// The MPTCP sender was stuck and its send buffer raised for one write
+    /// ([`crate::sendbuf::nudge`]): try the syscall, then put this bound back.
+    Nudged(usize),
+}
+
+/// Waits until `dst` is writable. With `nudge` (`dst` is an MPTCP socket with a bounded send
+/// buffer), a wait looks every [`crate::sendbuf::STUCK_AFTER`] for a sender stuck on a data
+/// acknowledgement the peer will not send.
+async fn room_in(dst: &TcpStream, nudge: bool) -> io::Result<Room> {
     use futures::FutureExt;
     // The common case, room in the socket, takes no timer (and no clock read) on the relay's
     // hot path.
     if let Some(r) = dst.writable().now_or_never() {
-        return r.map(|()| false);
+        return r.map(|()| Room::Ready);
     }
-    match tokio::time::timeout(WRITE_RECHECK, dst.writable()).await {
-        Ok(r) => r.map(|()| false),
-        Err(_) => Ok(true),
+    let mut waited = Duration::ZERO;
+    if nudge {
+        let step = crate::sendbuf::STUCK_AFTER;
+        while waited < WRITE_RECHECK {
+            if let Ok(r) = tokio::time::timeout(step, dst.writable()).await {
+                return r.map(|()| Room::Ready);
+            }
+            waited += step;
+            if let Some(bound) = crate::sendbuf::nudge(dst) {
+                return Ok(Room::Nudged(bound));
+            }
+        }
+    }
+    match tokio::time::timeout(WRITE_RECHECK.saturating_sub(waited), dst.writable()).await {
+        Ok(r) => r.map(|()| Room::Ready),
+        Err(_) => Ok(Room::Recheck),
     }
 }
 
@@ -105,6 +132,9 @@ pub struct RelayConfig {
     pub idle_timeout: Option<Duration>,
     /// Copy engine: buffer per direction. Splice engine: pipe capacity per direction.
     pub buffer: usize,
+    /// The MPTCP side, when braid bounds its send buffer: writes into it that wait look for a
+    /// stuck sender ([`crate::sendbuf::nudge`]). Per connection.
+    pub nudge: Option<Side>,
 }
 
 impl Default for RelayConfig {
@@ -113,6 +143,7 @@ impl Default for RelayConfig {
             engine: Engine::Copy,
             idle_timeout: Some(Duration::from_secs(3600)),
             buffer: DEFAULT_BUFFER,
+            nudge: None,
         }
     }
 }
@@ -197,8 +228,8 @@ enum PumpEnd {
 /// idles out. On reset or idle, both sockets are set to reset when dropped.
 pub async fn relay(a: &TcpStream, b: &TcpStream, cfg: &RelayConfig, moved: &Moved) -> Relayed {
     let Moved { a_to_b, b_to_a } = moved;
-    let up = pump(a, b, a_to_b, cfg);
-    let down = pump(b, a, b_to_a, cfg);
+    let up = pump(a, b, a_to_b, cfg, cfg.nudge == Some(Side::B));
+    let down = pump(b, a, b_to_a, cfg, cfg.nudge == Some(Side::A));
     tokio::pin!(up, down);
     let (mut up_done, mut down_done) = (false, false);
 
@@ -279,14 +310,20 @@ fn splices(engine: Engine, src_is_mptcp: impl FnOnce() -> bool) -> bool {
     }
 }
 
-async fn pump(src: &TcpStream, dst: &TcpStream, moved: &AtomicU64, cfg: &RelayConfig) -> PumpEnd {
+async fn pump(
+    src: &TcpStream,
+    dst: &TcpStream,
+    moved: &AtomicU64,
+    cfg: &RelayConfig,
+    nudge: bool,
+) -> PumpEnd {
     // One getsockopt per direction, for `Auto` only; 0 for plain TCP and after a fallback.
     let end = if splices(cfg.engine, || {
         braid_sys::sockopt::is_mptcp(src).unwrap_or(false)
     }) {
-        pump_splice(src, dst, moved, cfg.buffer).await
+        pump_splice(src, dst, moved, cfg.buffer, nudge).await
     } else {
-        pump_copy(src, dst, moved, cfg.buffer).await
+        pump_copy(src, dst, moved, cfg.buffer, nudge).await
     };
     if let PumpEnd::Eof = end {
         // Half-close: the peer learns there is no more, the other direction keeps going. On an
@@ -345,7 +382,13 @@ impl Quiet {
     }
 }
 
-async fn pump_copy(src: &TcpStream, dst: &TcpStream, moved: &AtomicU64, size: usize) -> PumpEnd {
+async fn pump_copy(
+    src: &TcpStream,
+    dst: &TcpStream,
+    moved: &AtomicU64,
+    size: usize,
+    nudge: bool,
+) -> PumpEnd {
     // Bytes are read into the spare capacity and written out before the next read, so the
     // buffer is empty between reads; its capacity is this direction's read size (0: quiet).
     let mut buf: Vec<u8> = Vec::new();
@@ -372,19 +415,22 @@ async fn pump_copy(src: &TcpStream, dst: &TcpStream, moved: &AtomicU64, size: us
         };
         let mut off = 0;
         while off < n {
-            let recheck = match writable_or_recheck(dst).await {
+            let room = match room_in(dst, nudge).await {
                 Ok(r) => r,
                 Err(e) => return PumpEnd::WriteFailed(e),
             };
-            let wrote = if recheck {
+            let wrote = if room == Room::Ready {
+                dst.try_write(&buf[off..n])
+            } else {
                 // Straight to the syscall (MSG_NOSIGNAL), past tokio's readiness.
                 SockRef::from(dst).send(&buf[off..n])
-            } else {
-                dst.try_write(&buf[off..n])
             };
+            if let Room::Nudged(bound) = room {
+                crate::sendbuf::restore(dst, bound);
+            }
             match wrote {
                 Ok(m) => {
-                    if recheck && m > 0 {
+                    if room == Room::Recheck && m > 0 {
                         missed_wakeup(m);
                     }
                     off += m
@@ -424,7 +470,13 @@ fn make_pipe(size: usize) -> io::Result<(OwnedFd, OwnedFd)> {
     Ok((r, w))
 }
 
-async fn pump_splice(src: &TcpStream, dst: &TcpStream, moved: &AtomicU64, size: usize) -> PumpEnd {
+async fn pump_splice(
+    src: &TcpStream,
+    dst: &TcpStream,
+    moved: &AtomicU64,
+    size: usize,
+    nudge: bool,
+) -> PumpEnd {
     let flags = SpliceFFlags::SPLICE_F_MOVE | SpliceFFlags::SPLICE_F_NONBLOCK;
     let mut pipe: Option<(OwnedFd, OwnedFd)> = None;
     let mut quiet = Quiet::new();
@@ -461,19 +513,22 @@ async fn pump_splice(src: &TcpStream, dst: &TcpStream, moved: &AtomicU64, size: 
         moved.fetch_add(in_pipe as u64, Relaxed);
         quiet.data();
         while in_pipe > 0 {
-            let recheck = match writable_or_recheck(dst).await {
+            let room = match room_in(dst, nudge).await {
                 Ok(r) => r,
                 Err(e) => return PumpEnd::WriteFailed(e),
             };
             let out = || splice(pr, None, dst, None, in_pipe, flags).map_err(io::Error::from);
-            let wrote = if recheck {
-                out()
-            } else {
+            let wrote = if room == Room::Ready {
                 dst.try_io(Interest::WRITABLE, out)
+            } else {
+                out()
             };
+            if let Room::Nudged(bound) = room {
+                crate::sendbuf::restore(dst, bound);
+            }
             match wrote {
                 Ok(m) => {
-                    if recheck && m > 0 {
+                    if room == Room::Recheck && m > 0 {
                         missed_wakeup(m);
                     }
                     in_pipe -= m

@@ -26,13 +26,32 @@
 //! at the slowest subflow's RTT but at least [`FLOOR`], changing only when [`AGREE`] readings
 //! in a row ask for it. Any other path is left to the kernel's autotuning for good.
 //!
+//! A bound has a price the kernel's own bug sets (6.18): the receiver may never send the data
+//! acknowledgement for the last data it took. Its subflows acknowledge segments at TCP level as
+//! they arrive; when the MPTCP socket is busy (its reader holds it) or full, the data waits on
+//! the socket's backlog and the acknowledgement carries the old data sequence number. The
+//! reader later takes the backlog in, but the acknowledgement that would announce it is sent
+//! only if the free receive space has doubled since the last one (`mptcp_cleanup_rbuf()`; after
+//! the release callback's backlog spooling it is called with `copied = 0` and sends nothing).
+//! A sender whose bounded buffer is full of such data has nothing more to send, the receiver
+//! has nothing to answer, and only the MPTCP retransmission timer (200 ms, then 400, 800)
+//! breaks the silence. Traced (`mptcp:ack_update_msk` at the converter): in both stalls of 20
+//! downloads the last 18–33 acknowledgements moved the data acknowledgement by 0, with 3.9 and
+//! 6.9 MB of window left and the 2 MiB buffer full; the next one came 203 ms later and covered
+//! all 1.8 and 2.1 MB at once. So a write that waits [`STUCK_AFTER`] looks: MPTCP-level data
+//! unacknowledged while no subflow has a segment in flight is that state ([`stuck`]); then
+//! [`nudge`] lets one write past the bound, whose new data draws a fresh acknowledgement, and
+//! the bound is put back at once ([`restore`]).
+//!
 //! I/O: one `MPTCP_FULL_INFO` read when the relay starts; for a bounded connection one more
 //! every 100 ms while it moves at least 1 MiB between readings, backing off to every second
-//! when it does not.
+//! when it does not; one more each time a write into a bounded socket has waited
+//! [`STUCK_AFTER`].
 
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
-use braid_sys::sockopt::{mptcp_subflows, set_send_buffer};
+use braid_sys::sockopt::{SubflowInfo, mptcp_full, mptcp_subflows, send_buffer, set_send_buffer};
 use tokio::net::TcpStream;
 
 use crate::config::SendBuffer;
@@ -50,6 +69,17 @@ pub const CEILING: usize = 4 << 20;
 /// jumps for a reading or two (slow start's burst, a join's first samples: 5 ms seen on the
 /// lab's 0.1 ms path); a queue that builds on a link lasts for seconds.
 pub const AGREE: u8 = 3;
+
+/// How long a write into a bounded socket waits before the relay looks for a [`stuck`] sender:
+/// on a path of under a millisecond (the only kind bounded), many round trips.
+pub const STUCK_AFTER: Duration = Duration::from_millis(5);
+/// What a [`nudge`] adds to the bound for one write (the kernel doubles it, as the bound).
+/// One segment would draw the acknowledgement; this much lets the write through even when the
+/// queue holds a little more than the bound.
+pub const NUDGE: usize = 512 << 10;
+
+/// Nudges so far (in the debug log).
+static NUDGES: AtomicU64 = AtomicU64::new(0);
 
 const FAST: Duration = Duration::from_millis(100);
 const SLOW: Duration = Duration::from_secs(1);
@@ -140,9 +170,56 @@ fn apply(s: &TcpStream, srtt_us: u32, size: usize) -> bool {
     }
 }
 
-/// One connection's governor between readings (`None`: nothing to do).
+/// Whether an MPTCP sender waits for a data acknowledgement its peer will not send: data
+/// unacknowledged at MPTCP level (`mptcp_unacked`, `write_seq − snd_una`) while no established
+/// subflow has a segment unacknowledged, so no subflow timer runs and no acknowledgement is on
+/// its way (see the module docs). A sender whose peer's window is merely full has its data
+/// acknowledged; one waiting on a slow link has segments in flight.
+pub fn stuck(mptcp_unacked: u64, subflows: &[SubflowInfo]) -> bool {
+    let mut established = subflows.iter().filter(|f| f.state == 1).peekable();
+    mptcp_unacked > 0 && established.peek().is_some() && established.all(|f| f.unacked == 0)
+}
+
+/// If `s` is [`stuck`], raises its send buffer by [`NUDGE`] so that the caller's next write
+/// goes through, and returns the size to [`restore`] right after it.
+pub fn nudge(s: &TcpStream) -> Option<usize> {
+    let (info, subflows) = mptcp_full(s).ok()?;
+    if !stuck(info.write_seq.wrapping_sub(info.snd_una), &subflows) {
+        return None;
+    }
+    let bound = raise(s)?;
+    let n = NUDGES.fetch_add(1, Relaxed) + 1;
+    tracing::debug!(
+        unacked = info.write_seq.wrapping_sub(info.snd_una),
+        bound,
+        nudges = n,
+        "MPTCP sender stuck on an unsent data acknowledgement: one write past the bound"
+    );
+    Some(bound)
+}
+
+/// Raises the send buffer by [`NUDGE`]; the size set before.
+fn raise(s: &TcpStream) -> Option<usize> {
+    // What the kernel reports is twice what was set.
+    let bound = send_buffer(s).ok()? / 2;
+    set_send_buffer(s, bound + NUDGE).ok()?;
+    Some(bound)
+}
+
+/// Puts back the bound [`nudge`] raised.
+pub fn restore(s: &TcpStream, bound: usize) {
+    if let Err(e) = set_send_buffer(s, bound) {
+        tracing::debug!(error = %e, bound, "MPTCP send buffer not restored");
+    }
+}
+
+/// One connection's governor between readings (`None`: nothing to do), and whether its send
+/// buffer is bounded (by the governor or a fixed `mptcp_send_buffer`).
 #[derive(Debug)]
-pub struct Watch(Option<Governor>);
+pub struct Watch {
+    governor: Option<Governor>,
+    bounded: bool,
+}
 
 impl Watch {
     /// The first reading, made before the relay moves a byte (a transfer over the lab's
@@ -151,16 +228,28 @@ impl Watch {
     /// is set when the socket is made) and the socket is MPTCP.
     pub fn start(s: &TcpStream, mode: SendBuffer, mptcp: bool) -> Watch {
         if mode != SendBuffer::Auto || !mptcp {
-            return Watch(None);
+            let bounded = mptcp && matches!(mode, SendBuffer::Fixed(_));
+            return Watch {
+                governor: None,
+                bounded,
+            };
         }
         let governor =
             slowest_rtt(s).and_then(|rtt| Governor::first(rtt).filter(|g| apply(s, rtt, g.size())));
-        Watch(governor)
+        Watch {
+            bounded: governor.is_some(),
+            governor,
+        }
+    }
+
+    /// The socket's send buffer is bounded: a write into it that waits may need a [`nudge`].
+    pub fn bounded(&self) -> bool {
+        self.bounded
     }
 
     /// Runs beside the relay in a `select!` and never returns.
     pub async fn run(self, s: &TcpStream, moved: &Moved) -> ! {
-        if let Some(mut governor) = self.0 {
+        if let Some(mut governor) = self.governor {
             let mut pause = FAST;
             let mut last = 0;
             loop {
@@ -183,6 +272,75 @@ impl Watch {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn subflow(state: u8, unacked: u32) -> SubflowInfo {
+        let any = "127.0.0.1:1".parse().unwrap();
+        SubflowInfo {
+            local: any,
+            remote: any,
+            rtt_us: 50,
+            min_rtt_us: 40,
+            bytes_acked: 1 << 20,
+            bytes_received: 0,
+            state,
+            backoff: 0,
+            options: 0,
+            unacked,
+            total_retrans: 0,
+            data_segs_out: 1000,
+            rcv_ooopack: 0,
+        }
+    }
+
+    #[test]
+    fn stuck_is_data_unacknowledged_above_subflows_with_nothing_in_flight() {
+        let idle = [subflow(1, 0), subflow(1, 0)];
+        assert!(stuck(2_094_512, &idle));
+        // Everything acknowledged (a full receive window included): nothing to wait for.
+        assert!(!stuck(0, &idle));
+        // Segments in flight on any subflow: its acknowledgement, or its timer, will come.
+        assert!(!stuck(2_094_512, &[subflow(1, 0), subflow(1, 3)]));
+        // Only established subflows count; with none there is nothing a write could draw.
+        assert!(stuck(1, &[subflow(7, 40), subflow(1, 0)]));
+        assert!(!stuck(1, &[subflow(2, 1)]));
+        assert!(!stuck(1, &[]));
+    }
+
+    /// A real MPTCP connection over loopback (root not needed; MPTCP must be enabled).
+    async fn mptcp_pair() -> Option<(TcpStream, TcpStream)> {
+        use socket2::{Domain, Protocol, Socket, Type};
+        let l = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::MPTCP)).ok()?;
+        l.bind(&std::net::SocketAddr::from(([127, 0, 0, 1], 0)).into())
+            .ok()?;
+        l.listen(1).ok()?;
+        let addr = l.local_addr().ok()?.as_socket()?;
+        l.set_nonblocking(true).ok()?;
+        let l = tokio::net::TcpListener::from_std(l.into()).ok()?;
+        let c = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::MPTCP)).ok()?;
+        c.connect(&addr.into()).ok()?;
+        c.set_nonblocking(true).ok()?;
+        let c = TcpStream::from_std(c.into()).ok()?;
+        let (s, _) = l.accept().await.ok()?;
+        Some((c, s))
+    }
+
+    #[tokio::test]
+    async fn a_connection_that_is_not_stuck_is_left_alone_and_a_raise_is_undone() {
+        let (c, _s) = mptcp_pair()
+            .await
+            .expect("an MPTCP connection over loopback (net.mptcp.enabled = 1)");
+        set_send_buffer(&c, FLOOR).unwrap();
+        let bounded = send_buffer(&c).unwrap();
+        assert_eq!(bounded, 2 * FLOOR);
+        // Nothing sent, nothing unacknowledged.
+        assert_eq!(nudge(&c), None);
+        assert_eq!(send_buffer(&c).unwrap(), bounded);
+        // The raise and its undoing, as a nudge does them around one write.
+        assert_eq!(raise(&c), Some(FLOOR));
+        assert_eq!(send_buffer(&c).unwrap(), 2 * (FLOOR + NUDGE));
+        restore(&c, FLOOR);
+        assert_eq!(send_buffer(&c).unwrap(), bounded);
+    }
 
     #[test]
     fn wanted_covers_the_rate_at_the_rtt_within_bounds() {

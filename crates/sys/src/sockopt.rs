@@ -266,6 +266,12 @@ fn sockaddr_of(b: &[u8]) -> Option<std::net::SocketAddr> {
 /// (`MPTCP_FULL_INFO`, Linux 6.3 and later). Fails with `EOPNOTSUPP` on a connection that fell
 /// back to TCP and on plain TCP sockets.
 pub fn mptcp_subflows(fd: &impl AsFd) -> io::Result<Vec<SubflowInfo>> {
+    mptcp_full(fd).map(|(_, subflows)| subflows)
+}
+
+/// The connection's `MPTCP_INFO` and its subflows, in one `MPTCP_FULL_INFO` read (see
+/// [`mptcp_subflows`]).
+pub fn mptcp_full(fd: &impl AsFd) -> io::Result<(MptcpInfo, Vec<SubflowInfo>)> {
     let fd = fd.as_fd().as_raw_fd();
     let mut sfinfo = vec![0u8; SFINFO_LEN * MAX_SUBFLOWS];
     let mut tcpinfo = vec![0u8; TCPINFO_LEN * MAX_SUBFLOWS];
@@ -322,7 +328,16 @@ pub fn mptcp_subflows(fd: &impl AsFd) -> io::Result<Vec<SubflowInfo>> {
             rcv_ooopack: if ti.len() >= 228 { get32(ti, 224) } else { 0 },
         });
     }
-    Ok(out)
+    let at = 6 * 4 + 2 * 8;
+    // SAFETY: `full` holds `at + size_of::<MptcpInfo>()` bytes (it was sized so), the read is
+    // unaligned-safe, and `MptcpInfo` is plain integers, for which every bit pattern is valid.
+    let info = unsafe { std::ptr::read_unaligned(full[at..].as_ptr().cast::<MptcpInfo>()) };
+    Ok((info, out))
+}
+
+/// The socket's `SO_SNDBUF` (what the kernel uses: twice what was set).
+pub fn send_buffer(fd: &impl AsFd) -> io::Result<usize> {
+    Ok(getsockopt_int(fd, libc::SOL_SOCKET, libc::SO_SNDBUF)?.max(0) as usize)
 }
 
 /// An ICMP error the kernel queued for a socket (`IP_RECVERR`): what a router or the destination

@@ -315,8 +315,12 @@ async fn converse(
         peak_subflows.mptcp().then(|| client.clone()),
     );
     let send_buffer = sendbuf::Watch::start(client, s.mptcp_send_buffer, peak_subflows.mptcp());
+    let cfg = relay::RelayConfig {
+        nudge: send_buffer.bounded().then_some(relay::Side::A),
+        ..s.relay.clone()
+    };
     let relayed = tokio::select! {
-        r = relay::relay(client, &server, &s.relay, &moved) => r,
+        r = relay::relay(client, &server, &cfg, &moved) => r,
         never = peak_subflows.watch(client) => never,
         never = send_buffer.run(client, &moved) => never,
         _ = shared.hard_stop.cancelled() => {

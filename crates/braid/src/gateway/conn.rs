@@ -308,8 +308,12 @@ async fn relay_and_close(shared: &Shared, mut rec: Record, app: TcpStream, up: U
         up.mptcp.then(|| server.clone()),
     );
     let send_buffer = sendbuf::Watch::start(&server, shared.settings.mptcp_send_buffer, up.mptcp);
+    let cfg = relay::RelayConfig {
+        nudge: send_buffer.bounded().then_some(relay::Side::B),
+        ..shared.settings.relay.clone()
+    };
     let relayed = tokio::select! {
-        r = relay::relay(&app, &server, &shared.settings.relay, &moved) => r,
+        r = relay::relay(&app, &server, &cfg, &moved) => r,
         never = peak.watch(&server) => never,
         never = send_buffer.run(&server, &moved) => never,
         _ = shared.hard_stop.cancelled() => {
