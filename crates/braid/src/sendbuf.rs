@@ -1,5 +1,6 @@
 //! The MPTCP sockets' send buffer, bounded on sub-millisecond paths only (`mptcp_send_buffer =
-//! "auto"`, the default).
+//! "auto"`, the default), and what such a bound needs beside it: a sender stuck on the kernel's
+//! missing data acknowledgement gets one write past it, and the receive buffer is fixed.
 //!
 //! Kernel reason (6.18; docs/architecture.md, kernel workarounds): at tens of Gbit/s over a
 //! sub-millisecond path, the MPTCP receiver can announce more window than its buffer holds.
@@ -43,6 +44,17 @@
 //! [`nudge`] lets one write past the bound, whose new data draws a fresh acknowledgement, and
 //! the bound is put back at once ([`restore`]).
 //!
+//! The same bug stalls the start of a transfer towards a socket whose receive buffer is still
+//! small: the converter's accepted sockets start at `tcp_rmem[1]` (128 KiB), so an upload's
+//! first window is about 100 KiB; the sender fills it, the converter's relay reads it all, and
+//! the window update that would follow is not sent (the same rule), so the sender, held back by
+//! the window and not by its buffer (a write past the bound would not help), waits for its
+//! 200 ms timer: 5 of 30 one-stream uploads on the lab's unshaped links. A bounded connection's
+//! socket therefore also gets a fixed receive buffer of [`RECEIVE`], as the gateway's client
+//! socket has from the start, so the window opens above anything the bounded sender can have
+//! in flight (0 of 30). Fixed is right on such a path only: a sub-millisecond round trip needs
+//! a few hundred KiB even at 20 Gbit/s, and no other path is bounded.
+//!
 //! I/O: one `MPTCP_FULL_INFO` read when the relay starts; for a bounded connection one more
 //! every 100 ms while it moves at least 1 MiB between readings, backing off to every second
 //! when it does not; one more each time a write into a bounded socket has waited
@@ -77,6 +89,11 @@ pub const STUCK_AFTER: Duration = Duration::from_millis(5);
 /// One segment would draw the acknowledgement; this much lets the write through even when the
 /// queue holds a little more than the bound.
 pub const NUDGE: usize = 512 << 10;
+
+/// The receive buffer of a bounded connection's MPTCP socket (the kernel doubles it): the
+/// same as the gateway's Convert client sets before it connects (`client.rs`), above what a
+/// bounded sender keeps in flight even at [`CEILING`].
+pub const RECEIVE: usize = 4 << 20;
 
 /// Nudges so far (in the debug log).
 static NUDGES: AtomicU64 = AtomicU64::new(0);
@@ -170,27 +187,59 @@ fn apply(s: &TcpStream, srtt_us: u32, size: usize) -> bool {
     }
 }
 
-/// Whether an MPTCP sender waits for a data acknowledgement its peer will not send: data
-/// unacknowledged at MPTCP level (`mptcp_unacked`, `write_seq − snd_una`) while no established
-/// subflow has a segment unacknowledged, so no subflow timer runs and no acknowledgement is on
-/// its way (see the module docs). A sender whose peer's window is merely full has its data
-/// acknowledged; one waiting on a slow link has segments in flight.
-pub fn stuck(mptcp_unacked: u64, subflows: &[SubflowInfo]) -> bool {
+/// What an MPTCP sender's own socket says about its data (`MPTCP_INFO`), bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Sending {
+    /// Written and not acknowledged at MPTCP level (`write_seq − snd_una`).
+    pub unacked: u64,
+    /// Of those, not sent yet (`unacked − (bytes_sent − bytes_acked)`): more than 0 when the
+    /// peer's MPTCP window, not the send buffer, holds the sender back.
+    pub unsent: u64,
+}
+
+impl Sending {
+    pub fn of(info: &braid_sys::sockopt::MptcpInfo) -> Sending {
+        let unacked = info.write_seq.wrapping_sub(info.snd_una);
+        let in_flight = info.bytes_sent.saturating_sub(info.bytes_acked);
+        Sending {
+            unacked,
+            unsent: unacked.saturating_sub(in_flight),
+        }
+    }
+}
+
+/// Whether an MPTCP sender waits for a data acknowledgement its peer will not send, in a way
+/// one more write can end: everything written was sent and some of it is unacknowledged at
+/// MPTCP level, while no established subflow has a segment unacknowledged, so no subflow timer
+/// runs and no acknowledgement is on its way (see the module docs). A sender whose peer's
+/// window is merely full has its data acknowledged; one waiting on a slow link has segments in
+/// flight; one held back by the peer's MPTCP window has data unsent, and a write past the
+/// bound would only queue more behind it.
+pub fn stuck(sending: Sending, subflows: &[SubflowInfo]) -> bool {
     let mut established = subflows.iter().filter(|f| f.state == 1).peekable();
-    mptcp_unacked > 0 && established.peek().is_some() && established.all(|f| f.unacked == 0)
+    sending.unacked > 0
+        && sending.unsent == 0
+        && established.peek().is_some()
+        && established.all(|f| f.unacked == 0)
 }
 
 /// If `s` is [`stuck`], raises its send buffer by [`NUDGE`] so that the caller's next write
 /// goes through, and returns the size to [`restore`] right after it.
 pub fn nudge(s: &TcpStream) -> Option<usize> {
     let (info, subflows) = mptcp_full(s).ok()?;
-    if !stuck(info.write_seq.wrapping_sub(info.snd_una), &subflows) {
+    let sending = Sending::of(&info);
+    if !stuck(sending, &subflows) {
+        tracing::trace!(
+            ?sending,
+            in_flight = subflows.iter().map(|f| f.unacked).sum::<u32>(),
+            "a write waits; not stuck"
+        );
         return None;
     }
     let bound = raise(s)?;
     let n = NUDGES.fetch_add(1, Relaxed) + 1;
     tracing::debug!(
-        unacked = info.write_seq.wrapping_sub(info.snd_una),
+        unacked = sending.unacked,
         bound,
         nudges = n,
         "MPTCP sender stuck on an unsent data acknowledgement: one write past the bound"
@@ -225,7 +274,8 @@ impl Watch {
     /// The first reading, made before the relay moves a byte (a transfer over the lab's
     /// unshaped links that started unbounded stalled within its first 100 ms, and bounding it
     /// 10 ms in was too late). Does nothing unless `mode` is [`SendBuffer::Auto`] (a fixed size
-    /// is set when the socket is made) and the socket is MPTCP.
+    /// is set when the socket is made) and the socket is MPTCP. A bounded socket's receive
+    /// buffer is fixed at [`RECEIVE`] here too.
     pub fn start(s: &TcpStream, mode: SendBuffer, mptcp: bool) -> Watch {
         if mode != SendBuffer::Auto || !mptcp {
             let bounded = mptcp && matches!(mode, SendBuffer::Fixed(_));
@@ -236,6 +286,13 @@ impl Watch {
         }
         let governor =
             slowest_rtt(s).and_then(|rtt| Governor::first(rtt).filter(|g| apply(s, rtt, g.size())));
+        if governor.is_some() {
+            // The receiving side of a short path too (module docs): a window that starts
+            // above what the peer's bounded sender can have in flight.
+            if let Err(e) = socket2::SockRef::from(s).set_recv_buffer_size(RECEIVE) {
+                tracing::debug!(error = %e, "MPTCP receive buffer not set");
+            }
+        }
         Watch {
             bounded: governor.is_some(),
             governor,
@@ -292,18 +349,57 @@ mod tests {
         }
     }
 
+    fn sent(unacked: u64) -> Sending {
+        Sending { unacked, unsent: 0 }
+    }
+
     #[test]
-    fn stuck_is_data_unacknowledged_above_subflows_with_nothing_in_flight() {
+    fn stuck_is_data_sent_and_unacknowledged_above_subflows_with_nothing_in_flight() {
         let idle = [subflow(1, 0), subflow(1, 0)];
-        assert!(stuck(2_094_512, &idle));
+        // The downloads' stall: the 2 MiB buffer full, all of it sent, TCP all acknowledged.
+        assert!(stuck(sent(2_094_512), &idle));
         // Everything acknowledged (a full receive window included): nothing to wait for.
-        assert!(!stuck(0, &idle));
+        assert!(!stuck(sent(0), &idle));
         // Segments in flight on any subflow: its acknowledgement, or its timer, will come.
-        assert!(!stuck(2_094_512, &[subflow(1, 0), subflow(1, 3)]));
+        assert!(!stuck(sent(2_094_512), &[subflow(1, 0), subflow(1, 3)]));
+        // Held back by the peer's window (uploads' first 100 KiB window at a transfer's
+        // start): a write would only queue behind the unsent data.
+        let windowed = Sending {
+            unacked: 2_097_152,
+            unsent: 1_989_000,
+        };
+        assert!(!stuck(windowed, &idle));
         // Only established subflows count; with none there is nothing a write could draw.
-        assert!(stuck(1, &[subflow(7, 40), subflow(1, 0)]));
-        assert!(!stuck(1, &[subflow(2, 1)]));
-        assert!(!stuck(1, &[]));
+        assert!(stuck(sent(1), &[subflow(7, 40), subflow(1, 0)]));
+        assert!(!stuck(sent(1), &[subflow(2, 1)]));
+        assert!(!stuck(sent(1), &[]));
+    }
+
+    #[test]
+    fn what_is_unsent_comes_from_the_byte_counters() {
+        let info = |write_seq, snd_una, bytes_sent, bytes_acked| {
+            let mut i = braid_sys::sockopt::MptcpInfo::default();
+            (i.write_seq, i.snd_una, i.bytes_sent, i.bytes_acked) =
+                (write_seq, snd_una, bytes_sent, bytes_acked);
+            i
+        };
+        let s = Sending::of(&info(
+            1_000 + 3_000_000,
+            1_000 + 900_000,
+            1_000_000,
+            900_000,
+        ));
+        assert_eq!(s.unacked, 2_100_000);
+        assert_eq!(s.unsent, 2_000_000);
+        // Sequence numbers wrap; byte counters that disagree never make "unsent" negative.
+        let wrapped = info(5, u64::MAX - 4, 10, 0);
+        assert_eq!(
+            Sending::of(&wrapped),
+            Sending {
+                unacked: 10,
+                unsent: 0
+            }
+        );
     }
 
     /// A real MPTCP connection over loopback (root not needed; MPTCP must be enabled).
@@ -322,6 +418,33 @@ mod tests {
         let c = TcpStream::from_std(c.into()).ok()?;
         let (s, _) = l.accept().await.ok()?;
         Some((c, s))
+    }
+
+    #[tokio::test]
+    async fn a_loopback_connection_is_bounded_and_its_receive_buffer_fixed_from_the_start() {
+        let (c, _s) = mptcp_pair()
+            .await
+            .expect("an MPTCP connection over loopback (net.mptcp.enabled = 1)");
+        let autotuned = socket2::SockRef::from(&c).recv_buffer_size().unwrap();
+        assert!(autotuned < 2 * RECEIVE, "{autotuned}");
+        let watch = Watch::start(&c, SendBuffer::Auto, true);
+        assert!(watch.bounded());
+        assert_eq!(send_buffer(&c).unwrap(), 2 * FLOOR);
+        let fixed = socket2::SockRef::from(&c).recv_buffer_size().unwrap();
+        assert_eq!(fixed, 2 * RECEIVE);
+        // Not MPTCP, or the kernel's autotuning asked for: nothing is touched.
+        let (c2, _s2) = mptcp_pair().await.unwrap();
+        let before = (
+            send_buffer(&c2).unwrap(),
+            socket2::SockRef::from(&c2).recv_buffer_size().unwrap(),
+        );
+        assert!(!Watch::start(&c2, SendBuffer::Kernel, true).bounded());
+        assert!(!Watch::start(&c2, SendBuffer::Auto, false).bounded());
+        let after = (
+            send_buffer(&c2).unwrap(),
+            socket2::SockRef::from(&c2).recv_buffer_size().unwrap(),
+        );
+        assert_eq!(before, after);
     }
 
     #[tokio::test]
