@@ -24,7 +24,9 @@
 //! process held to that fraction of a core by a CPU cgroup, as on a small router; forwarding
 //! and kernel MPTCP stay unconstrained, they run in the kernel), `BRAID_BENCH_CPUS` (e.g. "0":
 //! everything on that CPU, the relay's own cost without wakeups between CPUs; see
-//! `support::pin_to_cpus`).
+//! `support::pin_to_cpus`), `BRAID_BENCH_WARMUP` (seconds of every transfer left out of its
+//! rate, 0.5; 0 counts the start, where stalls gather), `BRAID_BENCH_EACH` (set: print every
+//! round's rates, which the median hides).
 
 mod support;
 
@@ -151,7 +153,8 @@ fn bench_cc(cc: &str, rounds: usize, secs: f64, flow_set: &[usize]) {
     let quotas = hold_to_quota([first.pid(), second.pid()]);
     // results[flows][dir][path] = samples
     let mut results = vec![vec![vec![Vec::<Sample>::new(); 4]; 2]; flow_set.len()];
-    for _ in 0..rounds {
+    let each = std::env::var_os("BRAID_BENCH_EACH").is_some();
+    for round in 0..rounds {
         for (fi, &flows) in flow_set.iter().enumerate() {
             for (di, dir) in wanted(dirs) {
                 for (pi, path) in PATHS.into_iter().enumerate() {
@@ -162,6 +165,20 @@ fn bench_cc(cc: &str, rounds: usize, secs: f64, flow_set: &[usize]) {
                     };
                     let s = measure(&lab, path, dir, flows, secs, relay_pid);
                     results[fi][di][pi].push(s);
+                }
+                if each {
+                    let r: Vec<String> = results[fi][di]
+                        .iter()
+                        .map(|samples| format!("{:.2}", samples[round].gbit))
+                        .collect();
+                    println!(
+                        "# round {round} {cc} {flows} {}: Gbit/s forward {} mptcp {} {e1} {} {e2} {}",
+                        dir.label(),
+                        r[0],
+                        r[1],
+                        r[2],
+                        r[3]
+                    );
                 }
             }
         }
@@ -378,7 +395,9 @@ fn measure(
             })
         })
         .collect();
-    std::thread::sleep(Duration::from_millis(500));
+    // Rate is measured after a warm-up (slow start, autotuning) unless asked otherwise: with
+    // 0, a stall at a transfer's start counts too.
+    std::thread::sleep(Duration::from_secs_f64(env_or("BRAID_BENCH_WARMUP", 0.5)));
     let nstat = std::env::var_os("BRAID_BENCH_NSTAT").is_some();
     let n0 = nstat.then(|| (counters(&lab.gateway), counters(&lab.converter), ipis()));
     let (b0, t0) = (moved.load(Relaxed), Instant::now());

@@ -4,9 +4,10 @@
 //! lab, interleaved: the gateway bypasses port 5202, so iperf3 to that port is forwarded plain
 //! while iperf3 to 5201 is captured and converted.
 //!
-//! Every round is printed (rate of both paths, their ratio, each relay's CPU-seconds per GiB),
-//! then per case the median, the worst round's ratio and the spread of braid's rate between
-//! rounds (max / min − 1): a stall shows as one slow round, which a median hides.
+//! Every round is printed (rate of both paths, their ratio, each relay's CPU-seconds per GiB,
+//! the share of CPU time the hypervisor gave to other guests), then per case the median, the
+//! worst round's ratio and the spread of braid's rate between rounds (max / min − 1): a stall
+//! shows as one slow round, which a median hides.
 //!
 //! Run: `cargo bench -p braid --bench gateway` (as root). Knobs: `BRAID_BENCH_ROUNDS` (5),
 //! `BRAID_BENCH_SECS` (3), `BRAID_BENCH_STREAMS` ("1,4"), `BRAID_BENCH_CC` ("reno"), `BRAID_BENCH_DIRS` ("up,down"; down = server → client),
@@ -24,8 +25,8 @@ mod support;
 
 use braid_lab::{Delay, StandardConfig, StandardLab};
 use support::{
-    counters, deltas, dirs_wanted, env_or, hold_to_quota, machine_busy_ticks, median, pin_to_cpus,
-    proc_cpu_ticks, quota_report, start_daemons,
+    counters, deltas, dirs_wanted, env_or, hold_to_quota, machine_busy_ticks, machine_steal_ticks,
+    median, pin_to_cpus, proc_cpu_ticks, quota_report, start_daemons,
 };
 
 const CAPTURED: u16 = 5201;
@@ -39,11 +40,19 @@ struct Run {
     gateway_ticks: u64,
     converter_ticks: u64,
     machine_ticks: u64,
+    steal_ticks: u64,
+    secs: f64,
 }
 
 impl Run {
     fn per_gib(&self, ticks: u64) -> f64 {
         ticks as f64 / 100.0 / (self.bytes as f64 / (1u64 << 30) as f64)
+    }
+
+    /// Stolen CPU time, percent of all CPUs' time during the run.
+    fn steal_percent(&self) -> f64 {
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+        self.steal_ticks as f64 / (self.secs * 100.0 * cpus) * 100.0
     }
 }
 
@@ -108,9 +117,9 @@ fn main() {
     println!();
     println!(
         "| streams | direction | round | forwarded Gbit/s | gateway + converter Gbit/s | ratio | \
-         CPU-s/GiB gateway / converter | machine CPU-s/GiB fwd / braid |"
+         CPU-s/GiB gateway / converter | machine CPU-s/GiB fwd / braid | steal % fwd / braid |"
     );
-    println!("|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|");
     let mut summary = Vec::new();
     for &n in &streams {
         for reverse in [false, true] {
@@ -150,8 +159,10 @@ fn main() {
                 let rate = |r: &Option<Run>| r.map_or(f64::NAN, |r| r.gbit);
                 let cpu =
                     |r: &Option<Run>, t: fn(&Run) -> u64| r.map_or(f64::NAN, |r| r.per_gib(t(&r)));
+                let steal = |r: &Option<Run>| r.map_or(f64::NAN, |r| r.steal_percent());
                 println!(
-                    "| {n} | {dir} | {round} | {:.2} | {:.2} | {:.2} | {:.2} / {:.2} | {:.2} / {:.2} |",
+                    "| {n} | {dir} | {round} | {:.2} | {:.2} | {:.2} | {:.2} / {:.2} | {:.2} / {:.2} \
+                     | {:.1} / {:.1} |",
                     rate(&f),
                     rate(&c),
                     rate(&c) / rate(&f),
@@ -159,6 +170,8 @@ fn main() {
                     cpu(&c, |r| r.converter_ticks),
                     cpu(&f, |r| r.machine_ticks),
                     cpu(&c, |r| r.machine_ticks),
+                    steal(&f),
+                    steal(&c),
                 );
                 fwd.push(rate(&f));
                 conv.push(rate(&c));
@@ -215,11 +228,13 @@ fn iperf(
     if intervals {
         args.extend(["-i", "0.1"]);
     }
-    let (g0, c0, m0) = (
+    let (g0, c0, m0, s0) = (
         proc_cpu_ticks(gateway),
         proc_cpu_ticks(converter),
         machine_busy_ticks(),
+        machine_steal_ticks(),
     );
+    let t0 = std::time::Instant::now();
     let run = braid_lab::iperf3::run(
         &lab.server,
         &lab.client,
@@ -246,6 +261,8 @@ fn iperf(
                 gateway_ticks: proc_cpu_ticks(gateway) - g0,
                 converter_ticks: proc_cpu_ticks(converter) - c0,
                 machine_ticks: machine_busy_ticks() - m0,
+                steal_ticks: machine_steal_ticks() - s0,
+                secs: t0.elapsed().as_secs_f64(),
             })
         }
         Err(e) => {

@@ -210,6 +210,18 @@ pub fn machine_busy_ticks() -> u64 {
     total - v.get(3).copied().unwrap_or(0) - v.get(4).copied().unwrap_or(0)
 }
 
+/// Ticks (USER_HZ) the hypervisor gave this machine's vCPUs to others while they had work
+/// (`steal` in /proc/stat), all CPUs: a round whose relays cost more per byte with steal high
+/// was slowed by the neighbours, not by itself.
+pub fn machine_steal_ticks() -> u64 {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let line = stat.lines().next().unwrap_or_default();
+    line.split_whitespace()
+        .nth(8)
+        .and_then(|x| x.parse().ok())
+        .unwrap_or(0)
+}
+
 /// `BRAID_BENCH_CPUS` (e.g. "0"): this process, and so everything it starts (daemons and
 /// iperf3 inherit it through `ip netns exec`), runs on those CPUs only. On one CPU no wakeup
 /// crosses to another; on a virtual machine each crossing is an inter-processor interrupt,
