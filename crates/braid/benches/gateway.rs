@@ -7,7 +7,8 @@
 //! Every round is printed (rate of both paths, their ratio, each relay's CPU-seconds per GiB,
 //! the share of CPU time the hypervisor gave to other guests), then per case the median, the
 //! worst round's ratio and the spread of braid's rate between rounds (max / min − 1): a stall
-//! shows as one slow round, which a median hides.
+//! shows as one slow round, which a median hides. Forwarding's own spread beside it says how
+//! steady the machine was.
 //!
 //! Run: `cargo bench -p braid --bench gateway` (as root). Knobs: `BRAID_BENCH_ROUNDS` (5),
 //! `BRAID_BENCH_SECS` (3), `BRAID_BENCH_STREAMS` ("1,4"), `BRAID_BENCH_CC` ("reno"), `BRAID_BENCH_DIRS` ("up,down"; down = server → client),
@@ -181,24 +182,27 @@ fn main() {
                 .zip(&conv)
                 .map(|(f, c)| c / f)
                 .fold(f64::INFINITY, f64::min);
-            let finite: Vec<f64> = conv.iter().copied().filter(|x| x.is_finite()).collect();
-            let spread = finite.iter().copied().fold(0.0, f64::max)
-                / finite.iter().copied().fold(f64::INFINITY, f64::min)
-                - 1.0;
+            let spread = |rates: &[f64]| {
+                let finite = rates.iter().copied().filter(|x| x.is_finite());
+                finite.clone().fold(0.0, f64::max) / finite.fold(f64::INFINITY, f64::min) - 1.0
+            };
+            // Forwarding's own spread says how steady the machine was during the run.
+            let (spread_c, spread_f) = (spread(&conv), spread(&fwd));
             let (f, c) = (median(fwd), median(conv));
             summary.push(format!(
-                "| {n} | {dir} | {f:.2} | {c:.2} | {:.2} | {worst:.2} | {:.0}% |",
+                "| {n} | {dir} | {f:.2} | {c:.2} | {:.2} | {worst:.2} | {:.0}% | {:.0}% |",
                 c / f,
-                spread * 100.0
+                spread_c * 100.0,
+                spread_f * 100.0
             ));
         }
     }
     println!();
     println!(
         "| streams | direction | forwarded Gbit/s | gateway + converter Gbit/s | ratio (median) | \
-         worst round | spread |"
+         worst round | spread | forwarded spread |"
     );
-    println!("|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|");
     for line in summary {
         println!("{line}");
     }
