@@ -105,6 +105,39 @@ async fn room_in(dst: &TcpStream, nudge: bool) -> io::Result<Room> {
     }
 }
 
+/// The socket a direction writes into, and whether its waits look for a stuck MPTCP sender.
+struct Sink<'a> {
+    sock: &'a TcpStream,
+    nudge: bool,
+}
+
+impl Sink<'_> {
+    /// Waits for room, then writes with `ready` (through tokio's readiness) or, after a recheck
+    /// or a nudge, with `direct` (the syscall itself, past tokio's cached readiness). A nudged
+    /// send buffer is put back right after the write. `WouldBlock`: wait again.
+    async fn write(
+        &self,
+        ready: impl FnOnce(&TcpStream) -> io::Result<usize>,
+        direct: impl FnOnce(&TcpStream) -> io::Result<usize>,
+    ) -> io::Result<usize> {
+        let room = room_in(self.sock, self.nudge).await?;
+        let wrote = if room == Room::Ready {
+            ready(self.sock)
+        } else {
+            direct(self.sock)
+        };
+        if let Room::Nudged(bound) = room {
+            crate::sendbuf::restore(self.sock, bound);
+        }
+        if let (Room::Recheck, Ok(m)) = (room, &wrote) {
+            if *m > 0 {
+                missed_wakeup(*m);
+            }
+        }
+        wrote
+    }
+}
+
 fn missed_wakeup(written: usize) {
     let n = MISSED_WAKEUPS.fetch_add(1, Relaxed);
     if n % 1000 == 0 {
@@ -321,9 +354,9 @@ async fn pump(
     let end = if splices(cfg.engine, || {
         braid_sys::sockopt::is_mptcp(src).unwrap_or(false)
     }) {
-        pump_splice(src, dst, moved, cfg.buffer, nudge).await
+        pump_splice(src, &Sink { sock: dst, nudge }, moved, cfg.buffer).await
     } else {
-        pump_copy(src, dst, moved, cfg.buffer, nudge).await
+        pump_copy(src, &Sink { sock: dst, nudge }, moved, cfg.buffer).await
     };
     if let PumpEnd::Eof = end {
         // Half-close: the peer learns there is no more, the other direction keeps going. On an
@@ -382,13 +415,7 @@ impl Quiet {
     }
 }
 
-async fn pump_copy(
-    src: &TcpStream,
-    dst: &TcpStream,
-    moved: &AtomicU64,
-    size: usize,
-    nudge: bool,
-) -> PumpEnd {
+async fn pump_copy(src: &TcpStream, dst: &Sink<'_>, moved: &AtomicU64, size: usize) -> PumpEnd {
     // Bytes are read into the spare capacity and written out before the next read, so the
     // buffer is empty between reads; its capacity is this direction's read size (0: quiet).
     let mut buf: Vec<u8> = Vec::new();
@@ -415,26 +442,13 @@ async fn pump_copy(
         };
         let mut off = 0;
         while off < n {
-            let room = match room_in(dst, nudge).await {
-                Ok(r) => r,
-                Err(e) => return PumpEnd::WriteFailed(e),
-            };
-            let wrote = if room == Room::Ready {
-                dst.try_write(&buf[off..n])
-            } else {
-                // Straight to the syscall (MSG_NOSIGNAL), past tokio's readiness.
-                SockRef::from(dst).send(&buf[off..n])
-            };
-            if let Room::Nudged(bound) = room {
-                crate::sendbuf::restore(dst, bound);
-            }
+            let chunk = &buf[off..n];
+            // The direct way is send(2) with MSG_NOSIGNAL.
+            let wrote = dst
+                .write(|d| d.try_write(chunk), |d| SockRef::from(d).send(chunk))
+                .await;
             match wrote {
-                Ok(m) => {
-                    if room == Room::Recheck && m > 0 {
-                        missed_wakeup(m);
-                    }
-                    off += m
-                }
+                Ok(m) => off += m,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                 Err(e) => return PumpEnd::WriteFailed(e),
             }
@@ -470,13 +484,7 @@ fn make_pipe(size: usize) -> io::Result<(OwnedFd, OwnedFd)> {
     Ok((r, w))
 }
 
-async fn pump_splice(
-    src: &TcpStream,
-    dst: &TcpStream,
-    moved: &AtomicU64,
-    size: usize,
-    nudge: bool,
-) -> PumpEnd {
+async fn pump_splice(src: &TcpStream, dst: &Sink<'_>, moved: &AtomicU64, size: usize) -> PumpEnd {
     let flags = SpliceFFlags::SPLICE_F_MOVE | SpliceFFlags::SPLICE_F_NONBLOCK;
     let mut pipe: Option<(OwnedFd, OwnedFd)> = None;
     let mut quiet = Quiet::new();
@@ -513,26 +521,13 @@ async fn pump_splice(
         moved.fetch_add(in_pipe as u64, Relaxed);
         quiet.data();
         while in_pipe > 0 {
-            let room = match room_in(dst, nudge).await {
-                Ok(r) => r,
-                Err(e) => return PumpEnd::WriteFailed(e),
-            };
-            let out = || splice(pr, None, dst, None, in_pipe, flags).map_err(io::Error::from);
-            let wrote = if room == Room::Ready {
-                dst.try_io(Interest::WRITABLE, out)
-            } else {
-                out()
-            };
-            if let Room::Nudged(bound) = room {
-                crate::sendbuf::restore(dst, bound);
-            }
+            let out =
+                |d: &TcpStream| splice(pr, None, d, None, in_pipe, flags).map_err(io::Error::from);
+            let wrote = dst
+                .write(|d| d.try_io(Interest::WRITABLE, || out(d)), &out)
+                .await;
             match wrote {
-                Ok(m) => {
-                    if room == Room::Recheck && m > 0 {
-                        missed_wakeup(m);
-                    }
-                    in_pipe -= m
-                }
+                Ok(m) => in_pipe -= m,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                 Err(e) => return PumpEnd::WriteFailed(e),
             }

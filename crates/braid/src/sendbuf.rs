@@ -53,7 +53,8 @@
 //! socket therefore also gets a fixed receive buffer of [`RECEIVE`], as the gateway's client
 //! socket has from the start, so the window opens above anything the bounded sender can have
 //! in flight (0 of 30). Fixed is right on such a path only: a sub-millisecond round trip needs
-//! a few hundred KiB even at 20 Gbit/s, and no other path is bounded.
+//! a few hundred KiB even at 20 Gbit/s, and no other path is bounded. It costs the converter's
+//! uploads about an eighth more CPU per byte (docs/architecture.md).
 //!
 //! I/O: one `MPTCP_FULL_INFO` read when the relay starts; for a bounded connection one more
 //! every 100 ms while it moves at least 1 MiB between readings, backing off to every second
@@ -91,8 +92,9 @@ pub const STUCK_AFTER: Duration = Duration::from_millis(5);
 pub const NUDGE: usize = 512 << 10;
 
 /// The receive buffer of a bounded connection's MPTCP socket (the kernel doubles it): the
-/// same as the gateway's Convert client sets before it connects (`client.rs`), above what a
-/// bounded sender keeps in flight even at [`CEILING`].
+/// same as the gateway's Convert client sets before it connects (`client.rs`); its window, about
+/// 6 MB, is above what a sender bounded at [`FLOOR`] can have in flight, a nudge included
+/// (2 MiB here left a nudged sender window-bound: 1 of 30 uploads stood still).
 pub const RECEIVE: usize = 4 << 20;
 
 /// Nudges so far (in the debug log).
