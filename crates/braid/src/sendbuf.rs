@@ -61,10 +61,10 @@
 //! when it does not; one more each time a write into a bounded socket has waited
 //! [`STUCK_AFTER`].
 
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
 use braid_sys::sockopt::{SubflowInfo, mptcp_full, mptcp_subflows, send_buffer, set_send_buffer};
+use prometheus_client::metrics::counter::Counter;
 use tokio::net::TcpStream;
 
 use crate::config::SendBuffer;
@@ -97,8 +97,14 @@ pub const NUDGE: usize = 512 << 10;
 /// (2 MiB here left a nudged sender window-bound: 1 of 30 uploads stood still).
 pub const RECEIVE: usize = 4 << 20;
 
-/// Nudges so far (in the debug log).
-static NUDGES: AtomicU64 = AtomicU64::new(0);
+/// Nudges so far in this process (both daemons' metrics, `mptcp_ack_nudges_total`).
+static NUDGES: std::sync::LazyLock<Counter> = std::sync::LazyLock::new(Counter::default);
+
+/// The process's nudge counter, for a daemon's metrics registry: how often the kernel's
+/// receiver left a sender waiting on a data acknowledgement.
+pub fn nudges() -> Counter {
+    NUDGES.clone()
+}
 
 const FAST: Duration = Duration::from_millis(100);
 const SLOW: Duration = Duration::from_secs(1);
@@ -239,7 +245,7 @@ pub fn nudge(s: &TcpStream) -> Option<usize> {
         return None;
     }
     let bound = raise(s)?;
-    let n = NUDGES.fetch_add(1, Relaxed) + 1;
+    let n = NUDGES.inc() + 1;
     tracing::debug!(
         unacked = sending.unacked,
         bound,

@@ -190,6 +190,10 @@ fn redirect_mode_and_an_ipv6_client() {
         metrics.contains("braid_gateway_mptcp_fallback_total 0"),
         "{metrics}"
     );
+    assert!(
+        metrics.contains("braid_gateway_mptcp_ack_nudges_total 0"),
+        "{metrics}"
+    );
     // At least the initial subflow of each of the two connections (the peak is sampled).
     let subflows: u64 = metrics
         .lines()
