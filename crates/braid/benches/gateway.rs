@@ -26,8 +26,8 @@ mod support;
 
 use braid_lab::{Delay, StandardConfig, StandardLab};
 use support::{
-    counters, deltas, dirs_wanted, env_or, hold_to_quota, machine_busy_ticks, machine_steal_ticks,
-    median, pin_to_cpus, proc_cpu_ticks, quota_report, start_daemons,
+    counters, deltas, dirs_wanted, env_or, hold_to_quota, machine_cpu, median, pin_to_cpus,
+    proc_cpu_ticks, quota_report, start_daemons,
 };
 
 const CAPTURED: u16 = 5201;
@@ -42,7 +42,8 @@ struct Run {
     converter_ticks: u64,
     machine_ticks: u64,
     steal_ticks: u64,
-    secs: f64,
+    /// CPU-seconds the machine had during the run (all CPUs).
+    cpu_secs: f64,
 }
 
 impl Run {
@@ -52,8 +53,7 @@ impl Run {
 
     /// Stolen CPU time, percent of all CPUs' time during the run.
     fn steal_percent(&self) -> f64 {
-        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
-        self.steal_ticks as f64 / (self.secs * 100.0 * cpus) * 100.0
+        self.steal_ticks as f64 / 100.0 / self.cpu_secs * 100.0
     }
 }
 
@@ -232,11 +232,10 @@ fn iperf(
     if intervals {
         args.extend(["-i", "0.1"]);
     }
-    let (g0, c0, m0, s0) = (
+    let (g0, c0, m0) = (
         proc_cpu_ticks(gateway),
         proc_cpu_ticks(converter),
-        machine_busy_ticks(),
-        machine_steal_ticks(),
+        machine_cpu(),
     );
     let t0 = std::time::Instant::now();
     let run = braid_lab::iperf3::run(
@@ -259,14 +258,15 @@ fn iperf(
                     .collect();
                 println!("# Gbit/s per 0.1 s: {}", rates.join(" "));
             }
+            let m1 = machine_cpu();
             Some(Run {
                 gbit: run.received_bps / 1e9,
                 bytes: run.received_bytes.max(1),
                 gateway_ticks: proc_cpu_ticks(gateway) - g0,
                 converter_ticks: proc_cpu_ticks(converter) - c0,
-                machine_ticks: machine_busy_ticks() - m0,
-                steal_ticks: machine_steal_ticks() - s0,
-                secs: t0.elapsed().as_secs_f64(),
+                machine_ticks: m1.busy - m0.busy,
+                steal_ticks: m1.steal - m0.steal,
+                cpu_secs: t0.elapsed().as_secs_f64() * m1.cpus.max(1) as f64,
             })
         }
         Err(e) => {

@@ -281,9 +281,9 @@ pub struct Watch {
 impl Watch {
     /// The first reading, made before the relay moves a byte (a transfer over the lab's
     /// unshaped links that started unbounded stalled within its first 100 ms, and bounding it
-    /// 10 ms in was too late). Does nothing unless `mode` is [`SendBuffer::Auto`] (a fixed size
-    /// is set when the socket is made) and the socket is MPTCP. A bounded socket's receive
-    /// buffer is fixed at [`RECEIVE`] here too.
+    /// 10 ms in was too late). Sets nothing unless `mode` is [`SendBuffer::Auto`] (a fixed size
+    /// is set when the socket is made, and counts as bounded) and the socket is MPTCP. A socket
+    /// bounded here gets its receive buffer fixed at [`RECEIVE`] too.
     pub fn start(s: &TcpStream, mode: SendBuffer, mptcp: bool) -> Watch {
         if mode != SendBuffer::Auto || !mptcp {
             let bounded = mptcp && matches!(mode, SendBuffer::Fixed(_));

@@ -197,29 +197,39 @@ pub fn proc_cpu_ticks(pid: u32) -> u64 {
     f.get(10).copied().unwrap_or(0) + f.get(11).copied().unwrap_or(0)
 }
 
-pub fn machine_busy_ticks() -> u64 {
+/// The whole machine's CPU time so far, from one read of /proc/stat (USER_HZ ticks, all CPUs).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct MachineCpu {
+    /// Everything but idle and iowait.
+    pub busy: u64,
+    /// Time the hypervisor gave this machine's vCPUs to others while they had work (`steal`):
+    /// a round whose relays cost more per byte with steal high was slowed by the neighbours.
+    pub steal: u64,
+    /// CPUs counted (the `cpuN` lines: all of the machine's, whatever this process is pinned to).
+    pub cpus: u64,
+}
+
+pub fn machine_cpu() -> MachineCpu {
     let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
-    let line = stat.lines().next().unwrap_or_default();
-    let v: Vec<u64> = line
+    let mut lines = stat.lines();
+    let v: Vec<u64> = lines
+        .next()
+        .unwrap_or_default()
         .split_whitespace()
         .skip(1)
         .filter_map(|x| x.parse().ok())
         .collect();
-    let total: u64 = v.iter().sum();
-    // idle and iowait are the 4th and 5th numbers.
-    total - v.get(3).copied().unwrap_or(0) - v.get(4).copied().unwrap_or(0)
+    let at = |i: usize| v.get(i).copied().unwrap_or(0);
+    MachineCpu {
+        // idle and iowait are the 4th and 5th numbers, steal the 8th.
+        busy: v.iter().sum::<u64>() - at(3) - at(4),
+        steal: at(7),
+        cpus: lines.filter(|l| l.starts_with("cpu")).count() as u64,
+    }
 }
 
-/// Ticks (USER_HZ) the hypervisor gave this machine's vCPUs to others while they had work
-/// (`steal` in /proc/stat), all CPUs: a round whose relays cost more per byte with steal high
-/// was slowed by the neighbours, not by itself.
-pub fn machine_steal_ticks() -> u64 {
-    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
-    let line = stat.lines().next().unwrap_or_default();
-    line.split_whitespace()
-        .nth(8)
-        .and_then(|x| x.parse().ok())
-        .unwrap_or(0)
+pub fn machine_busy_ticks() -> u64 {
+    machine_cpu().busy
 }
 
 /// `BRAID_BENCH_CPUS` (e.g. "0"): this process, and so everything it starts (daemons and
