@@ -53,8 +53,8 @@
 //! socket therefore also gets a fixed receive buffer of [`RECEIVE`], as the gateway's client
 //! socket has from the start, so the window opens above anything the bounded sender can have
 //! in flight (0 of 30). Fixed is right on such a path only: a sub-millisecond round trip needs
-//! a few hundred KiB even at 20 Gbit/s, and no other path is bounded. Its CPU price on the converter's
-//! uploads, if any, is within the noise of the measurements (docs/architecture.md).
+//! a few hundred KiB even at 20 Gbit/s, and no other path is bounded. Its CPU price on the
+//! converter's uploads, if any, is within the noise of the measurements (docs/architecture.md).
 //!
 //! I/O: one `MPTCP_FULL_INFO` read when the relay starts; for a bounded connection one more
 //! every 100 ms while it moves at least 1 MiB between readings, backing off to every second

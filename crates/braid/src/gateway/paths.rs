@@ -730,6 +730,12 @@ impl Manager {
     }
 
     async fn apply(&mut self, c: uplinks::Changes) {
+        for e in c.announce_priority {
+            // Deleted and added again below; what is held follows those.
+            if let Err(err) = self.pm.set_backup(e.id, e.backup).await {
+                tracing::debug!(id = e.id, addr = %e.addr, backup = e.backup, error = %err, "announcing an MPTCP endpoint's priority before replacing it")
+            }
+        }
         for e in c.set_priority {
             match self.pm.set_backup(e.id, e.backup).await {
                 Ok(()) => {

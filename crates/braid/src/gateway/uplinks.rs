@@ -437,6 +437,13 @@ pub struct Changes {
     /// Endpoints whose priority alone changes while no other uplink carries at normal
     /// priority: changed in place (MP_PRIO on their subflows), not closed.
     pub set_priority: Vec<WantedEndpoint>,
+    /// Endpoints whose priority changes by replacement (in `del_endpoints` and
+    /// `add_endpoints`), given their new priority in place first, so that the subflows the
+    /// replacement leaves behind carry it too: the deletion only half-closes a connection's
+    /// first subflow (`__mptcp_close_ssk()` keeps `msk->first` and sends a FIN), and the peer
+    /// keeps sending on it until the REMOVE_ADDR (one option, over that same lossy subflow)
+    /// or the FIN arrives (seen: the converter still sending on it 5 s later), or this MP_PRIO.
+    pub announce_priority: Vec<WantedEndpoint>,
     pub del_endpoints: Vec<WantedEndpoint>,
     pub del_rules: Vec<RuleKey>,
     pub del_routes: Vec<RouteKey>,
@@ -455,20 +462,16 @@ impl Programmed {
     /// The changes that turn `self` (held) into `want`. An endpoint whose address or device
     /// changed is deleted and added again (its id stays), which is also what makes the kernel
     /// open subflows from it on running connections. One whose priority alone changed is
-    /// replaced the same way while another uplink carries at normal priority, and changed in
-    /// place only when none does. Why: in place, the peer learns the priority from one MP_PRIO
-    /// option on one pure ACK, sent once and never again (`mptcp_pm_mp_prio_send_ack()`), over
-    /// the very uplink whose loss made it degraded; when it is lost the converter keeps
-    /// sending on the lossy subflow, and what is lost there waits for that subflow's own
-    /// backed-off retransmissions (the kernel reinjects only onto a subflow with nothing in
-    /// flight, which a busy good one never is). With 20 % loss each way the MP_PRIO was lost
-    /// in 5 of 11 runs of a 4 Mbit/s stream, and 3 of those stalled for 1.8–2.1 s. A replaced subflow joins again with the priority in its MP_JOIN
-    /// SYN, which is retransmitted until answered, and closing the old one makes the kernel
-    /// send again at once what it had unacknowledged. Without another carrier that rejoin
-    /// would leave connections with no path for a round trip or more (its SYN crosses the
-    /// lossy link), and a lost MP_PRIO matters less there: the peer's scheduler turns to a
-    /// backup subflow by itself once its other subflows go stale. Deletions come first, and
-    /// endpoints go before the routes they need and come after them.
+    /// replaced the same way while an endpoint of another uplink is held and stays at normal
+    /// priority, and changed in place (MP_PRIO) only when none is. Why not always in place:
+    /// the kernel sends MP_PRIO once, on one pure ACK, over the uplink whose loss made it
+    /// degraded; lost, the converter keeps sending on the lossy subflow, and what it loses
+    /// there waits for that subflow's backed-off retransmissions (docs/architecture.md, kernel
+    /// workarounds). A rejoin carries the priority in its MP_JOIN SYN, retransmitted until
+    /// answered. Why not always a rejoin: with no other established path it would leave
+    /// connections with none for a round trip or more, and there a lost MP_PRIO matters
+    /// less (the peer turns to a backup subflow by itself once the others go stale).
+    /// Deletions come first, and endpoints go before the routes they need and come after them.
     pub fn changes(&self, want: &Programmed) -> Changes {
         fn gone<T: Ord + Copy>(a: &BTreeSet<T>, b: &BTreeSet<T>) -> Vec<T> {
             a.difference(b).copied().collect()
@@ -481,17 +484,23 @@ impl Programmed {
         let other_carrier = |a: &WantedEndpoint| {
             want.endpoints
                 .iter()
-                .any(|w| w.ifindex != a.ifindex && !w.backup)
+                .any(|w| w.ifindex != a.ifindex && !w.backup && self.endpoints.contains(w))
         };
         let set_priority: Vec<WantedEndpoint> = add_endpoints
             .iter()
             .filter(|a| del_endpoints.iter().any(|d| same(a, d)) && !other_carrier(a))
             .copied()
             .collect();
+        let announce_priority: Vec<WantedEndpoint> = add_endpoints
+            .iter()
+            .filter(|a| del_endpoints.iter().any(|d| same(a, d)) && other_carrier(a))
+            .copied()
+            .collect();
         del_endpoints.retain(|d| !set_priority.iter().any(|a| same(a, d)));
         add_endpoints.retain(|a| !set_priority.contains(a));
         Changes {
             set_priority,
+            announce_priority,
             del_endpoints,
             del_rules: gone(&self.rules, &want.rules),
             del_routes: gone(&self.routes, &want.routes),
@@ -789,17 +798,25 @@ mod tests {
             let c = held(&[ep(1, 3, from), ep(2, 4, false)])
                 .changes(&held(&[ep(1, 3, to), ep(2, 4, false)]));
             assert!(c.set_priority.is_empty(), "{c:?}");
+            assert_eq!(c.announce_priority, [ep(1, 3, to)]);
             assert_eq!(c.del_endpoints, [ep(1, 3, from)]);
             assert_eq!(c.add_endpoints, [ep(1, 3, to)]);
         }
-        // The other uplink gone, or itself at backup priority: in place, nothing closed
-        // while it may be all there is.
-        for want in [
-            held(&[ep(1, 3, false)]),
-            held(&[ep(1, 3, false), ep(2, 4, true)]),
+        // The other uplink gone, at backup priority, or only now added (its subflows not
+        // joined yet): in place, nothing closed while it may be all there is.
+        for (before, want) in [
+            (
+                &[ep(1, 3, true), ep(2, 4, false)][..],
+                held(&[ep(1, 3, false)]),
+            ),
+            (
+                &[ep(1, 3, true), ep(2, 4, false)],
+                held(&[ep(1, 3, false), ep(2, 4, true)]),
+            ),
+            (&[ep(1, 3, true)], held(&[ep(1, 3, false), ep(2, 4, false)])),
         ] {
-            let c = held(&[ep(1, 3, true), ep(2, 4, false)]).changes(&want);
-            assert_eq!(c.set_priority, [ep(1, 3, false)], "{c:?}");
+            let c = held(before).changes(&want);
+            assert!(c.set_priority.contains(&ep(1, 3, false)), "{c:?}");
             assert!(!c.del_endpoints.contains(&ep(1, 3, true)));
             assert!(!c.add_endpoints.contains(&ep(1, 3, false)));
         }
