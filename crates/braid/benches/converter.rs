@@ -40,7 +40,7 @@ use braid::client::{self, ClientOptions};
 use braid_lab::{Netns, Process, StandardConfig, StandardLab};
 use socket2::{Domain, Protocol, Socket, Type};
 use support::{
-    counters, deltas, dirs_wanted, env_or, hold_to_quota, ipis, machine_busy_ticks, pin_to_cpus,
+    counters, deltas, dirs_wanted, env_or, hold_to_quota, ipis, machine_cpu, pin_to_cpus,
     proc_cpu_ticks, quota_report, wait_listening,
 };
 
@@ -402,11 +402,11 @@ fn measure(
     let n0 = nstat.then(|| (counters(&lab.gateway), counters(&lab.converter), ipis()));
     let (b0, t0) = (moved.load(Relaxed), Instant::now());
     let r0 = relay_pid.map(proc_cpu_ticks);
-    let m0 = machine_busy_ticks();
+    let m0 = machine_cpu().busy;
     std::thread::sleep(Duration::from_secs_f64(secs));
     let (b1, dt) = (moved.load(Relaxed), t0.elapsed().as_secs_f64());
     let r1 = relay_pid.map(proc_cpu_ticks);
-    let m1 = machine_busy_ticks();
+    let m1 = machine_cpu().busy;
     if let Some((g0, c0, i0)) = n0 {
         let i1 = ipis();
         let gib = (moved.load(Relaxed) - b0) as f64 / (1u64 << 30) as f64;

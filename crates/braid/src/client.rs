@@ -64,7 +64,7 @@ impl Default for ClientOptions {
         ClientOptions {
             mptcp: true,
             fast_open: true,
-            rcvbuf: Some(4 << 20),
+            rcvbuf: Some(crate::sendbuf::RECEIVE),
             sndbuf: None,
             bind: None,
             timeout: Duration::from_secs(10),

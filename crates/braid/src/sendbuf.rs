@@ -91,8 +91,8 @@ pub const STUCK_AFTER: Duration = Duration::from_millis(5);
 /// queue holds a little more than the bound.
 pub const NUDGE: usize = 512 << 10;
 
-/// The receive buffer of a bounded connection's MPTCP socket (the kernel doubles it): the
-/// same as the gateway's Convert client sets before it connects (`client.rs`); its window, about
+/// The receive buffer of a bounded connection's MPTCP socket (the kernel doubles it), and the
+/// one the gateway's Convert client sets before it connects (`client.rs`); its window, about
 /// 6 MB, is above what a sender bounded at [`FLOOR`] can have in flight, a nudge included
 /// (2 MiB here left a nudged sender window-bound: 1 of 30 uploads stood still).
 pub const RECEIVE: usize = 4 << 20;
@@ -100,10 +100,15 @@ pub const RECEIVE: usize = 4 << 20;
 /// Nudges so far in this process (both daemons' metrics, `mptcp_ack_nudges_total`).
 static NUDGES: std::sync::LazyLock<Counter> = std::sync::LazyLock::new(Counter::default);
 
-/// The process's nudge counter, for a daemon's metrics registry: how often the kernel's
-/// receiver left a sender waiting on a data acknowledgement.
-pub fn nudges() -> Counter {
-    NUDGES.clone()
+/// Registers the process's nudge counter (`mptcp_ack_nudges_total`) in a daemon's registry:
+/// how often the kernel's receiver left a sender waiting on a data acknowledgement.
+pub fn register_nudges(r: &mut prometheus_client::registry::Registry) {
+    r.register(
+        "mptcp_ack_nudges",
+        "Writes let past a bounded MPTCP send buffer because the kernel's MPTCP receiver left \
+         the sender waiting for a data acknowledgement (each would have been a 200 ms stall)",
+        NUDGES.clone(),
+    );
 }
 
 const FAST: Duration = Duration::from_millis(100);

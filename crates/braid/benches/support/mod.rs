@@ -228,10 +228,6 @@ pub fn machine_cpu() -> MachineCpu {
     }
 }
 
-pub fn machine_busy_ticks() -> u64 {
-    machine_cpu().busy
-}
-
 /// `BRAID_BENCH_CPUS` (e.g. "0"): this process, and so everything it starts (daemons and
 /// iperf3 inherit it through `ip netns exec`), runs on those CPUs only. On one CPU no wakeup
 /// crosses to another; on a virtual machine each crossing is an inter-processor interrupt,

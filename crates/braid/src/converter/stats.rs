@@ -67,12 +67,7 @@ impl Stats {
             self.handshake_failures.clone(),
         );
         r.register("bytes", "Bytes relayed, by direction", self.bytes.clone());
-        r.register(
-            "mptcp_ack_nudges",
-            "Writes let past a bounded MPTCP send buffer because the kernel's MPTCP receiver left \
-             the sender waiting for a data acknowledgement (each would have been a 200 ms stall)",
-            crate::sendbuf::nudges(),
-        );
+        crate::sendbuf::register_nudges(r);
         r.register(
             "tcp_fallback",
             "Client connections that are plain TCP instead of MPTCP",

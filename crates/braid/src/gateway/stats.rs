@@ -86,12 +86,7 @@ impl Stats {
             self.connections.clone(),
         );
         r.register("bytes", "Bytes relayed, by direction", self.bytes.clone());
-        r.register(
-            "mptcp_ack_nudges",
-            "Writes let past a bounded MPTCP send buffer because the kernel's MPTCP receiver left \
-             the sender waiting for a data acknowledgement (each would have been a 200 ms stall)",
-            crate::sendbuf::nudges(),
-        );
+        crate::sendbuf::register_nudges(r);
         r.register(
             "mptcp_fallback",
             "Connections to a converter that fell back to plain TCP",
