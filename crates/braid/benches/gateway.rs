@@ -20,14 +20,17 @@
 //! that moved), `BRAID_BENCH_INTERVALS` (set: the converted runs' rate every 0.1 s), `BRAID_BENCH_SS` (set: `ss -tinmM` in both relays' namespaces 1.5 s into every
 //! converted run), `BRAID_BENCH_CPU_QUOTA` (e.g. 0.25: each daemon held to that fraction of a
 //! core by a CPU cgroup, as on a small router), `BRAID_BENCH_CPUS` (e.g. "0": the whole lab's
-//! processes on those CPUs only; see `support::pin_to_cpus`).
+//! processes on those CPUs only; see `support::pin_to_cpus`), `BRAID_BENCH_PLACE` ("sides", the default
+//! on two or more CPUs unless `BRAID_BENCH_CPUS` is set: the client and the gateway on CPU 0,
+//! the converter and the server on CPU 1, in every round; "scheduler": wherever the scheduler
+//! puts them; see `support::placement`).
 
 mod support;
 
 use braid_lab::{Delay, StandardConfig, StandardLab};
 use support::{
-    counters, deltas, dirs_wanted, env_or, hold_to_quota, machine_cpu, median, pin_to_cpus,
-    proc_cpu_ticks, quota_report, start_daemons,
+    counters, deltas, dirs_wanted, env_or, hold_to_quota, machine_cpu, median, pin_to_cpus, place,
+    placement, proc_cpu_ticks, quota_report, start_daemons,
 };
 
 const CAPTURED: u16 = 5201;
@@ -107,13 +110,23 @@ fn main() {
     let pids = (daemons[1].pid(), daemons[0].pid());
     // A small router's CPU: each daemon held to its own quota, the forwarding left free.
     let quotas = hold_to_quota([pids.0, pids.1]);
+    let placed = placement();
+    if let Some((user, network)) = placed {
+        place(pids.0, user);
+        place(pids.1, network);
+    }
     let nstat = std::env::var_os("BRAID_BENCH_NSTAT").is_some();
     let snapshots = std::env::var_os("BRAID_BENCH_SS").is_some();
 
     println!(
         "# braid gateway benchmark: iperf3 LAN client → server, {rounds} interleaved rounds of \
-         {secs} s, congestion control {cc}, capture {capture}, {shaping}, {} cores",
-        std::thread::available_parallelism().map_or(0, |n| n.get())
+         {secs} s, congestion control {cc}, capture {capture}, {shaping}, {} cores, {}",
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        match placed {
+            Some((user, network)) =>
+                format!("client and gateway on CPU {user}, converter and server on CPU {network}"),
+            None => "placed by the scheduler".to_string(),
+        }
     );
     println!();
     println!(
@@ -134,7 +147,7 @@ fn main() {
             };
             let (mut fwd, mut conv) = (Vec::new(), Vec::new());
             for round in 1..=rounds {
-                let f = iperf(&lab, FORWARDED, n, secs, reverse, pids);
+                let f = iperf(&lab, FORWARDED, n, secs, reverse, pids, placed);
                 let n0 = nstat.then(|| (counters(&lab.gateway), counters(&lab.converter)));
                 let c = std::thread::scope(|scope| {
                     if snapshots {
@@ -146,7 +159,7 @@ fn main() {
                             }
                         });
                     }
-                    iperf(&lab, CAPTURED, n, secs, reverse, pids)
+                    iperf(&lab, CAPTURED, n, secs, reverse, pids, placed)
                 });
                 if let (Some((g0, c0)), Some(c)) = (n0, c) {
                     let gib = c.bytes as f64 / (1u64 << 30) as f64;
@@ -222,9 +235,14 @@ fn iperf(
     secs: u32,
     reverse: bool,
     (gateway, converter): (u32, u32),
+    placed: Option<(usize, usize)>,
 ) -> Option<Run> {
     let (secs, streams) = (secs.to_string(), streams.to_string());
+    let affinity = placed.map(|(user, network)| format!("{user},{network}"));
     let mut args = vec!["-t", secs.as_str(), "-P", streams.as_str()];
+    if let Some(a) = &affinity {
+        args.extend(["-A", a.as_str()]);
+    }
     if reverse {
         args.push("-R");
     }

@@ -251,6 +251,42 @@ pub fn pin_to_cpus() {
         .expect("BRAID_BENCH_CPUS: sched_setaffinity");
 }
 
+/// Where the gateway benchmark's processes run, the same in every round: the user's side on
+/// CPU 0 and the network's side on CPU 1, as two machines would be (the LAN client and the
+/// gateway on one, the converter and the server on the other), as `Some((0, 1))`; the caller
+/// places iperf3's ends with its `-A client,server`. This is the default on two or more CPUs;
+/// `BRAID_BENCH_PLACE=scheduler` leaves placement to the scheduler, and `BRAID_BENCH_CPUS`
+/// (everything on the CPUs listed) turns it off. Left to the scheduler, the four processes land
+/// differently from round to round, and on this VM each wakeup that crosses vCPUs is an
+/// inter-processor interrupt (a VM exit, 32-34 µs of CPU), so the cost per byte, and with it
+/// the rate, changes with the placement rather than with the software (docs/architecture.md,
+/// "CPU per byte").
+pub fn placement() -> Option<(usize, usize)> {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if std::env::var_os("BRAID_BENCH_CPUS").is_some() || cpus < 2 {
+        return None;
+    }
+    match std::env::var("BRAID_BENCH_PLACE").as_deref() {
+        Err(_) | Ok("sides") => Some((0, 1)),
+        Ok("scheduler") => None,
+        Ok(other) => panic!("BRAID_BENCH_PLACE: \"sides\" or \"scheduler\", not {other:?}"),
+    }
+}
+
+/// Every thread of `pid` (a daemon's async workers already exist) on `cpu` only; threads it
+/// starts later inherit that.
+pub fn place(pid: u32, cpu: usize) {
+    let mut set = nix::sched::CpuSet::new();
+    set.set(cpu).expect("a CPU number");
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).expect("the daemon's threads");
+    for t in tasks.flatten() {
+        if let Some(tid) = t.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) {
+            // A thread that has just exited is no matter.
+            let _ = nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(tid), &set);
+        }
+    }
+}
+
 /// Inter-processor interrupts so far, all CPUs (`/proc/interrupts`: rescheduling, function
 /// call and TLB shootdown lines).
 pub fn ipis() -> u64 {

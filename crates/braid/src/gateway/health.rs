@@ -154,6 +154,8 @@ pub struct Transition {
 
 /// Traffic this recent makes a quiet uplink worth asking every `interval`.
 const TRAFFIC_RECENT: Duration = Duration::from_secs(5);
+/// Signs of loss this recent keep a working uplink asked every `interval`, to measure it.
+const LOSS_RECENT: Duration = Duration::from_secs(5);
 /// Probe rounds remembered for the loss estimate, and samples for the retransmission share.
 const ROUNDS_KEPT: usize = 10;
 const SAMPLES_KEPT: usize = 10;
@@ -205,8 +207,8 @@ pub struct Tracker {
     last_probe: Option<Instant>,
     urgent: bool,
     last_progress: bool,
-    /// The last sample showed retransmissions or out-of-order arrivals.
-    lossy: bool,
+    /// When a sample last showed retransmissions or out-of-order arrivals.
+    loss_seen: Option<Instant>,
     subflows: u32,
     /// When the gateway last carried traffic on any uplink.
     last_traffic: Option<Instant>,
@@ -240,7 +242,7 @@ impl Tracker {
             // Probe at once: an uplink that is up but dead from the start must not wait.
             urgent: link_up,
             last_progress: false,
-            lossy: false,
+            loss_seen: None,
             subflows: 0,
             last_traffic: None,
             probes_sent: 0,
@@ -323,7 +325,9 @@ impl Tracker {
             self.urgent = true;
         }
         self.last_progress = s.progress;
-        self.lossy = s.retrans > 0 || s.ooo > 0;
+        if s.retrans > 0 || s.ooo > 0 {
+            self.loss_seen = Some(now);
+        }
         self.subflows = s.subflows;
         if s.traffic || s.progress {
             self.last_traffic = Some(now);
@@ -406,9 +410,17 @@ impl Tracker {
             // Dead or held: to see it come back; degraded: loss is only measured by probes
             // once traffic has left it.
             cfg.interval
-        } else if self.last_progress && self.lossy {
+        } else if self.last_progress
+            && self
+                .loss_seen
+                .is_some_and(|t| now.duration_since(t) < LOSS_RECENT)
+        {
             // It works but loses: the probes measure how much (a download's loss shows at
-            // the gateway only as out-of-order arrivals, which congestion also causes).
+            // the gateway only as out-of-order arrivals, which congestion also causes). Lost
+            // recently, not in the last sample: a subflow whose window a lossy link has
+            // collapsed gets a segment through now and then, and a half-second sample of it
+            // often holds no arrival out of order, so asking only after such samples left a
+            // download's lossy uplink unmeasured, and not degraded, for up to 18 s.
             cfg.interval
         } else if self.last_progress {
             // Its own subflows prove it works: nothing to ask.
@@ -752,6 +764,15 @@ mod tests {
         assert_eq!(t.next_probe(carry, t0, &c), None);
         t.sample(Sample { ooo: 5, ..busy }, t0, &c);
         assert_eq!(t.next_probe(carry, t0, &c), Some(t0 + c.interval));
+        // And keeps asking while the loss is recent, though samples between show none: a
+        // collapsed window passes a segment now and then.
+        t.sample(busy, secs(t0, 4.5), &c);
+        assert_eq!(
+            t.next_probe(carry, secs(t0, 4.5), &c),
+            Some(t0 + c.interval)
+        );
+        t.sample(busy, secs(t0, 5.0), &c);
+        assert_eq!(t.next_probe(carry, secs(t0, 5.0), &c), None);
         // A stalled subflow asks at once.
         t.sample(
             Sample {
