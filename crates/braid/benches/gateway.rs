@@ -17,7 +17,9 @@
 //! `BRAID_BENCH_CAPTURE` ("tproxy" or "redirect"), `BRAID_BENCH_GATEWAY_ARGS` and
 //! `BRAID_BENCH_CONVERTER_ARGS` (extra arguments, space-separated), `BRAID_BENCH_NSTAT` (set:
 //! the kernel counters of both relays per GiB for every converted run; `all`: every counter
-//! that moved), `BRAID_BENCH_INTERVALS` (set: the converted runs' rate every 0.1 s), `BRAID_BENCH_SS` (set: `ss -tinmM` in both relays' namespaces 1.5 s into every
+//! that moved), `BRAID_BENCH_INTERVALS` (set: both paths' rate every 0.1 s, and per case
+//! how many intervals fell under half the median one), `BRAID_BENCH_SS` (set: `ss -tinmM` in
+//! both relays' namespaces 1.5 s into every
 //! converted run), `BRAID_BENCH_CPU_QUOTA` (e.g. 0.25: each daemon held to that fraction of a
 //! core by a CPU cgroup, as on a small router), `BRAID_BENCH_CPUS` (e.g. "0": the whole lab's
 //! processes on those CPUs only; see `support::pin_to_cpus`), `BRAID_BENCH_PLACE` ("sides", the default
@@ -134,7 +136,7 @@ fn main() {
          CPU-s/GiB gateway / converter | machine CPU-s/GiB fwd / braid | steal % fwd / braid |"
     );
     println!("|---|---|---|---|---|---|---|---|---|");
-    let mut summary = Vec::new();
+    let (mut summary, mut dips) = (Vec::new(), Vec::new());
     for &n in &streams {
         for reverse in [false, true] {
             if !dirs[usize::from(reverse)] {
@@ -146,10 +148,12 @@ fn main() {
                 "client → server"
             };
             let (mut fwd, mut conv) = (Vec::new(), Vec::new());
+            // Every 0.1 s interval's rate, with `BRAID_BENCH_INTERVALS`.
+            let (mut fwd_steps, mut conv_steps) = (Vec::new(), Vec::new());
             for round in 1..=rounds {
-                let f = iperf(&lab, FORWARDED, n, secs, reverse, pids, placed);
+                let (f, f_steps) = iperf(&lab, FORWARDED, n, secs, reverse, pids, placed);
                 let n0 = nstat.then(|| (counters(&lab.gateway), counters(&lab.converter)));
-                let c = std::thread::scope(|scope| {
+                let (c, c_steps) = std::thread::scope(|scope| {
                     if snapshots {
                         scope.spawn(|| {
                             std::thread::sleep(std::time::Duration::from_millis(1500));
@@ -189,6 +193,8 @@ fn main() {
                 );
                 fwd.push(rate(&f));
                 conv.push(rate(&c));
+                fwd_steps.extend(f_steps);
+                conv_steps.extend(c_steps);
             }
             let worst = fwd
                 .iter()
@@ -208,6 +214,14 @@ fn main() {
                 spread_c * 100.0,
                 spread_f * 100.0
             ));
+            if !conv_steps.is_empty() {
+                dips.push(format!(
+                    "# {n} stream(s), {dir}: 0.1 s intervals under half the case's median \
+                     interval, gateway + converter {} / forwarded {}",
+                    dips_of(&conv_steps),
+                    dips_of(&fwd_steps)
+                ));
+            }
         }
     }
     println!();
@@ -219,6 +233,9 @@ fn main() {
     for line in summary {
         println!("{line}");
     }
+    for line in dips {
+        println!("{line}");
+    }
     if let Some(q) = &quotas {
         println!("{}", quota_report(q, "gateway / converter"));
     }
@@ -227,7 +244,17 @@ fn main() {
     }
 }
 
-/// One iperf3 run to `port`, `None` if it failed.
+/// How many of `steps` (rates of 0.1 s intervals) are under half their median, as "k of n":
+/// a round's dip, whether a stall of the path or a slow spell of the machine, shows here for
+/// either path alike, which says which of the two it was when a round is slow.
+fn dips_of(steps: &[f64]) -> String {
+    let half = median(steps.to_vec()) / 2.0;
+    let k = steps.iter().filter(|&&x| x < half).count();
+    format!("{k} of {}", steps.len())
+}
+
+/// One iperf3 run to `port` (`None` if it failed), and with `BRAID_BENCH_INTERVALS` its rate
+/// in every 0.1 s interval (printed too), Gbit/s.
 fn iperf(
     lab: &StandardLab,
     port: u16,
@@ -236,7 +263,7 @@ fn iperf(
     reverse: bool,
     (gateway, converter): (u32, u32),
     placed: Option<(usize, usize)>,
-) -> Option<Run> {
+) -> (Option<Run>, Vec<f64>) {
     let (secs, streams) = (secs.to_string(), streams.to_string());
     let affinity = placed.map(|(user, network)| format!("{user},{network}"));
     let mut args = vec!["-t", secs.as_str(), "-P", streams.as_str()];
@@ -265,19 +292,27 @@ fn iperf(
     );
     match run {
         Ok(run) => {
-            if intervals && port == CAPTURED {
-                let rates: Vec<String> = run
+            let mut steps = Vec::new();
+            if intervals {
+                // Each interval's "sum" (the end's totals are "sum_sent" and "sum_received").
+                steps = run
                     .json
                     .split("\"sum\":")
                     .skip(1)
                     .filter_map(|s| s.split("\"bits_per_second\":").nth(1))
                     .filter_map(|s| s.split([',', '}']).next()?.trim().parse::<f64>().ok())
-                    .map(|b| format!("{:.1}", b / 1e9))
+                    .map(|b| b / 1e9)
                     .collect();
-                println!("# Gbit/s per 0.1 s: {}", rates.join(" "));
+                let shown: Vec<String> = steps.iter().map(|g| format!("{g:.1}")).collect();
+                let path = if port == CAPTURED {
+                    "gateway + converter"
+                } else {
+                    "forwarded"
+                };
+                println!("# {path}, Gbit/s per 0.1 s: {}", shown.join(" "));
             }
             let m1 = machine_cpu();
-            Some(Run {
+            let run = Run {
                 gbit: run.received_bps / 1e9,
                 bytes: run.received_bytes.max(1),
                 gateway_ticks: proc_cpu_ticks(gateway) - g0,
@@ -285,11 +320,12 @@ fn iperf(
                 machine_ticks: m1.busy - m0.busy,
                 steal_ticks: m1.steal - m0.steal,
                 cpu_secs: t0.elapsed().as_secs_f64() * m1.cpus.max(1) as f64,
-            })
+            };
+            (Some(run), steps)
         }
         Err(e) => {
             eprintln!("iperf3 failed: {e}");
-            None
+            (None, Vec::new())
         }
     }
 }
