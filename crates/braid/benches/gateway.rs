@@ -11,21 +11,21 @@
 //! steady the machine was.
 //!
 //! Run: `cargo bench -p braid --bench gateway` (as root). Knobs: `BRAID_BENCH_ROUNDS` (5),
-//! `BRAID_BENCH_SECS` (3), `BRAID_BENCH_STREAMS` ("1,4"), `BRAID_BENCH_CC` ("reno"), `BRAID_BENCH_DIRS` ("up,down"; down = server → client),
-//! `BRAID_BENCH_UPLINKS` (2), `BRAID_BENCH_RATES` (Mbit/s per uplink, e.g. "100,200"; unset:
-//! unshaped), `BRAID_BENCH_DELAYS` (one-way ms per uplink, e.g. "10,20"),
-//! `BRAID_BENCH_CAPTURE` ("tproxy" or "redirect"), `BRAID_BENCH_GATEWAY_ARGS` and
-//! `BRAID_BENCH_CONVERTER_ARGS` (extra arguments, space-separated), `BRAID_BENCH_NSTAT` (set:
-//! the kernel counters of both relays per GiB for every converted run; `all`: every counter
-//! that moved), `BRAID_BENCH_INTERVALS` (set: both paths' rate every 0.1 s, and per case
-//! how many intervals fell under half the median one), `BRAID_BENCH_SS` (set: `ss -tinmM` in
-//! both relays' namespaces 1.5 s into every
+//! `BRAID_BENCH_SECS` (3), `BRAID_BENCH_STREAMS` ("1,4"), `BRAID_BENCH_CC` ("reno"),
+//! `BRAID_BENCH_DIRS` ("up,down"; down = server → client), `BRAID_BENCH_UPLINKS` (2),
+//! `BRAID_BENCH_RATES` (Mbit/s per uplink, e.g. "100,200"; unset: unshaped),
+//! `BRAID_BENCH_DELAYS` (one-way ms per uplink, e.g. "10,20"), `BRAID_BENCH_CAPTURE` ("tproxy"
+//! or "redirect"), `BRAID_BENCH_GATEWAY_ARGS` and `BRAID_BENCH_CONVERTER_ARGS` (extra
+//! arguments, space-separated), `BRAID_BENCH_NSTAT` (set: the kernel counters of both relays
+//! per GiB for every converted run; `all`: every counter that moved), `BRAID_BENCH_INTERVALS`
+//! (set: both paths' rate every 0.1 s, and per case how many intervals fell under half the
+//! median one), `BRAID_BENCH_SS` (set: `ss -tinmM` in both relays' namespaces 1.5 s into every
 //! converted run), `BRAID_BENCH_CPU_QUOTA` (e.g. 0.25: each daemon held to that fraction of a
 //! core by a CPU cgroup, as on a small router), `BRAID_BENCH_CPUS` (e.g. "0": the whole lab's
-//! processes on those CPUs only; see `support::pin_to_cpus`), `BRAID_BENCH_PLACE` ("sides", the default
-//! on two or more CPUs unless `BRAID_BENCH_CPUS` is set: the client and the gateway on CPU 0,
-//! the converter and the server on CPU 1, in every round; "scheduler": wherever the scheduler
-//! puts them; see `support::placement`).
+//! processes on those CPUs only; see `support::pin_to_cpus`), `BRAID_BENCH_PLACE` ("sides",
+//! the default on two or more CPUs unless `BRAID_BENCH_CPUS` is set: the client and the
+//! gateway on CPU 0, the converter and the server on CPU 1, in every round; "scheduler":
+//! wherever the scheduler puts them; see `support::placement`).
 
 mod support;
 
