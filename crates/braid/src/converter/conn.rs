@@ -24,7 +24,7 @@ use tokio_util::sync::CancellationToken;
 use super::config::Settings;
 use super::cookie::CookieJar;
 use super::handshake::{self, Refusal, Verdict};
-use super::limits::{LimitHit, Limits, PendingSlot};
+use super::limits::{ConnSlot, LimitHit, Limits, PendingSlot};
 use super::policy::Policy;
 use super::stats::{Direction, Stats};
 use super::upstream::{self, UpstreamOptions};
@@ -97,13 +97,14 @@ pub async fn serve(client: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
         shared.stats.tcp_fallback.inc();
     }
     let closed = match shared.limits.admit(peer.ip()) {
-        Ok((_conn_slot, pending)) => {
+        Ok((conn_slot, pending)) => {
             shared.stats.active.inc();
             let _active = scopeguard(|| {
                 shared.stats.active.dec();
             });
             let peak_subflows = SubflowPeak::new(mptcp);
-            let mut closed = converse(&client, peer, pending, &shared, &peak_subflows).await;
+            let mut closed =
+                converse(&client, peer, conn_slot, pending, &shared, &peak_subflows).await;
             closed.subflows = peak_subflows.get(&client);
             shared.stats.subflows.inc_by(u64::from(closed.subflows));
             closed
@@ -163,9 +164,14 @@ impl Closed {
     }
 }
 
+/// Takes the connection's slot (total and per client) and gives it back as soon as the
+/// connection is refused: delivering the Error holds only a pending slot (limits.rs), so a
+/// client refused for, say, a missing cookie that reconnects at once with one is not turned
+/// away by its own refusals, which linger until it closes (up to [`FINAL_QUIET`] if it does not).
 async fn converse(
     client: &Arc<TcpStream>,
     peer: SocketAddr,
+    conn_slot: ConnSlot,
     pending: PendingSlot,
     shared: &Shared,
     peak_subflows: &SubflowPeak,
@@ -173,6 +179,7 @@ async fn converse(
     let s = &shared.settings;
     let stats = &shared.stats;
     if let Err(r) = handshake::admit_client(peer.ip(), &shared.policy()) {
+        drop(conn_slot);
         refuse(client, &r, shared).await;
         return Closed::refused(None, r);
     }
@@ -217,11 +224,13 @@ async fn converse(
             return Closed::early(None, "handshake_error", e.to_string());
         }
         Ok(Err(ReadError::Invalid(r))) => {
+            drop(conn_slot);
             refuse(client, &r, shared).await;
             return Closed::refused(None, r);
         }
         Ok(Err(ReadError::TooLong)) => {
             let r = Refusal::too_long();
+            drop(conn_slot);
             refuse(client, &r, shared).await;
             return Closed::refused(None, r);
         }
@@ -241,6 +250,7 @@ async fn converse(
         }
         Verdict::Info => {
             // The extensions converted (MPTCP, kind 30); then the connection ends.
+            drop(conn_slot);
             if !finish(
                 client,
                 &wire::supported_extensions_reply(),
@@ -253,6 +263,7 @@ async fn converse(
             return Closed::early(None, "info", "answered Info");
         }
         Verdict::Refuse(r) => {
+            drop(conn_slot);
             refuse(client, &r, shared).await;
             return Closed::refused(request.dest, r);
         }
@@ -268,6 +279,7 @@ async fn converse(
         Err(hit) => {
             stats.limit_hit(hit.as_str());
             let r = Refusal::limited(hit, s.backoff_secs);
+            drop(conn_slot);
             refuse_if_room(client, peer, &r, shared, None).await;
             return Closed::refused(Some(dest), r);
         }
@@ -278,6 +290,7 @@ async fn converse(
         Ok(connected) => connected,
         Err(e) => {
             let r = Refusal::upstream(&e, s.backoff_secs);
+            drop(conn_slot);
             refuse_if_room(client, peer, &r, shared, None).await;
             return Closed::refused(Some(dest), r);
         }

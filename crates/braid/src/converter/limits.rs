@@ -15,6 +15,11 @@
 //! but a prefix sending complete requests to a blackholed destination must not hold the whole
 //! connection table for the connect timeout.
 //!
+//! A connection slot (the total and the per-client count) is held from admission until the
+//! connection ends or is refused; a refused connection then holds only a pending slot while
+//! its Error is delivered, so a client refused for a missing cookie that reconnects at once
+//! with one is not turned away by its own refusal, lingering until it closes.
+//!
 //! A refusal that finds no pending slot free is not lingered over: the Error is written only if
 //! the client's handshake is already complete, and the connection is reset. A flood thus costs
 //! a bounded amount.
