@@ -120,6 +120,17 @@ pub struct CommonArgs {
     /// `mptcp_send_buffer` in the README).
     #[arg(long, value_name = "auto|0|BYTES")]
     pub mptcp_send_buffer: Option<crate::config::SendBufferValue>,
+    /// Relay engine: copy (read/write), splice, or auto (splice reading TCP, copy reading
+    /// MPTCP) [default: copy].
+    #[arg(long, value_name = "ENGINE", value_enum)]
+    pub relay_engine: Option<Engine>,
+    /// Largest read of the relay, in bytes (4096 to 67108864; reads start small and grow up
+    /// to it) [default: 1048576].
+    #[arg(long, value_name = "BYTES")]
+    pub relay_buffer: Option<usize>,
+    /// Congestion control for relayed sockets (e.g. reno, cubic, bbr) [default: the system's].
+    #[arg(long, value_name = "NAME")]
+    pub congestion_control: Option<String>,
 }
 
 /// A flag that is either given (`Some(true)`) or left to the file.
@@ -162,12 +173,6 @@ pub struct ConverterArgs {
     /// Do not install the nftables rule that works around the kernel's 0-RTT window bug.
     #[arg(long)]
     pub no_tfo_window_fix: bool,
-    /// Relay engine: copy (read/write) or splice [default: copy].
-    #[arg(long, value_name = "ENGINE", value_enum)]
-    pub relay_engine: Option<Engine>,
-    /// Congestion control for relayed sockets (e.g. reno, cubic, bbr) [default: the system's].
-    #[arg(long, value_name = "NAME")]
-    pub congestion_control: Option<String>,
     /// Set the MPTCP subflow limit of this namespace (`ip mptcp limits`, 0-8) [default: keep
     /// it, warn if 0].
     #[arg(long, value_name = "N")]
@@ -269,9 +274,10 @@ impl ConverterArgs {
             log_format: self.common.log_format,
             tcp_only: given(self.tcp_only),
             tfo_window_fix: self.no_tfo_window_fix.then_some(false),
-            relay_engine: self.relay_engine,
+            relay_engine: self.common.relay_engine,
+            relay_buffer: self.common.relay_buffer,
             mptcp_send_buffer: self.common.mptcp_send_buffer.clone(),
-            congestion_control: self.congestion_control.clone(),
+            congestion_control: self.common.congestion_control.clone(),
             mptcp_subflows: self.mptcp_subflows,
             mptcp_add_addr_accepted: self.mptcp_add_addr_accepted,
             signal: list(&self.signal),
@@ -303,6 +309,9 @@ impl GatewayArgs {
             manage_uplinks: self.no_manage_uplinks.then_some(false),
             fullmesh: given(self.fullmesh),
             mptcp_send_buffer: self.common.mptcp_send_buffer.clone(),
+            relay_engine: self.common.relay_engine,
+            relay_buffer: self.common.relay_buffer,
+            congestion_control: self.common.congestion_control.clone(),
             ..GatewayFile::default()
         }
     }
@@ -394,6 +403,8 @@ mod tests {
                 "json",
                 "--relay-engine",
                 "splice",
+                "--relay-buffer",
+                "262144",
                 "--no-join-initial-addr",
             ])
             .overlay(),
@@ -406,6 +417,7 @@ mod tests {
         );
         assert_eq!(s.log_format, LogFormat::Json);
         assert_eq!(s.relay.engine, Engine::Splice);
+        assert_eq!(s.relay.buffer, 262144);
         assert!(!s.join_initial_addr);
         assert_eq!(
             s.backoff_secs, 7,
@@ -425,9 +437,19 @@ mod tests {
             "wan0",
             "--uplink",
             "lte0,backup",
+            "--relay-engine",
+            "auto",
+            "--relay-buffer",
+            "65536",
+            "--congestion-control",
+            "reno",
         ]);
         let s = crate::gateway::config::Settings::validate(a.overlay(), None).unwrap();
         assert_eq!(s.transparent, Some(TransparentMode::Redirect));
+        // The relay's and the sockets' flags are the converter's too.
+        assert_eq!(s.relay.engine, Engine::Auto);
+        assert_eq!(s.relay.buffer, 65536);
+        assert_eq!(s.congestion_control.as_deref(), Some("reno"));
         assert!(s.capture_output);
         let Some(crate::gateway::uplinks::Selection::Listed(ups)) = &s.uplinks else {
             panic!("uplinks not listed: {:?}", s.uplinks)
