@@ -733,7 +733,13 @@ impl Manager {
         for e in c.announce_priority {
             // Deleted and added again below; what is held follows those.
             if let Err(err) = self.pm.set_backup(e.id, e.backup).await {
-                tracing::debug!(id = e.id, addr = %e.addr, backup = e.backup, error = %err, "announcing an MPTCP endpoint's priority before replacing it")
+                tracing::debug!(
+                    id = e.id,
+                    addr = %e.addr,
+                    backup = e.backup,
+                    error = %err,
+                    "announcing an MPTCP endpoint's priority before replacing it"
+                )
             }
         }
         for e in c.set_priority {

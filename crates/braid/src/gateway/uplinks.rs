@@ -486,16 +486,13 @@ impl Programmed {
                 .iter()
                 .any(|w| w.ifindex != a.ifindex && !w.backup && self.endpoints.contains(w))
         };
-        let set_priority: Vec<WantedEndpoint> = add_endpoints
-            .iter()
-            .filter(|a| del_endpoints.iter().any(|d| same(a, d)) && !other_carrier(a))
-            .copied()
-            .collect();
-        let announce_priority: Vec<WantedEndpoint> = add_endpoints
-            .iter()
-            .filter(|a| del_endpoints.iter().any(|d| same(a, d)) && other_carrier(a))
-            .copied()
-            .collect();
+        // Priority-only changes: replaced (and announced first) beside another carrier, else
+        // set in place.
+        let (announce_priority, set_priority): (Vec<WantedEndpoint>, Vec<WantedEndpoint>) =
+            add_endpoints
+                .iter()
+                .filter(|a| del_endpoints.iter().any(|d| same(a, d)))
+                .partition(|a| other_carrier(a));
         del_endpoints.retain(|d| !set_priority.iter().any(|a| same(a, d)));
         add_endpoints.retain(|a| !set_priority.contains(a));
         Changes {
