@@ -236,6 +236,24 @@ pub fn congestion_control(path: Option<&Path>, v: Option<&str>) -> Result<(), Co
     }
 }
 
+/// Where both daemons keep the ledger of the namespace settings they changed
+/// ([`crate::ledger`]): a tmpfs, so that nothing is left to restore after a reboot.
+pub const DEFAULT_STATE_DIR: &str = "/run/braid";
+
+/// `state_dir`: an absolute path (a relative one would follow the daemon's working
+/// directory, and a restarted daemon must find the same file).
+pub fn state_dir(path: Option<&Path>, v: Option<PathBuf>) -> Result<PathBuf, ConfigError> {
+    match v {
+        None => Ok(PathBuf::from(DEFAULT_STATE_DIR)),
+        Some(d) if d.is_absolute() => Ok(d),
+        Some(d) => Err(ConfigError::invalid(
+            path,
+            "state_dir",
+            format!("{} is not an absolute path", d.display()),
+        )),
+    }
+}
+
 #[cfg(test)]
 mod send_buffer_tests {
     use super::*;

@@ -270,6 +270,34 @@ pub fn check_congestion_control(cc: Option<&str>) -> anyhow::Result<()> {
     }
 }
 
+/// Makes sure `net.ipv4.tcp_fastopen` has `bits` (`what` and `why` go into the messages),
+/// setting the missing ones when `may_set` and recording the change in the namespace's ledger,
+/// so that it is undone when the last braid process relying on it exits.
+pub async fn ensure_tfo(
+    state_dir: &std::path::Path,
+    bits: u32,
+    what: &'static str,
+    may_set: bool,
+    why: &'static str,
+) -> anyhow::Result<()> {
+    use braid_sys::kernel;
+    let mut ledger = crate::ledger::Session::open(state_dir).await?;
+    let change = ledger.sysctl(crate::ledger::TCP_FASTOPEN, |current| {
+        let current: u32 = current
+            .parse()
+            .with_context(|| format!("net.ipv4.tcp_fastopen is not a number: {current:?}"))?;
+        Ok(kernel::tfo_with(current, bits, what, may_set)?.to_string())
+    })?;
+    if let crate::ledger::Change::Set { from, to } = change {
+        tracing::warn!(
+            from,
+            to,
+            "set net.ipv4.tcp_fastopen (restored at exit): {why}"
+        );
+    }
+    Ok(())
+}
+
 /// Raises the open-file limit. Each relayed connection holds two sockets (six descriptors with
 /// splice pipes): the default soft limit of 1024 would cap a daemon at a few hundred
 /// connections.

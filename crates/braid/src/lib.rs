@@ -14,6 +14,9 @@
 //! - [`framed`]: reading one framed message (Convert, SOCKS5) off a stream, in small reads.
 //! - [`relay`]: the bidirectional relay shared by both daemons; [`joins`]: its half-close
 //!   waits for the kernel to open the extra subflows, and the subflow sampler.
+//! - [`ledger`]: the namespace settings braid changed (sysctls, MPTCP limits, announced
+//!   endpoints), shared by every braid process in a namespace and undone by the last one, also
+//!   after a crash.
 //! - [`metrics`]: the Prometheus endpoint; [`logging`]: text or JSON logs; [`status`]: the
 //!   control socket `braid status` asks, and its tables.
 //! - [`tfo_fix`]: the nftables workaround for the kernel's 0-RTT window bug.
@@ -32,6 +35,7 @@ pub mod doctor;
 pub mod framed;
 pub mod gateway;
 pub mod joins;
+pub mod ledger;
 pub mod logging;
 pub mod metrics;
 pub mod relay;

@@ -5,6 +5,7 @@
 mod common;
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use braid::client::{self, ClientError, ClientOptions};
@@ -156,4 +157,142 @@ fn upstream_fast_open_carries_early_data_and_keeps_the_error_mapping() {
         ),
         "{r:?}"
     );
+}
+
+/// A converter on `port` in the lab's converter namespace, logging to its own file.
+fn converter_on(cl: &ConverterLab, port: u16, extra: &[&str]) -> (braid_lab::Process, PathBuf) {
+    let ns = &cl.lab.converter;
+    let log = std::env::temp_dir().join(format!("{}-converter-{port}.log", ns.name()));
+    let _ = std::fs::remove_file(&log);
+    let mut args = braid_lab::standard::converter_args(port);
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let mut p = ns
+        .command(env!("CARGO_BIN_EXE_braid"))
+        .arg("converter")
+        .args(&args)
+        .env("RUST_LOG", daemon_log())
+        .stderr(braid_lab::Output::File(log.clone()))
+        .spawn()
+        .expect("spawn braid converter");
+    wait_listening(ns, port, &mut p, &log);
+    (p, log)
+}
+
+#[test]
+fn namespace_settings_go_back_with_the_last_converter_also_after_a_crash() {
+    let config = StandardConfig {
+        uplinks: 2,
+        ..StandardConfig::by_hand()
+    };
+    let mut cl = ConverterLab::new(config, &default_converter_args());
+    // The lab's own converter is not part of this: stopped before anything is recorded here.
+    cl.converter.take().unwrap().stop().unwrap();
+    let ns = cl.lab.converter.clone();
+    let announced = cl.lab.uplinks[1].converter_v4.to_string();
+    let foreign = cl.lab.uplinks[0].converter_v4.to_string();
+    // The operator's values, none of them braid's.
+    ns.sysctl("net.ipv4.tcp_fastopen", 0).unwrap();
+    ns.sysctl("net.mptcp.stale_loss_cnt", 4).unwrap();
+    ns.sysctl("net.mptcp.allow_join_initial_addr_port", 1)
+        .unwrap();
+    ns.ip(&[
+        "mptcp",
+        "limits",
+        "set",
+        "subflows",
+        "1",
+        "add_addr_accepted",
+        "1",
+    ])
+    .unwrap();
+    ns.ip(&["mptcp", "endpoint", "add", &foreign, "id", "5", "signal"])
+        .unwrap();
+    let settings = || {
+        [
+            "net.ipv4.tcp_fastopen",
+            "net.mptcp.stale_loss_cnt",
+            "net.mptcp.allow_join_initial_addr_port",
+        ]
+        .map(|k| ns.sysctl_get(k).unwrap())
+        .join(" ")
+            + " | "
+            + ns.ip(&["mptcp", "limits", "show"]).unwrap().trim()
+    };
+    let endpoints = || ns.ip(&["mptcp", "endpoint", "show"]).unwrap();
+    let limits_before = "add_addr_accepted 1 subflows 1";
+    assert_eq!(normalize(&settings()), format!("0 4 1 | {limits_before}"));
+    let braids = "2 2 0 | add_addr_accepted 1 subflows 4";
+    let inode = ns
+        .run(["stat", "-L", "-c", "%i", "/proc/self/ns/net"])
+        .unwrap();
+    let ledger_file = format!("/run/braid/netns-{}.json", inode.trim());
+
+    let full = [
+        "--signal",
+        &announced,
+        "--mptcp-subflows",
+        "4",
+        "--no-join-initial-addr",
+    ];
+    let (mut a, _) = converter_on(&cl, 5130, &full);
+    let (mut b, b_log) = converter_on(&cl, 5131, &full);
+    assert_eq!(
+        normalize(&settings()),
+        normalize(braids),
+        "{}",
+        std::fs::read_to_string(&b_log).unwrap_or_default()
+    );
+    assert_eq!(
+        endpoints().matches(&announced).count(),
+        1,
+        "{}",
+        endpoints()
+    );
+    // The first converter leaves: the second still relies on everything.
+    a.signal(Signal::SIGTERM).unwrap();
+    assert!(a.wait_timeout(Duration::from_secs(10)).unwrap().is_some());
+    assert_eq!(normalize(&settings()), normalize(braids));
+    assert_eq!(
+        endpoints().matches(&announced).count(),
+        1,
+        "{}",
+        endpoints()
+    );
+    // The second crashes: what it held stays until the next start.
+    b.kill().unwrap();
+    assert_eq!(normalize(&settings()), normalize(braids));
+    assert!(endpoints().contains(&announced));
+    // A converter that sets nothing but the TFO server bit puts back the rest at its start.
+    let (mut c, c_log) = converter_on(&cl, 5130, &["--stale-loss-cnt", "0"]);
+    let text = std::fs::read_to_string(&c_log).unwrap_or_default();
+    assert_eq!(
+        normalize(&settings()),
+        format!("2 4 1 | {limits_before}"),
+        "{text}"
+    );
+    assert!(!endpoints().contains(&announced), "{}\n{text}", endpoints());
+    // An operator's change made while braid runs is theirs to keep.
+    ns.sysctl("net.ipv4.tcp_fastopen", 3).unwrap();
+    c.signal(Signal::SIGTERM).unwrap();
+    assert!(c.wait_timeout(Duration::from_secs(10)).unwrap().is_some());
+    assert_eq!(normalize(&settings()), format!("3 4 1 | {limits_before}"));
+    let eps = endpoints();
+    assert!(
+        eps.contains(&format!("{foreign} id 5 signal")),
+        "the operator's endpoint: {eps}"
+    );
+    assert!(!eps.contains(&announced), "{eps}");
+    assert!(
+        !std::path::Path::new(&ledger_file).exists(),
+        "the ledger outlived the last converter"
+    );
+}
+
+/// `ip mptcp limits show` prints its two limits in an order that changed between versions.
+fn normalize(s: &str) -> String {
+    let (sysctls, limits) = s.split_once(" | ").unwrap_or((s, ""));
+    let mut words: Vec<&str> = limits.split_whitespace().collect();
+    let mut pairs: Vec<String> = words.chunks_mut(2).map(|c| c.join(" ")).collect();
+    pairs.sort();
+    format!("{sysctls} | {}", pairs.join(" "))
 }

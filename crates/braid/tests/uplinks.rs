@@ -369,6 +369,8 @@ fn everything_braid_adds_goes_at_exit_and_after_a_crash_and_nothing_else() {
         .unwrap();
     g.ip(&["mptcp", "endpoint", "add", "10.1.1.77", "id", "5", "signal"])
         .unwrap();
+    // Without the client bit, which the gateway then sets (0x2 | 0x1).
+    g.sysctl("net.ipv4.tcp_fastopen", 2).unwrap();
     let limits_before = g.run(["ip", "mptcp", "limits", "show"]).unwrap();
     let stale_before = g.sysctl_get("net.mptcp.stale_loss_cnt").unwrap();
     let foreign = |ns: &Netns| {
@@ -396,8 +398,9 @@ fn everything_braid_adds_goes_at_exit_and_after_a_crash_and_nothing_else() {
         gw.log_text()
     );
     assert_eq!(g.sysctl_get("net.mptcp.stale_loss_cnt").unwrap(), "2");
-    // SIGTERM: all gone, limits, rp_filter and stale_loss_cnt as before; what braid did not
-    // add still there.
+    assert_eq!(g.sysctl_get("net.ipv4.tcp_fastopen").unwrap(), "3");
+    // SIGTERM: all gone, limits, rp_filter, stale_loss_cnt and tcp_fastopen as before; what
+    // braid did not add still there.
     let stop_and_check = |gw: &mut Gateway, when: &str| {
         let p = gw.process.as_mut().unwrap();
         p.signal(Signal::SIGTERM).unwrap();
@@ -412,6 +415,7 @@ fn everything_braid_adds_goes_at_exit_and_after_a_crash_and_nothing_else() {
             g.sysctl_get("net.mptcp.stale_loss_cnt").unwrap(),
             stale_before
         );
+        assert_eq!(g.sysctl_get("net.ipv4.tcp_fastopen").unwrap(), "2");
         foreign(g);
     };
     stop_and_check(&mut gw, "left after SIGTERM");
@@ -424,6 +428,7 @@ fn everything_braid_adds_goes_at_exit_and_after_a_crash_and_nothing_else() {
         !braid_objects_left(g).is_empty(),
         "a crash leaves its objects"
     );
+    assert_eq!(g.sysctl_get("net.ipv4.tcp_fastopen").unwrap(), "3");
     let _ = std::fs::remove_file(&gw.log);
     gw.restart(g, &args);
     let objects = gateway_objects(g);

@@ -92,37 +92,24 @@ pub fn tcp_fastopen() -> Result<u32, KernelError> {
     })
 }
 
-/// What [`ensure_tfo`] did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum TfoChange {
-    /// The bits were already set.
-    Unchanged,
-    /// The sysctl was changed from `from` to `to`.
-    Set { from: u32, to: u32 },
-}
-
-/// Makes sure `net.ipv4.tcp_fastopen` has all of `bits`. With `may_set`, missing bits are added
-/// (the caller logs the change); without, the error carries the exact command to run.
-pub fn ensure_tfo(bits: u32, what: &'static str, may_set: bool) -> Result<TfoChange, KernelError> {
-    let current = tcp_fastopen()?;
+/// The value `net.ipv4.tcp_fastopen` needs so that it has all of `bits`, given its `current`
+/// value. Without `may_set`, a missing bit is an error carrying the exact command to run; the
+/// caller writes the value (and records that it did).
+pub fn tfo_with(
+    current: u32,
+    bits: u32,
+    what: &'static str,
+    may_set: bool,
+) -> Result<u32, KernelError> {
     let missing = bits & !current;
-    if missing == 0 {
-        return Ok(TfoChange::Unchanged);
+    if missing == 0 || may_set {
+        return Ok(current | bits);
     }
-    let wanted = current | bits;
-    let refuse = || KernelError::TfoBits {
+    Err(KernelError::TfoBits {
         current,
         missing,
-        wanted,
+        wanted: current | bits,
         what,
-    };
-    if !may_set {
-        return Err(refuse());
-    }
-    fs::write(TCP_FASTOPEN, wanted.to_string()).map_err(|_| refuse())?;
-    Ok(TfoChange::Set {
-        from: current,
-        to: wanted,
     })
 }
 
@@ -149,14 +136,19 @@ mod tests {
     }
 
     #[test]
+    fn missing_bits_are_added_or_refused_with_the_command() {
+        assert_eq!(tfo_with(0x1, TfoMode::SERVER, "s", true).unwrap(), 0x3);
+        assert_eq!(tfo_with(0x3, TfoMode::SERVER, "s", false).unwrap(), 0x3);
+        let e = tfo_with(0x1, TfoMode::SERVER, "s", false).unwrap_err();
+        assert!(e.to_string().contains("tcp_fastopen=0x3"), "{e}");
+    }
+
+    #[test]
     fn this_machine_has_mptcp() {
         check_mptcp().unwrap();
         assert!(tcp_fastopen().is_ok());
-        // Bit 0 is the kernel default; asking for it must never need a change.
+        // Asking for bits already there never needs a change.
         let cur = tcp_fastopen().unwrap();
-        assert_eq!(
-            ensure_tfo(cur, "nothing", false).unwrap(),
-            TfoChange::Unchanged
-        );
+        assert_eq!(tfo_with(cur, cur, "nothing", false).unwrap(), cur);
     }
 }

@@ -62,6 +62,7 @@ pub struct File {
     pub signal: Option<Vec<String>>,
     pub join_initial_addr: Option<bool>,
     pub stale_loss_cnt: Option<u32>,
+    pub state_dir: Option<std::path::PathBuf>,
 }
 
 /// Validated settings the converter runs with.
@@ -118,6 +119,8 @@ pub struct Settings {
     pub join_initial_addr: bool,
     /// `net.mptcp.stale_loss_cnt` to set at start (`None`: keep the namespace's).
     pub stale_loss_cnt: Option<u32>,
+    /// Where the ledger of the namespace settings braid changed lives ([`crate::ledger`]).
+    pub state_dir: std::path::PathBuf,
 }
 
 impl File {
@@ -165,6 +168,7 @@ impl File {
             signal,
             join_initial_addr,
             stale_loss_cnt,
+            state_dir,
         );
     }
 }
@@ -352,6 +356,7 @@ impl Settings {
                     ));
                 }
             },
+            state_dir: crate::config::state_dir(path, f.state_dir)?,
         })
     }
 }

@@ -28,7 +28,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use braid_sys::kernel::{self, TfoChange, TfoMode};
+use braid_sys::kernel::{self, TfoMode};
 use tokio::net::TcpListener;
 
 use crate::daemon::{Daemon, Role};
@@ -77,15 +77,20 @@ impl Role for Settings {
     }
 
     async fn run(self, daemon: Daemon, reload: crate::daemon::Reload<Self>) -> anyhow::Result<()> {
-        check_kernel(&self).await?;
-        let endpoints = if self.tcp_only {
-            pathmgr::Added::default()
-        } else {
-            pathmgr::setup(&self).await?
-        };
-        // Announced addresses are withdrawn whether serving ended well or not.
-        let result = serve(self, daemon, reload).await;
-        pathmgr::cleanup(endpoints).await;
+        let state_dir = self.state_dir.clone();
+        // What a converter that did not exit cleanly left is undone before anything is set.
+        crate::ledger::tidy(&state_dir).await?;
+        let result = async {
+            check_kernel(&self).await?;
+            if !self.tcp_only {
+                pathmgr::setup(&self).await?;
+            }
+            serve(self, daemon, reload).await
+        }
+        .await;
+        // Announced addresses are withdrawn and settings put back whether serving ended well
+        // or not (each only when no other braid process in the namespace relies on it).
+        crate::ledger::release(&state_dir).await;
         if result.is_ok() {
             tracing::info!("stopped");
         }
@@ -177,15 +182,14 @@ async fn check_kernel(s: &Settings) -> anyhow::Result<()> {
     } else {
         kernel::check_mptcp().context("MPTCP is needed (or run with --tcp-only)")?;
     }
-    match kernel::ensure_tfo(TfoMode::SERVER, "the server bit", s.set_sysctls)? {
-        TfoChange::Unchanged => {}
-        TfoChange::Set { from, to } => tracing::warn!(
-            from = format!("{from:#x}"),
-            to = format!("{to:#x}"),
-            "set net.ipv4.tcp_fastopen: the converter needs the server bit (0x2) to accept \
-             the Convert request in the SYN"
-        ),
-    }
+    crate::daemon::ensure_tfo(
+        &s.state_dir,
+        TfoMode::SERVER,
+        "the server bit",
+        s.set_sysctls,
+        "the converter needs the server bit (0x2) to accept the Convert request in the SYN",
+    )
+    .await?;
     crate::daemon::check_congestion_control(s.congestion_control.as_deref())
 }
 

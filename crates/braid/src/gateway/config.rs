@@ -172,8 +172,6 @@ impl HealthFile {
 pub const UPLINK_TABLE_OFFSET: u32 = 1;
 /// First MPTCP endpoint id braid gives its uplinks (ids 200-215).
 pub const UPLINK_ENDPOINT_ID_BASE: u8 = 200;
-/// Where the gateway keeps what to restore after a crash.
-pub const DEFAULT_STATE_DIR: &str = "/run/braid";
 
 /// The file, as written, or the flags given on the command line (which win over the file, see
 /// [`File::overlay`]). Every key is optional; defaults live in [`Settings`].
@@ -509,9 +507,7 @@ impl Settings {
                 id_base: UPLINK_ENDPOINT_ID_BASE,
             },
             fullmesh: f.fullmesh.unwrap_or(false),
-            state_dir: f
-                .state_dir
-                .unwrap_or_else(|| std::path::PathBuf::from(DEFAULT_STATE_DIR)),
+            state_dir: crate::config::state_dir(path, f.state_dir)?,
             health: f.health.unwrap_or_default().validate(path)?,
         })
     }

@@ -29,7 +29,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use braid_sys::SocketSpec;
-use braid_sys::kernel::{self, TfoChange, TfoMode};
+use braid_sys::kernel::{self, TfoMode};
 use socket2::SockRef;
 use tokio::net::TcpListener;
 
@@ -46,22 +46,28 @@ impl Role for Settings {
     }
 
     async fn run(self, daemon: Daemon, reload: crate::daemon::Reload<Self>) -> anyhow::Result<()> {
-        run(self, daemon, reload).await
+        let state_dir = self.state_dir.clone();
+        // What a braid process that did not exit cleanly left is undone before anything is set.
+        crate::ledger::tidy(&state_dir).await?;
+        let result = run(self, daemon, reload).await;
+        // Settings put back whether running ended well or not (each only when no other braid
+        // process in the namespace relies on it).
+        crate::ledger::release(&state_dir).await;
+        result
     }
 }
 
 async fn check_kernel(s: &Settings) -> anyhow::Result<()> {
     kernel::check_mptcp().context("the gateway carries connections over MPTCP")?;
     if s.fast_open {
-        match kernel::ensure_tfo(TfoMode::CLIENT, "the client bit", true)? {
-            TfoChange::Unchanged => {}
-            TfoChange::Set { from, to } => tracing::warn!(
-                from = format!("{from:#x}"),
-                to = format!("{to:#x}"),
-                "set net.ipv4.tcp_fastopen: the gateway needs the client bit (0x1) to send the \
-                 Convert request in the SYN"
-            ),
-        }
+        crate::daemon::ensure_tfo(
+            &s.state_dir,
+            TfoMode::CLIENT,
+            "the client bit",
+            true,
+            "the gateway needs the client bit (0x1) to send the Convert request in the SYN",
+        )
+        .await?;
     }
     if s.uplinks.is_none() {
         // The system's own path management, then: say so if it can give only one path.

@@ -5,13 +5,13 @@
 //! was lost). What it decided is published for the connections (which source to start from)
 //! and for `braid status`.
 //!
-//! Undone exactly: at exit every route, rule and endpoint it added is removed, the MPTCP
-//! limits, `net.mptcp.stale_loss_cnt` and the `rp_filter` values it changed are put back. After a crash the next start
-//! finds its objects by their numbers (tables, rule priorities and endpoint ids in braid's
-//! ranges) and the values to restore in a state file under `/run/braid`, one per network
-//! namespace; nothing braid did not add is touched.
+//! Undone exactly: at exit every route, rule and endpoint it added is removed. After a crash
+//! the next start finds them by their numbers (tables, rule priorities and endpoint ids in
+//! braid's ranges); nothing braid did not add is touched. The namespace settings it changes
+//! (the MPTCP limits, `net.mptcp.stale_loss_cnt`, `rp_filter` of the uplinks) go into the
+//! namespace's ledger ([`crate::ledger`]), which puts them back at exit or after a crash.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::io;
 use std::net::IpAddr;
 use std::path::PathBuf;
@@ -23,12 +23,12 @@ use braid_sys::pm::{Endpoint, EndpointFlags, PathManager, PmLimits};
 use braid_sys::rtnl::Rtnl;
 use braid_sys::sockopt::SubflowInfo;
 use futures::StreamExt;
-use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use super::health::{self, Backups, HealthConfig, Round, Sample, Tracker};
 use super::uplinks::{self, Numbers, Observed, Programmed, Selection, Slots, State, Uplink};
+use crate::ledger::{self, Change, Session};
 
 /// Re-read everything this often even without events.
 const RESYNC: Duration = Duration::from_secs(10);
@@ -50,7 +50,7 @@ const LIMITS: PmLimits = PmLimits {
 pub struct PathsConfig {
     pub selection: Selection,
     pub numbers: Numbers,
-    /// Where the state file lives (`/run/braid`).
+    /// Where the namespace's ledger lives (`/run/braid`).
     pub state_dir: PathBuf,
     pub health: HealthConfig,
     /// Where probes go: the first converter of each family in the order connections would try
@@ -62,15 +62,14 @@ pub struct PathsConfig {
     pub fullmesh: bool,
 }
 
-/// What the daemon changed that is not found again by its number: the values to put back.
-#[derive(Debug, Default, Clone, PartialEq, Eq, Serialize, Deserialize)]
-struct Restore {
-    limits: Option<(u32, u32)>,
-    /// `net.ipv4.conf.<if>.rp_filter` before braid loosened it.
-    rp_filter: BTreeMap<String, String>,
-    /// `net.mptcp.stale_loss_cnt` before braid set it.
-    #[serde(default)]
-    stale_loss_cnt: Option<String>,
+/// The namespace settings this gateway has set (or found as it needs them), each recorded in
+/// the ledger once.
+#[derive(Debug, Default)]
+struct Claimed {
+    limits: bool,
+    stale_loss_cnt: bool,
+    /// Interfaces whose `rp_filter` was looked at.
+    rp_filter: std::collections::HashSet<String>,
 }
 
 /// Bits per second through an interface over the last second.
@@ -221,8 +220,7 @@ impl Paths {
     ) -> anyhow::Result<Paths> {
         let nl = Rtnl::new().context("rtnetlink")?;
         let mut pm = PathManager::new().context("opening the MPTCP path manager")?;
-        let state = StateFile::for_this_namespace(&cfg.state_dir);
-        cleanup(&nl, &mut pm, cfg.numbers, &state).await;
+        cleanup(&nl, &mut pm, cfg.numbers).await;
         let changes = braid_sys::rtnl::changes().context("subscribing to rtnetlink events")?;
         let (tx, rx) = watch::channel(Vec::new());
         let stop = CancellationToken::new();
@@ -241,13 +239,11 @@ impl Paths {
             cfg,
             nl,
             pm,
-            state,
             slots: Slots::default(),
             held: Programmed::default(),
-            restore: Restore::default(),
             published: tx,
             obs: None,
-            limits_found_set: false,
+            claimed: Claimed::default(),
             trackers: HashMap::new(),
             backups: Backups::default(),
             probing: std::collections::HashSet::new(),
@@ -341,15 +337,13 @@ struct Manager {
     cfg: PathsConfig,
     nl: Rtnl,
     pm: PathManager,
-    state: StateFile,
     slots: Slots,
     held: Programmed,
-    restore: Restore,
     published: watch::Sender<Vec<Uplink>>,
     /// The kernel's state as last read.
     obs: Option<Observed>,
-    /// The MPTCP limits were already braid's at start (decisions need not read them again).
-    limits_found_set: bool,
+    /// The namespace settings already set (or found as needed) and recorded in the ledger.
+    claimed: Claimed,
     /// Per interface.
     trackers: HashMap<String, Tracker>,
     backups: Backups,
@@ -495,10 +489,10 @@ impl Manager {
         self.log_changes(&ups);
         if ups.iter().any(|u| u.state == State::Up) {
             self.ensure_limits().await;
-            self.ensure_stale_loss_cnt();
+            self.ensure_stale_loss_cnt().await;
         }
         for u in ups.iter().filter(|u| u.state == State::Up) {
-            self.loosen_rp_filter(&u.interface);
+            self.loosen_rp_filter(&u.interface).await;
         }
         let want = uplinks::desired(&ups, self.cfg.numbers);
         let changes = self.held.changes(&want);
@@ -826,86 +820,94 @@ impl Manager {
         }
     }
 
-    /// Raises the MPTCP limits once, remembering the old ones.
+    /// Raises the MPTCP limits once, recording the old ones in the ledger.
     async fn ensure_limits(&mut self) {
-        if self.restore.limits.is_some() || self.limits_found_set {
+        if self.claimed.limits {
             return;
         }
-        match self.pm.limits().await {
-            // Already what braid wants: nothing to restore, nothing to read again.
-            Ok(old) if old == LIMITS => self.limits_found_set = true,
-            Ok(old) => match self.pm.set_limits(LIMITS).await {
-                Ok(()) => {
+        let result = match Session::open(&self.cfg.state_dir).await {
+            Ok(mut ledger) => ledger.limits(LIMITS).await,
+            Err(e) => Err(e),
+        };
+        match result {
+            Ok(change) => {
+                if let Change::Set { from, .. } = change {
                     tracing::info!(
                         subflows = LIMITS.subflows,
                         add_addr_accepted = LIMITS.add_addr_accepted,
-                        was = format!("{} {}", old.subflows, old.add_addr_accepted),
+                        was = from,
                         "set MPTCP limits"
                     );
-                    self.restore.limits = Some((old.subflows, old.add_addr_accepted));
-                    self.state.save(&self.restore);
                 }
-                Err(e) => tracing::warn!(error = %e, "setting the MPTCP limits"),
-            },
-            Err(e) => tracing::warn!(error = %e, "reading the MPTCP limits"),
+                self.claimed.limits = true;
+            }
+            Err(e) => tracing::warn!(error = format!("{e:#}"), "setting the MPTCP limits"),
         }
     }
 
-    /// Sets `net.mptcp.stale_loss_cnt` once, remembering the old value: after that many
-    /// MPTCP-level retransmission intervals with data outstanding and no progress, the
-    /// kernel's scheduler ignores a subflow (default 4). Measured on a blackholed uplink
+    /// Sets `net.mptcp.stale_loss_cnt` once, recording the old value in the ledger: after
+    /// that many MPTCP-level retransmission intervals with data outstanding and no progress,
+    /// the kernel's scheduler ignores a subflow (default 4). Measured on a blackholed uplink
     /// carrying a connection's first subflow (20 Mbit/s 10 ms + 30 Mbit/s 40 ms, a 4 Mbit/s
     /// stream, set in both namespaces): longest stall median 0.99 s with 4, 0.69 s with 2;
     /// `tcp_rto_min_us` = 50 ms instead gave 0.69–0.92 s and touches all of the router's TCP.
-    fn ensure_stale_loss_cnt(&mut self) {
+    async fn ensure_stale_loss_cnt(&mut self) {
         let Some(want) = self.cfg.health.stale_loss_cnt else {
             return;
         };
-        if self.restore.stale_loss_cnt.is_some() {
+        if self.claimed.stale_loss_cnt {
             return;
         }
-        let key = "/proc/sys/net/mptcp/stale_loss_cnt";
-        match std::fs::read_to_string(key) {
-            Ok(v) if v.trim() == want.to_string() => {}
-            Ok(v) => match std::fs::write(key, want.to_string()) {
-                Ok(()) => {
-                    tracing::info!(was = v.trim(), now = want, "set net.mptcp.stale_loss_cnt");
-                    self.restore.stale_loss_cnt = Some(v.trim().to_string());
-                    self.state.save(&self.restore);
+        let result = match Session::open(&self.cfg.state_dir).await {
+            Ok(mut ledger) => ledger.sysctl(ledger::STALE_LOSS_CNT, |_| Ok(want.to_string())),
+            Err(e) => Err(e),
+        };
+        match result {
+            Ok(change) => {
+                if let Change::Set { from, to } = change {
+                    tracing::info!(was = from, now = to, "set net.mptcp.stale_loss_cnt");
                 }
-                Err(e) => tracing::warn!(error = %e, "could not set net.mptcp.stale_loss_cnt"),
-            },
-            Err(e) => tracing::warn!(error = %e, "could not read net.mptcp.stale_loss_cnt"),
+                self.claimed.stale_loss_cnt = true;
+            }
+            Err(e) => {
+                tracing::warn!(
+                    error = format!("{e:#}"),
+                    "could not set net.mptcp.stale_loss_cnt"
+                )
+            }
         }
     }
 
     /// Strict reverse-path filtering (1) drops the replies of a subflow whose address is not
     /// the one the main table would use towards the converter: loose (2) on every uplink.
-    fn loosen_rp_filter(&mut self, interface: &str) {
-        if self.restore.rp_filter.contains_key(interface) {
+    async fn loosen_rp_filter(&mut self, interface: &str) {
+        if self.claimed.rp_filter.contains(interface) {
             return;
         }
-        let key = format!("/proc/sys/net/ipv4/conf/{interface}/rp_filter");
-        match std::fs::read_to_string(&key) {
-            Ok(v) if v.trim() == "1" => match std::fs::write(&key, "2") {
-                Ok(()) => {
+        let result = match Session::open(&self.cfg.state_dir).await {
+            Ok(mut ledger) => ledger.sysctl(&ledger::rp_filter(interface), |v| {
+                Ok(if v == "1" { "2" } else { v }.to_string())
+            }),
+            Err(e) => Err(e),
+        };
+        match result {
+            Ok(change) => {
+                if change != Change::Unchanged {
                     tracing::info!(interface, "rp_filter set to loose (2)");
-                    self.restore
-                        .rp_filter
-                        .insert(interface.to_string(), v.trim().to_string());
-                    self.state.save(&self.restore);
                 }
-                Err(e) => tracing::warn!(interface, error = %e, "could not loosen rp_filter"),
-            },
-            _ => {}
+                self.claimed.rp_filter.insert(interface.to_string());
+            }
+            Err(e) => tracing::warn!(
+                interface,
+                error = format!("{e:#}"),
+                "could not loosen rp_filter"
+            ),
         }
     }
 
     async fn undo(mut self) {
         let all = self.held.changes(&Programmed::default());
         self.apply(all).await;
-        restore(&mut self.pm, &self.restore).await;
-        self.state.remove();
         tracing::info!("uplink routes, rules and endpoints removed");
     }
 }
@@ -928,34 +930,9 @@ fn log_transition(stats: &super::stats::Stats, u: &Uplink, t: &health::Transitio
         .inc();
 }
 
-/// Puts back the limits and sysctls braid changed.
-async fn restore(pm: &mut PathManager, r: &Restore) {
-    if let Some((subflows, add_addr_accepted)) = r.limits {
-        let old = PmLimits {
-            subflows,
-            add_addr_accepted,
-        };
-        if let Err(e) = pm.set_limits(old).await {
-            tracing::warn!(error = %e, "restoring the MPTCP limits");
-        }
-    }
-    if let Some(v) = &r.stale_loss_cnt
-        && let Err(e) = std::fs::write("/proc/sys/net/mptcp/stale_loss_cnt", v)
-    {
-        tracing::warn!(error = %e, "restoring net.mptcp.stale_loss_cnt");
-    }
-    for (interface, value) in &r.rp_filter {
-        // The interface may be gone; then so is its setting.
-        let _ = std::fs::write(
-            format!("/proc/sys/net/ipv4/conf/{interface}/rp_filter"),
-            value,
-        );
-    }
-}
-
-/// Removes every route, rule and endpoint in braid's ranges and restores what a state file
-/// left behind says: the leftovers of a run that did not exit cleanly.
-async fn cleanup(nl: &Rtnl, pm: &mut PathManager, n: Numbers, state: &StateFile) {
+/// Removes every route, rule and endpoint in braid's ranges: the leftovers of a run that did
+/// not exit cleanly (the settings it changed are the ledger's, put back at the daemon's start).
+async fn cleanup(nl: &Rtnl, pm: &mut PathManager, n: Numbers) {
     let mut removed = 0usize;
     if let Ok(rules) = nl.rules().await {
         for r in rules
@@ -978,53 +955,10 @@ async fn cleanup(nl: &Rtnl, pm: &mut PathManager, n: Numbers, state: &StateFile)
             removed += usize::from(pm.delete_endpoint(e.id).await.is_ok());
         }
     }
-    if let Some(r) = state.load() {
-        restore(pm, &r).await;
-        removed += 1;
-    }
-    state.remove();
     if removed > 0 {
         tracing::info!(
             removed,
             "removed uplink routes, rules and endpoints an earlier run left"
         );
-    }
-}
-
-/// `/run/braid/gateway-<netns inode>.json`: the values to restore, per network namespace (two
-/// gateways in two namespaces must not share one).
-#[derive(Debug)]
-struct StateFile(PathBuf);
-
-impl StateFile {
-    fn for_this_namespace(dir: &std::path::Path) -> StateFile {
-        use std::os::unix::fs::MetadataExt;
-        let ns = std::fs::metadata("/proc/thread-self/ns/net")
-            .map(|m| m.ino())
-            .unwrap_or(0);
-        StateFile(dir.join(format!("gateway-{ns}.json")))
-    }
-
-    fn load(&self) -> Option<Restore> {
-        let text = std::fs::read_to_string(&self.0).ok()?;
-        serde_json::from_str(&text).ok()
-    }
-
-    fn save(&self, r: &Restore) {
-        let write = || -> io::Result<()> {
-            if let Some(dir) = self.0.parent() {
-                std::fs::create_dir_all(dir)?;
-            }
-            let tmp = self.0.with_extension("tmp");
-            std::fs::write(&tmp, serde_json::to_vec(r).map_err(io::Error::other)?)?;
-            std::fs::rename(&tmp, &self.0)
-        };
-        if let Err(e) = write() {
-            tracing::warn!(file = %self.0.display(), error = %e, "could not save what to restore after a crash");
-        }
-    }
-
-    fn remove(&self) {
-        let _ = std::fs::remove_file(&self.0);
     }
 }
