@@ -241,16 +241,55 @@ pub fn congestion_control(path: Option<&Path>, v: Option<&str>) -> Result<(), Co
 pub const DEFAULT_STATE_DIR: &str = "/run/braid";
 
 /// `state_dir`: an absolute path (a relative one would follow the daemon's working
-/// directory, and a restarted daemon must find the same file).
+/// directory, and a restarted daemon must find the same file). By default the directory
+/// systemd made for the unit (`RuntimeDirectory=`, `$RUNTIME_DIRECTORY`): with
+/// `ProtectSystem=strict` nothing else under `/run` is writable, and with `DynamicUser=` each
+/// unit runs as its own user and needs a directory of its own.
 pub fn state_dir(path: Option<&Path>, v: Option<PathBuf>) -> Result<PathBuf, ConfigError> {
+    state_dir_with(path, v, std::env::var_os("RUNTIME_DIRECTORY"))
+}
+
+fn state_dir_with(
+    path: Option<&Path>,
+    v: Option<PathBuf>,
+    runtime_directory: Option<std::ffi::OsString>,
+) -> Result<PathBuf, ConfigError> {
+    // Several directories are separated by colons; the first is the unit's own.
+    let systemd = runtime_directory
+        .as_deref()
+        .and_then(|d| d.to_str()?.split(':').next().map(PathBuf::from))
+        .filter(|d| d.is_absolute());
     match v {
-        None => Ok(PathBuf::from(DEFAULT_STATE_DIR)),
+        None => Ok(systemd.unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR))),
         Some(d) if d.is_absolute() => Ok(d),
         Some(d) => Err(ConfigError::invalid(
             path,
             "state_dir",
             format!("{} is not an absolute path", d.display()),
         )),
+    }
+}
+
+#[cfg(test)]
+mod state_dir_tests {
+    use super::*;
+
+    #[test]
+    fn the_units_runtime_directory_unless_told() {
+        let rd = |s: &str| Some(std::ffi::OsString::from(s));
+        let dir = |v: Option<&str>, env| state_dir_with(None, v.map(PathBuf::from), env);
+        assert_eq!(dir(None, None).unwrap(), Path::new("/run/braid"));
+        assert_eq!(
+            dir(None, rd("/run/braid-converter:/run/other")).unwrap(),
+            Path::new("/run/braid-converter")
+        );
+        assert_eq!(dir(None, rd("relative")).unwrap(), Path::new("/run/braid"));
+        assert_eq!(
+            dir(Some("/var/run/x"), rd("/run/braid-converter")).unwrap(),
+            Path::new("/var/run/x")
+        );
+        let e = dir(Some("run/x"), None).unwrap_err().to_string();
+        assert!(e.contains("state_dir") && e.contains("absolute"), "{e}");
     }
 }
 

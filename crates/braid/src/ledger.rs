@@ -18,7 +18,11 @@
 //! state directory, read and written under an exclusive `flock` on that directory, the reads
 //! and writes of `/proc/sys` and of the path manager.
 //!
-//! `/run` is a tmpfs: after a reboot there is nothing to restore, and nothing is left.
+//! The file is named after the namespace's inode and its cookie (`SO_NETNS_COOKIE`): the inode
+//! is reused as soon as a namespace is gone, the cookie never, so a ledger left by a process
+//! killed in a namespace since deleted is never applied to a new one. Such a file is removed
+//! by the next braid start on the machine once no process is in its namespace and no
+//! `/run/netns` name holds it. `/run` is a tmpfs: after a reboot nothing is left.
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -181,6 +185,14 @@ impl Ledger {
         }
     }
 
+    /// Every process holding something, with repeats.
+    pub fn holders(&self) -> impl Iterator<Item = &Holder> {
+        self.settings
+            .values()
+            .flat_map(|c| &c.holders)
+            .chain(self.endpoints.iter().flat_map(|e| &e.holders))
+    }
+
     /// Whether the endpoint `(id, addr)` is braid's.
     pub fn owns_endpoint(&self, id: u8, addr: IpAddr) -> bool {
         self.endpoints.iter().any(|e| e.id == id && e.addr == addr)
@@ -268,7 +280,8 @@ impl Session {
         std::fs::create_dir_all(dir)
             .with_context(|| format!("creating the state directory {}", dir.display()))?;
         let lock = lock(dir).await?;
-        let file = dir.join(format!("netns-{}.json", namespace_id()));
+        let (inode, cookie) = namespace_id()?;
+        let file = dir.join(format!("netns-{inode}-{cookie}.json"));
         let ledger = match std::fs::read_to_string(&file) {
             Ok(text) => serde_json::from_str(&text).unwrap_or_else(|e| {
                 tracing::warn!(file = %file.display(), error = %e,
@@ -292,6 +305,7 @@ impl Session {
             tracing::info!("restoring what a braid process that did not exit cleanly changed");
             s.undo(undo).await;
         }
+        sweep(dir, &s.file);
         Ok(s)
     }
 
@@ -494,13 +508,94 @@ async fn lock(dir: &Path) -> anyhow::Result<nix::fcntl::Flock<File>> {
     }
 }
 
-/// The inode of this thread's network namespace: the name of its ledger (two namespaces must
-/// not share one).
-fn namespace_id() -> u64 {
+/// The inode and the cookie of this thread's network namespace: the name of its ledger.
+fn namespace_id() -> anyhow::Result<(u64, u64)> {
     use std::os::unix::fs::MetadataExt;
-    std::fs::metadata("/proc/thread-self/ns/net")
-        .map(|m| m.ino())
-        .unwrap_or(0)
+    let inode = std::fs::metadata("/proc/thread-self/ns/net")
+        .context("reading /proc/thread-self/ns/net")?
+        .ino();
+    let probe = std::os::unix::net::UnixDatagram::unbound()?;
+    let cookie = braid_sys::sockopt::netns_cookie(&probe)
+        .context("reading the network namespace's cookie (SO_NETNS_COOKIE, Linux >= 5.14)")?;
+    Ok((inode, cookie))
+}
+
+/// Removes the ledgers of namespaces that are gone: no holder runs and nothing holds a
+/// namespace with that inode (a process in it, a `/run/netns` name). A namespace kept only
+/// by an open descriptor or a bind mount elsewhere, or only by processes braid may not look at,
+/// would lose its ledger; one with a process in it (any daemon, a shell) does not. Only as
+/// root: another user sees only its own processes' namespaces.
+fn sweep(dir: &Path, mine: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    let others: Vec<(PathBuf, u64)> = entries
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p != mine)
+        .filter_map(|p| {
+            let inode = ledger_inode(p.file_name()?.to_str()?)?;
+            Some((p, inode))
+        })
+        .collect();
+    if others.is_empty() || !nix::unistd::geteuid().is_root() {
+        return;
+    }
+    let Some(live) = live_namespaces() else {
+        return;
+    };
+    for (path, inode) in others {
+        if live.contains(&inode) {
+            continue;
+        }
+        let abandoned = std::fs::read_to_string(&path)
+            .ok()
+            .and_then(|t| serde_json::from_str::<Ledger>(&t).ok())
+            .is_none_or(|l| !l.holders().any(|h| h.alive()));
+        if abandoned && std::fs::remove_file(&path).is_ok() {
+            tracing::info!(file = %path.display(), "removed the ledger of a namespace that is gone");
+        }
+    }
+}
+
+/// `netns-<inode>-<cookie>.json` → the inode.
+fn ledger_inode(name: &str) -> Option<u64> {
+    let (inode, cookie) = name
+        .strip_prefix("netns-")?
+        .strip_suffix(".json")?
+        .split_once('-')?;
+    cookie.parse::<u64>().ok()?;
+    inode.parse().ok()
+}
+
+/// The inodes of every network namespace a process braid may look at is in, or `/run/netns`
+/// names.
+fn live_namespaces() -> Option<std::collections::HashSet<u64>> {
+    use std::os::unix::fs::MetadataExt;
+    let mut live = std::collections::HashSet::new();
+    for e in std::fs::read_dir("/proc").ok()?.flatten() {
+        if !e
+            .file_name()
+            .to_str()
+            .is_some_and(|n| n.bytes().all(|b| b.is_ascii_digit()))
+        {
+            continue;
+        }
+        // Exited meanwhile, a kernel thread, or one braid may not look at (a process that
+        // made itself non-dumpable): left out.
+        if let Ok(m) = std::fs::metadata(e.path().join("ns/net")) {
+            live.insert(m.ino());
+        }
+    }
+    if let Ok(names) = std::fs::read_dir("/run/netns") {
+        live.extend(
+            names
+                .flatten()
+                .filter_map(|e| std::fs::metadata(e.path()).ok())
+                .map(|m| m.ino()),
+        );
+    }
+    Some(live)
 }
 
 fn sysctl_path(key: &str) -> PathBuf {
@@ -626,6 +721,16 @@ mod tests {
             sysctl_path(&rp_filter("eth0.100")),
             Path::new("/proc/sys/net/ipv4/conf/eth0.100/rp_filter")
         );
+    }
+
+    #[test]
+    fn ledger_files_name_their_namespace() {
+        assert_eq!(ledger_inode("netns-4026532429-8193.json"), Some(4026532429));
+        assert_eq!(ledger_inode("netns-4026532429.json"), None);
+        assert_eq!(ledger_inode("netns-1-2.json.tmp"), None);
+        assert_eq!(ledger_inode("gateway-1.json"), None);
+        let (inode, _) = namespace_id().unwrap();
+        assert!(live_namespaces().unwrap().contains(&inode));
     }
 
     #[test]

@@ -222,10 +222,20 @@ fn namespace_settings_go_back_with_the_last_converter_also_after_a_crash() {
     let limits_before = "add_addr_accepted 1 subflows 1";
     assert_eq!(normalize(&settings()), format!("0 4 1 | {limits_before}"));
     let braids = "2 2 0 | add_addr_accepted 1 subflows 4";
+    // The ledger of this namespace: `netns-<inode>-<cookie>.json`.
     let inode = ns
         .run(["stat", "-L", "-c", "%i", "/proc/self/ns/net"])
         .unwrap();
-    let ledger_file = format!("/run/braid/netns-{}.json", inode.trim());
+    let ledgers = || -> Vec<String> {
+        std::fs::read_dir("/run/braid")
+            .map(|d| {
+                d.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .filter(|n| n.starts_with(&format!("netns-{}-", inode.trim())))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
 
     let full = [
         "--signal",
@@ -248,6 +258,7 @@ fn namespace_settings_go_back_with_the_last_converter_also_after_a_crash() {
         "{}",
         endpoints()
     );
+    assert_eq!(ledgers().len(), 1, "{:?}", ledgers());
     // The first converter leaves: the second still relies on everything.
     a.signal(Signal::SIGTERM).unwrap();
     assert!(a.wait_timeout(Duration::from_secs(10)).unwrap().is_some());
@@ -282,8 +293,9 @@ fn namespace_settings_go_back_with_the_last_converter_also_after_a_crash() {
         "the operator's endpoint: {eps}"
     );
     assert!(!eps.contains(&announced), "{eps}");
-    assert!(
-        !std::path::Path::new(&ledger_file).exists(),
+    assert_eq!(
+        ledgers(),
+        Vec::<String>::new(),
         "the ledger outlived the last converter"
     );
 }
@@ -295,4 +307,62 @@ fn normalize(s: &str) -> String {
     let mut pairs: Vec<String> = words.chunks_mut(2).map(|c| c.join(" ")).collect();
     pairs.sort();
     format!("{sysctls} | {}", pairs.join(" "))
+}
+
+#[test]
+fn the_ledger_of_a_namespace_that_is_gone_is_removed() {
+    let ledgers_of = |ns: &braid_lab::Netns| -> Vec<PathBuf> {
+        let inode = ns
+            .run(["stat", "-L", "-c", "%i", "/proc/self/ns/net"])
+            .unwrap();
+        std::fs::read_dir("/run/braid")
+            .map(|d| {
+                d.flatten()
+                    .map(|e| e.path())
+                    .filter(|p| {
+                        p.file_name()
+                            .and_then(|n| n.to_str())
+                            .is_some_and(|n| n.starts_with(&format!("netns-{}-", inode.trim())))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let start = |ns: &braid_lab::Netns| {
+        let log = std::env::temp_dir().join(format!("{}-converter.log", ns.name()));
+        let mut p = ns
+            .command(env!("CARGO_BIN_EXE_braid"))
+            .args([
+                "converter",
+                "--listen",
+                "127.0.0.1:5124",
+                "--allow-any-client",
+            ])
+            .env("RUST_LOG", daemon_log())
+            .stderr(braid_lab::Output::File(log.clone()))
+            .spawn()
+            .expect("spawn braid converter");
+        wait_listening(ns, 5124, &mut p, &log);
+        (p, log)
+    };
+    let gone = braid_lab::Netns::create("ledger").unwrap();
+    // Made while the first exists, so that it cannot get its inode number.
+    let other = braid_lab::Netns::create("ledger").unwrap();
+    let (mut p, log) = start(&gone);
+    let left = ledgers_of(&gone);
+    assert_eq!(left.len(), 1, "stale_loss_cnt is recorded: {left:?}");
+    p.kill().unwrap();
+    drop(gone);
+    let _ = std::fs::remove_file(log);
+    assert!(left[0].exists(), "a crash leaves the ledger");
+    // Any braid start on the machine takes the dead namespace's ledger away.
+    let (mut p, log) = start(&other);
+    assert!(
+        !left[0].exists(),
+        "{}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    p.stop().unwrap();
+    let _ = std::fs::remove_file(log);
+    assert_eq!(ledgers_of(&other), Vec::<PathBuf>::new());
 }

@@ -17,6 +17,8 @@ const TCP_IS_MPTCP: i32 = 43;
 /// `SO_SNDBUFFORCE` from `<asm-generic/socket.h>` (the libc crate exports it for Android
 /// only): like `SO_SNDBUF`, past `net.core.wmem_max`, with `CAP_NET_ADMIN`.
 pub const SO_SNDBUFFORCE: i32 = 32;
+/// `SO_NETNS_COOKIE` from `<asm-generic/socket.h>` (Linux 5.14; not in the libc crate).
+const SO_NETNS_COOKIE: i32 = 71;
 /// `SIOCOUTQ` is `TIOCOUTQ` on Linux: bytes in the send queue not yet acknowledged.
 const SIOCOUTQ: libc::c_ulong = 0x5411;
 
@@ -177,6 +179,30 @@ impl MptcpInfo {
     /// The MPTCP handshake has completed (the peer's key arrived).
     pub fn remote_key_received(&self) -> bool {
         self.flags & MPTCP_INFO_FLAG_REMOTE_KEY_RECEIVED != 0
+    }
+}
+
+/// The cookie of the network namespace the socket was made in: unique until reboot and never
+/// given to another namespace, unlike the namespace's inode number, which is reused as soon as
+/// the namespace is gone.
+pub fn netns_cookie(fd: &impl AsFd) -> io::Result<u64> {
+    let fd = fd.as_fd().as_raw_fd();
+    let mut value: u64 = 0;
+    let mut len = size_of::<u64>() as libc::socklen_t;
+    // SAFETY: `value` and `len` are valid for writes and `len` holds the buffer size.
+    let r = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            SO_NETNS_COOKIE,
+            (&raw mut value).cast(),
+            &raw mut len,
+        )
+    };
+    if r == 0 {
+        Ok(value)
+    } else {
+        Err(io::Error::last_os_error())
     }
 }
 
@@ -400,6 +426,15 @@ mod tests {
     use socket2::Domain;
     use std::io::{Read, Write};
     use std::net::{SocketAddr, TcpStream};
+
+    #[test]
+    fn the_namespace_cookie_is_the_same_for_every_socket_of_a_namespace() {
+        let a = std::os::unix::net::UnixDatagram::unbound().unwrap();
+        let b = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let cookie = netns_cookie(&a).unwrap();
+        assert_ne!(cookie, 0);
+        assert_eq!(netns_cookie(&b).unwrap(), cookie);
+    }
 
     #[test]
     fn mptcp_info_layout_matches_the_kernel() {

@@ -443,6 +443,10 @@ mod tests {
                 "stale_loss_cnt",
             ),
             (
+                "allow_any_client = true\nstate_dir = \"run/braid\"",
+                "state_dir",
+            ),
+            (
                 "allow_any_client = true\nsignal = [\"10.0.0.1\", \"nope\"]",
                 "signal[1]",
             ),
