@@ -128,6 +128,10 @@ pub struct CommonArgs {
     /// to it) [default: 1048576].
     #[arg(long, value_name = "BYTES")]
     pub relay_buffer: Option<usize>,
+    /// Bytes all relay buffers may hold beyond 64 KiB each (0: no limit) [default: an eighth
+    /// of the machine's memory].
+    #[arg(long, value_name = "BYTES")]
+    pub relay_memory: Option<usize>,
     /// Congestion control for relayed sockets (e.g. reno, cubic, bbr) [default: the system's].
     #[arg(long, value_name = "NAME")]
     pub congestion_control: Option<String>,
@@ -276,6 +280,7 @@ impl ConverterArgs {
             tfo_window_fix: self.no_tfo_window_fix.then_some(false),
             relay_engine: self.common.relay_engine,
             relay_buffer: self.common.relay_buffer,
+            relay_memory: self.common.relay_memory,
             mptcp_send_buffer: self.common.mptcp_send_buffer.clone(),
             congestion_control: self.common.congestion_control.clone(),
             mptcp_subflows: self.mptcp_subflows,
@@ -311,6 +316,7 @@ impl GatewayArgs {
             mptcp_send_buffer: self.common.mptcp_send_buffer.clone(),
             relay_engine: self.common.relay_engine,
             relay_buffer: self.common.relay_buffer,
+            relay_memory: self.common.relay_memory,
             congestion_control: self.common.congestion_control.clone(),
             ..GatewayFile::default()
         }

@@ -131,6 +131,7 @@ pub fn relay_config(
     engine: Option<Engine>,
     buffer: Option<usize>,
     idle_timeout_secs: Option<u64>,
+    memory: Option<usize>,
 ) -> Result<RelayConfig, ConfigError> {
     let engine = engine.unwrap_or_default();
     let buffer = buffer.unwrap_or(crate::relay::DEFAULT_BUFFER);
@@ -145,12 +146,26 @@ pub fn relay_config(
         0 => None,
         n => Some(Duration::from_secs(n)),
     };
+    let memory_cap = match memory {
+        None => crate::budget::default_cap().unwrap_or(usize::MAX),
+        Some(0) => usize::MAX,
+        Some(n) if n >= 1 << 20 => n,
+        Some(n) => {
+            return Err(ConfigError::invalid(
+                path,
+                "relay_memory",
+                format!("{n} is under 1048576 bytes (0: no limit)"),
+            ));
+        }
+    };
     Ok(RelayConfig {
         engine,
         idle_timeout,
         buffer,
         // Per connection, once its send buffer is known.
         nudge: None,
+        memory: crate::budget::Budget::global(),
+        memory_cap,
     })
 }
 

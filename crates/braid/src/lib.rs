@@ -3,6 +3,7 @@
 //! The library behind the `braid` binary, public so that integration tests and benchmarks run
 //! the same code as the daemons. Every module:
 //!
+//! - [`budget`]: the memory all relay buffers may hold (`relay_memory`).
 //! - [`cli`]: the command line (clap), one subcommand per role; it turns flags into each
 //!   daemon's configuration overlay and is imported by nothing below it.
 //! - [`config`]: what both daemons' configurations share: TOML reading, the error that names
@@ -24,6 +25,7 @@
 //!   real daemons; router builds leave it out (`--no-default-features`).
 #![forbid(unsafe_code)]
 
+pub mod budget;
 pub mod cli;
 pub mod client;
 pub mod config;

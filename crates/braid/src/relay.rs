@@ -26,6 +26,7 @@
 
 use std::io;
 use std::os::fd::OwnedFd;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
@@ -33,6 +34,8 @@ use nix::fcntl::{FcntlArg, OFlag, SpliceFFlags, fcntl, splice};
 use socket2::SockRef;
 use tokio::io::Interest;
 use tokio::net::TcpStream;
+
+use crate::budget::{Budget, Lease};
 
 /// How bytes are moved (`relay_engine`, `--relay-engine`). Which is cheaper depends on the
 /// socket read from: splice(2) from a TCP socket moves its pages into the pipe without a copy,
@@ -168,6 +171,10 @@ pub struct RelayConfig {
     /// The MPTCP side, when braid bounds its send buffer: writes into it that wait look for a
     /// stuck sender ([`crate::sendbuf::nudge`]). Per connection.
     pub nudge: Option<Side>,
+    /// What all buffers (or pipes) may hold beyond 64 KiB each ([`crate::budget`]).
+    pub memory: Arc<Budget>,
+    /// `relay_memory`: the cap the daemon gives [`Self::memory`] at start (`usize::MAX`: none).
+    pub memory_cap: usize,
 }
 
 impl Default for RelayConfig {
@@ -177,6 +184,8 @@ impl Default for RelayConfig {
             idle_timeout: Some(Duration::from_secs(3600)),
             buffer: DEFAULT_BUFFER,
             nudge: None,
+            memory: Budget::global(),
+            memory_cap: usize::MAX,
         }
     }
 }
@@ -354,9 +363,9 @@ async fn pump(
     let end = if splices(cfg.engine, || {
         braid_sys::sockopt::is_mptcp(src).unwrap_or(false)
     }) {
-        pump_splice(src, &Sink { sock: dst, nudge }, moved, cfg.buffer).await
+        pump_splice(src, &Sink { sock: dst, nudge }, moved, cfg).await
     } else {
-        pump_copy(src, &Sink { sock: dst, nudge }, moved, cfg.buffer).await
+        pump_copy(src, &Sink { sock: dst, nudge }, moved, cfg).await
     };
     if let PumpEnd::Eof = end {
         // Half-close: the peer learns there is no more, the other direction keeps going. On an
@@ -415,22 +424,31 @@ impl Quiet {
     }
 }
 
-async fn pump_copy(src: &TcpStream, dst: &Sink<'_>, moved: &AtomicU64, size: usize) -> PumpEnd {
+async fn pump_copy(
+    src: &TcpStream,
+    dst: &Sink<'_>,
+    moved: &AtomicU64,
+    cfg: &RelayConfig,
+) -> PumpEnd {
+    let size = cfg.buffer;
     // Bytes are read into the spare capacity and written out before the next read, so the
-    // buffer is empty between reads; its capacity is this direction's read size (0: quiet).
+    // buffer is empty between reads; its capacity is this direction's read size (0: quiet),
+    // and the lease holds as much of the budget.
     let mut buf: Vec<u8> = Vec::new();
+    let mut lease = Lease::new(cfg.memory.clone());
     let mut quiet = Quiet::new();
     loop {
         match quiet.readable(src, buf.capacity() > 0).await {
             Ok(true) => {}
             Ok(false) => {
                 buf = Vec::new();
+                lease.resize(0);
                 continue;
             }
             Err(e) => return PumpEnd::ReadFailed(e),
         }
         if buf.capacity() == 0 {
-            buf = Vec::with_capacity(FIRST_BUFFER.min(size));
+            buf = Vec::with_capacity(lease.resize(FIRST_BUFFER.min(size)));
             quiet.data();
         }
         // Into uninitialised capacity: a buffer the read overwrites is never zeroed first.
@@ -458,7 +476,10 @@ async fn pump_copy(src: &TcpStream, dst: &Sink<'_>, moved: &AtomicU64, size: usi
         let read_size = buf.capacity();
         buf.clear();
         if let Some(bigger) = next_read_size(n, read_size, size) {
-            buf = Vec::with_capacity(bigger);
+            let granted = lease.resize(bigger);
+            if granted > read_size {
+                buf = Vec::with_capacity(granted);
+            }
         }
     }
 }
@@ -484,9 +505,18 @@ fn make_pipe(size: usize) -> io::Result<(OwnedFd, OwnedFd)> {
     Ok((r, w))
 }
 
-async fn pump_splice(src: &TcpStream, dst: &Sink<'_>, moved: &AtomicU64, size: usize) -> PumpEnd {
+async fn pump_splice(
+    src: &TcpStream,
+    dst: &Sink<'_>,
+    moved: &AtomicU64,
+    cfg: &RelayConfig,
+) -> PumpEnd {
     let flags = SpliceFFlags::SPLICE_F_MOVE | SpliceFFlags::SPLICE_F_NONBLOCK;
     let mut pipe: Option<(OwnedFd, OwnedFd)> = None;
+    // The pipe's capacity, granted by the budget when the pipe is made (a pipe's pages are
+    // taken as it fills, so a full one holds this much).
+    let mut lease = Lease::new(cfg.memory.clone());
+    let mut size = 0;
     let mut quiet = Quiet::new();
     loop {
         match quiet.readable(src, pipe.is_some()).await {
@@ -494,9 +524,13 @@ async fn pump_splice(src: &TcpStream, dst: &Sink<'_>, moved: &AtomicU64, size: u
             Ok(false) => {
                 // Quiet: the pipe (two descriptors) goes back; it is empty here.
                 pipe = None;
+                lease.resize(0);
                 continue;
             }
             Err(e) => return PumpEnd::ReadFailed(e),
+        }
+        if pipe.is_none() {
+            size = lease.resize(cfg.buffer);
         }
         let (pr, pw) = match &pipe {
             Some(p) => (&p.0, &p.1),
@@ -772,6 +806,83 @@ mod tests {
         drop(app_b);
         let r = task.await.unwrap();
         assert_eq!(r.a_to_b, 5 + big.len() as u64);
+    }
+
+    /// Four relays at once under a 1 MiB budget, each behind a slow reader (so that every read
+    /// fills its buffer and asks to grow): every byte arrives, the buffers beyond 64 KiB never
+    /// hold more than the cap, and everything is given back at the end.
+    async fn under_a_budget(engine: Engine) {
+        let budget = Arc::new(Budget::new(1 << 20));
+        let cfg = RelayConfig {
+            engine,
+            memory: budget.clone(),
+            ..RelayConfig::default()
+        };
+        let peak = Arc::new(AtomicU64::new(0));
+        let watch = {
+            let (budget, peak) = (budget.clone(), peak.clone());
+            tokio::spawn(async move {
+                loop {
+                    peak.fetch_max(budget.used() as u64, Relaxed);
+                    tokio::time::sleep(Duration::from_micros(200)).await;
+                }
+            })
+        };
+        let mut runs = Vec::new();
+        for seed in 0..4u8 {
+            let ((mut app_a, relay_a), (relay_b, mut app_b)) = pairs().await;
+            let cfg = cfg.clone();
+            let relay =
+                tokio::spawn(
+                    async move { relay(&relay_a, &relay_b, &cfg, &Moved::default()).await },
+                );
+            runs.push(tokio::spawn(async move {
+                let big = pattern(8 << 20, seed);
+                let (_, got) = tokio::join!(
+                    async {
+                        app_a.write_all(&big).await.unwrap();
+                        app_a.shutdown().await.unwrap();
+                    },
+                    async {
+                        let mut v = Vec::new();
+                        let mut chunk = vec![0u8; 256 * 1024];
+                        loop {
+                            let n = app_b.read(&mut chunk).await.unwrap();
+                            if n == 0 {
+                                break v;
+                            }
+                            v.extend_from_slice(&chunk[..n]);
+                            tokio::time::sleep(Duration::from_millis(1)).await;
+                        }
+                    }
+                );
+                assert!(got == big, "bytes differ");
+                drop(app_b);
+                relay.await.unwrap().a_to_b
+            }));
+        }
+        for r in runs {
+            assert_eq!(r.await.unwrap(), 8 << 20);
+        }
+        watch.abort();
+        let peak = peak.load(Relaxed) as usize;
+        // Growth to the floor is free: eight directions may each hold it besides the cap.
+        assert!(
+            peak <= (1 << 20) + 8 * crate::budget::FLOOR,
+            "the buffers held {peak} bytes"
+        );
+        assert!(peak > crate::budget::FLOOR, "nothing grew: {peak}");
+        assert_eq!(budget.used(), 0, "not all given back");
+    }
+
+    #[tokio::test]
+    async fn copy_keeps_its_buffers_within_the_budget() {
+        under_a_budget(Engine::Copy).await;
+    }
+
+    #[tokio::test]
+    async fn splice_keeps_its_pipes_within_the_budget() {
+        under_a_budget(Engine::Splice).await;
     }
 
     #[tokio::test]

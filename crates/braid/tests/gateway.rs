@@ -607,3 +607,87 @@ fn requests_that_half_close_at_once_still_get_both_uplinks() {
         mptcp_deltas(&before, &after)
     );
 }
+
+/// The converter's relay buffers (`braid_converter_relay_buffer_bytes`) and resident memory at
+/// their peaks while 16 downloads from the unshaped server link go out over the shaped uplinks
+/// (each read from the server fills the relay's buffer, which then asks to grow), and how long
+/// they took.
+fn relay_memory_peaks(cl: &ConverterLab, nginx: &Nginx) -> (u64, u64, f64) {
+    let t = Instant::now();
+    let url = format!("http://{}/file", cl.lab.server_v4());
+    let downloads: Vec<_> = (0..16)
+        .map(|_| {
+            let (client, url) = (cl.lab.client.clone(), url.clone());
+            std::thread::spawn(move || curl_sha(&client, &[], &url))
+        })
+        .collect();
+    let pid = cl.converter.as_ref().unwrap().pid();
+    let (mut buffers, mut rss) = (0u64, 0u64);
+    while downloads.iter().any(|d| !d.is_finished()) {
+        let metrics = cl
+            .lab
+            .converter
+            .run(["curl", "-sS", "http://127.0.0.1:9126/metrics"])
+            .unwrap_or_default();
+        if let Some(v) = metrics
+            .lines()
+            .find_map(|l| l.strip_prefix("braid_converter_relay_buffer_bytes "))
+        {
+            buffers = buffers.max(v.trim().parse().unwrap_or(0));
+        }
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        if let Some(kib) = status.lines().find_map(|l| l.strip_prefix("VmRSS:")) {
+            let kib: u64 = kib
+                .trim()
+                .trim_end_matches("kB")
+                .trim()
+                .parse()
+                .unwrap_or(0);
+            rss = rss.max(kib << 10);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    for d in downloads {
+        let (ok, digest, _) = d.join().unwrap();
+        assert!(ok, "{digest}");
+        assert_eq!(digest, hex(&nginx.sha256));
+    }
+    (buffers, rss, t.elapsed().as_secs_f64())
+}
+
+#[test]
+fn many_downloads_keep_the_relays_within_relay_memory() {
+    let metrics = ["--metrics", "127.0.0.1:9126"];
+    let mut cl = ConverterLab::from_lab(
+        shaped_lab(),
+        &converter_args(&[metrics[0], metrics[1], "--relay-memory", "0"]),
+    );
+    let nginx = Nginx::start(&cl.lab.server, 8 << 20);
+    let _gw = gateway_to(&cl, &["--transparent", "tproxy"]);
+    let (free, free_rss, free_secs) = relay_memory_peaks(&cl, &nginx);
+    cl.converter.take().unwrap().stop().unwrap();
+    cl.start_converter(&converter_args(&[
+        metrics[0],
+        metrics[1],
+        "--relay-memory",
+        "1048576",
+    ]));
+    let (capped, capped_rss, capped_secs) = relay_memory_peaks(&cl, &nginx);
+    eprintln!(
+        "relay buffers at their peak: {} KiB without a cap (RSS {} MiB, {free_secs:.1} s), \
+         {} KiB under 1 MiB (RSS {} MiB, {capped_secs:.1} s)",
+        free >> 10,
+        free_rss >> 20,
+        capped >> 10,
+        capped_rss >> 20
+    );
+    assert!(
+        free > 2 << 20,
+        "the downloads never grew the buffers: {free}"
+    );
+    // Up to 64 KiB per direction is always granted: 16 connections, 2 directions.
+    assert!(
+        capped <= (1 << 20) + 32 * 64 * 1024,
+        "{capped} bytes held under a 1 MiB cap"
+    );
+}

@@ -54,6 +54,7 @@ pub struct File {
     pub cookie_secret: Option<String>,
     pub relay_engine: Option<Engine>,
     pub relay_buffer: Option<usize>,
+    pub relay_memory: Option<usize>,
     pub mptcp_send_buffer: Option<SendBufferValue>,
     pub congestion_control: Option<String>,
     pub upstream_fastopen: Option<bool>,
@@ -160,6 +161,7 @@ impl File {
             cookie_secret,
             relay_engine,
             relay_buffer,
+            relay_memory,
             mptcp_send_buffer,
             congestion_control,
             upstream_fastopen,
@@ -211,7 +213,13 @@ impl Settings {
             ));
         }
         let log_format = f.log_format.unwrap_or_default();
-        let relay = relay_config(path, f.relay_engine, f.relay_buffer, f.idle_timeout_secs)?;
+        let relay = relay_config(
+            path,
+            f.relay_engine,
+            f.relay_buffer,
+            f.idle_timeout_secs,
+            f.relay_memory,
+        )?;
         congestion_control(path, f.congestion_control.as_deref())?;
         let mptcp_send_buffer = mptcp_send_buffer(path, f.mptcp_send_buffer)?;
         let ms = |key: &str, v: Option<u64>, default: u64| -> Result<Duration, ConfigError> {
@@ -445,6 +453,10 @@ mod tests {
             (
                 "allow_any_client = true\nstate_dir = \"run/braid\"",
                 "state_dir",
+            ),
+            (
+                "allow_any_client = true\nrelay_memory = 4096",
+                "relay_memory",
             ),
             (
                 "allow_any_client = true\nsignal = [\"10.0.0.1\", \"nope\"]",

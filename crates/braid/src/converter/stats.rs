@@ -68,6 +68,7 @@ impl Stats {
         );
         r.register("bytes", "Bytes relayed, by direction", self.bytes.clone());
         crate::sendbuf::register_nudges(r);
+        crate::budget::Budget::global().register(r);
         r.register(
             "tcp_fallback",
             "Client connections that are plain TCP instead of MPTCP",

@@ -200,6 +200,7 @@ pub struct File {
     pub drain_timeout_secs: Option<u64>,
     pub relay_engine: Option<Engine>,
     pub relay_buffer: Option<usize>,
+    pub relay_memory: Option<usize>,
     pub mptcp_send_buffer: Option<SendBufferValue>,
     pub fast_open: Option<bool>,
     pub congestion_control: Option<String>,
@@ -261,6 +262,7 @@ impl File {
             drain_timeout_secs,
             relay_engine,
             relay_buffer,
+            relay_memory,
             mptcp_send_buffer,
             fast_open,
             congestion_control,
@@ -402,7 +404,13 @@ impl Settings {
             ));
         }
         let log_format = f.log_format.unwrap_or_default();
-        let relay = relay_config(path, f.relay_engine, f.relay_buffer, f.idle_timeout_secs)?;
+        let relay = relay_config(
+            path,
+            f.relay_engine,
+            f.relay_buffer,
+            f.idle_timeout_secs,
+            f.relay_memory,
+        )?;
         congestion_control(path, f.congestion_control.as_deref())?;
         let mptcp_send_buffer = mptcp_send_buffer(path, f.mptcp_send_buffer)?;
         let connect_timeout = match f.connect_timeout_ms.unwrap_or(5_000) {

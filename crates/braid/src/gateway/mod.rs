@@ -47,6 +47,7 @@ impl Role for Settings {
 
     async fn run(self, daemon: Daemon, reload: crate::daemon::Reload<Self>) -> anyhow::Result<()> {
         let state_dir = self.state_dir.clone();
+        self.relay.memory.set_cap(self.relay.memory_cap);
         // What a braid process that did not exit cleanly left is undone before anything is set.
         crate::ledger::tidy(&state_dir).await?;
         let result = run(self, daemon, reload).await;

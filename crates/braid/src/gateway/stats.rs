@@ -87,6 +87,7 @@ impl Stats {
         );
         r.register("bytes", "Bytes relayed, by direction", self.bytes.clone());
         crate::sendbuf::register_nudges(r);
+        crate::budget::Budget::global().register(r);
         r.register(
             "mptcp_fallback",
             "Connections to a converter that fell back to plain TCP",
