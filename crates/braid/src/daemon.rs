@@ -281,7 +281,18 @@ pub async fn ensure_tfo(
     why: &'static str,
 ) -> anyhow::Result<()> {
     use braid_sys::kernel;
-    let mut ledger = crate::ledger::Session::open(state_dir).await?;
+    let mut ledger = match crate::ledger::Session::open(state_dir).await {
+        Ok(l) => l,
+        // Without a ledger nothing may be changed, which is fine if nothing needs to be.
+        Err(e) => {
+            let current = kernel::tcp_fastopen()?;
+            return match kernel::tfo_with(current, bits, what, false) {
+                Ok(_) => Ok(()),
+                Err(missing) => Err(anyhow::Error::new(missing)
+                    .context(format!("{e:#}: a change braid could not record"))),
+            };
+        }
+    };
     let change = ledger.sysctl(crate::ledger::TCP_FASTOPEN, |current| {
         let current: u32 = current
             .parse()

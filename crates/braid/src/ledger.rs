@@ -467,9 +467,17 @@ impl Drop for Session {
     }
 }
 
-/// Opens a session only to undo what dead processes left; each daemon does so at start.
-pub async fn tidy(dir: &Path) -> anyhow::Result<()> {
-    Session::open(dir).await.map(drop)
+/// Opens a session only to undo what dead processes left; each daemon does so at start. A
+/// directory that cannot be made or locked (a daemon run without root, which cannot change
+/// namespace settings either) is only warned about here: a change that needs recording fails
+/// where it is asked for.
+pub async fn tidy(dir: &Path) {
+    if let Err(e) = Session::open(dir).await {
+        tracing::warn!(
+            error = format!("{e:#}"),
+            "the ledger of namespace settings (state_dir) cannot be used: braid changes none"
+        );
+    }
 }
 
 /// Takes this process off the ledger at exit; failures are logged.

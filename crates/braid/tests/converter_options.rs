@@ -366,3 +366,55 @@ fn the_ledger_of_a_namespace_that_is_gone_is_removed() {
     let _ = std::fs::remove_file(log);
     assert_eq!(ledgers_of(&other), Vec::<PathBuf>::new());
 }
+
+#[test]
+fn without_a_usable_state_dir_the_converter_runs_and_changes_nothing() {
+    let ns = braid_lab::Netns::create("nostate").unwrap();
+    ns.sysctl("net.ipv4.tcp_fastopen", 3).unwrap();
+    ns.sysctl("net.mptcp.stale_loss_cnt", 4).unwrap();
+    // Nothing can make a directory in /proc: as for a daemon without root and without one.
+    let conf = std::env::temp_dir().join(format!("{}-nostate.toml", ns.name()));
+    std::fs::write(&conf, "state_dir = \"/proc/braid-state\"\n").unwrap();
+    let run = |extra: &[&str]| {
+        let log = std::env::temp_dir().join(format!("{}-converter.log", ns.name()));
+        let _ = std::fs::remove_file(&log);
+        let p = ns
+            .command(env!("CARGO_BIN_EXE_braid"))
+            .args([
+                "converter",
+                "--listen",
+                "127.0.0.1:5124",
+                "--allow-any-client",
+            ])
+            .args(["--config", conf.to_str().unwrap()])
+            .args(extra)
+            .env("RUST_LOG", daemon_log())
+            .stderr(braid_lab::Output::File(log.clone()))
+            .spawn()
+            .expect("spawn braid converter");
+        (p, log)
+    };
+    // What it needs is in place: it runs, leaving stale_loss_cnt alone, and says why.
+    let (mut p, log) = run(&[]);
+    wait_listening(&ns, 5124, &mut p, &log);
+    assert_eq!(ns.sysctl_get("net.mptcp.stale_loss_cnt").unwrap(), "4");
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.contains("/proc/braid-state"), "{text}");
+    p.stop().unwrap();
+    // Asked to change the namespace, it refuses to start: the change could not be undone.
+    let (mut p, log) = run(&["--mptcp-subflows", "4"]);
+    let status = p.wait_timeout(Duration::from_secs(10)).unwrap();
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(status.is_some_and(|s| !s.success()), "{text}");
+    assert!(text.contains("need the ledger"), "{text}");
+    // And so without the TFO server bit.
+    ns.sysctl("net.ipv4.tcp_fastopen", 1).unwrap();
+    let (mut p, log) = run(&[]);
+    let status = p.wait_timeout(Duration::from_secs(10)).unwrap();
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(status.is_some_and(|s| !s.success()), "{text}");
+    assert!(text.contains("tcp_fastopen=0x3"), "{text}");
+    assert_eq!(ns.sysctl_get("net.ipv4.tcp_fastopen").unwrap(), "1");
+    let _ = std::fs::remove_file(&log);
+    let _ = std::fs::remove_file(&conf);
+}

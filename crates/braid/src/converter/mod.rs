@@ -80,7 +80,7 @@ impl Role for Settings {
         let state_dir = self.state_dir.clone();
         self.relay.memory.set_cap(self.relay.memory_cap);
         // What a converter that did not exit cleanly left is undone before anything is set.
-        crate::ledger::tidy(&state_dir).await?;
+        crate::ledger::tidy(&state_dir).await;
         let result = async {
             check_kernel(&self).await?;
             if !self.tcp_only {

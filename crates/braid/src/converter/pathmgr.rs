@@ -14,7 +14,6 @@ use crate::ledger::{Change, JOIN_INITIAL, STALE_LOSS_CNT, Session};
 /// recording each change in the namespace's ledger: the last braid process relying on one
 /// undoes it at exit ([`crate::ledger::release`]), or the next start after a crash.
 pub async fn setup(s: &Settings) -> anyhow::Result<()> {
-    let mut ledger = Session::open(&s.state_dir).await?;
     let mut pm = PathManager::new().context("opening the MPTCP path manager (generic netlink)")?;
     let current = pm.limits().await.context("reading the MPTCP limits")?;
     let wanted = PmLimits {
@@ -22,6 +21,35 @@ pub async fn setup(s: &Settings) -> anyhow::Result<()> {
         add_addr_accepted: s
             .mptcp_add_addr_accepted
             .unwrap_or(current.add_addr_accepted),
+    };
+    if wanted.subflows == 0 {
+        // The limit that matters on the converter: joins beyond it are refused with a RST.
+        tracing::warn!(
+            "MPTCP limits forbid extra subflows: clients cannot bond links; run \
+             `ip mptcp limits set subflows 8 add_addr_accepted 8` or start with \
+             --mptcp-subflows 8"
+        );
+    }
+    let mut ledger = match Session::open(&s.state_dir).await {
+        Ok(l) => l,
+        // Nothing asked for but the stale_loss_cnt tuning, which is never fatal.
+        Err(e)
+            if s.mptcp_subflows.is_none()
+                && s.mptcp_add_addr_accepted.is_none()
+                && s.signal.is_empty()
+                && s.join_initial_addr =>
+        {
+            if s.stale_loss_cnt.is_some() {
+                tracing::warn!(
+                    error = format!("{e:#}"),
+                    "net.mptcp.stale_loss_cnt left as it is: the ledger cannot record it"
+                );
+            }
+            return Ok(());
+        }
+        Err(e) => {
+            return Err(e.context("the MPTCP options change the namespace and need the ledger"));
+        }
     };
     match ledger.limits(wanted).await.with_context(|| {
         format!(
@@ -41,15 +69,6 @@ pub async fn setup(s: &Settings) -> anyhow::Result<()> {
             "MPTCP path manager limits"
         ),
     }
-    if wanted.subflows == 0 {
-        // The limit that matters on the converter: joins beyond it are refused with a RST.
-        tracing::warn!(
-            "MPTCP limits forbid extra subflows: clients cannot bond links; run \
-             `ip mptcp limits set subflows 8 add_addr_accepted 8` or start with \
-             --mptcp-subflows 8"
-        );
-    }
-
     if !s.signal.is_empty() {
         let existing = pm.endpoints().await.context("listing MPTCP endpoints")?;
         let mut added = Vec::new();

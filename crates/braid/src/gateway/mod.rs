@@ -49,7 +49,7 @@ impl Role for Settings {
         let state_dir = self.state_dir.clone();
         self.relay.memory.set_cap(self.relay.memory_cap);
         // What a braid process that did not exit cleanly left is undone before anything is set.
-        crate::ledger::tidy(&state_dir).await?;
+        crate::ledger::tidy(&state_dir).await;
         let result = run(self, daemon, reload).await;
         // Settings put back whether running ended well or not (each only when no other braid
         // process in the namespace relies on it).
