@@ -195,6 +195,7 @@ pub struct File {
     pub metrics: Option<SocketAddr>,
     pub log_format: Option<LogFormat>,
     pub connect_timeout_ms: Option<u64>,
+    pub early_data_wait_ms: Option<u64>,
     pub default_backoff_secs: Option<u64>,
     pub idle_timeout_secs: Option<u64>,
     pub drain_timeout_secs: Option<u64>,
@@ -257,6 +258,7 @@ impl File {
             metrics,
             log_format,
             connect_timeout_ms,
+            early_data_wait_ms,
             default_backoff_secs,
             idle_timeout_secs,
             drain_timeout_secs,
@@ -310,6 +312,8 @@ pub struct Settings {
     pub metrics: Option<SocketAddr>,
     pub log_format: LogFormat,
     pub connect_timeout: Duration,
+    /// How long a captured connection's first bytes are waited for, to go in the SYN.
+    pub early_data_wait: Duration,
     /// How long a converter that failed without naming a back-off is avoided.
     pub default_backoff: Duration,
     pub drain_timeout: Duration,
@@ -417,6 +421,17 @@ impl Settings {
             0 => return Err(err("connect_timeout_ms", "must be greater than 0".into())),
             n => Duration::from_millis(n),
         };
+        let early_data_wait = match f.early_data_wait_ms.unwrap_or(5) {
+            n @ 0..=1000 => Duration::from_millis(n),
+            n => {
+                return Err(err(
+                    "early_data_wait_ms",
+                    format!(
+                        "{n}: give 0 to 1000 (it delays a connection whose server speaks first)"
+                    ),
+                ));
+            }
+        };
         let fwmark = f.fwmark.unwrap_or(DEFAULT_FWMARK);
         if fwmark == 0 {
             return Err(err("fwmark", "must not be 0".into()));
@@ -503,6 +518,7 @@ impl Settings {
             metrics: f.metrics,
             log_format,
             connect_timeout,
+            early_data_wait,
             default_backoff: Duration::from_secs(f.default_backoff_secs.unwrap_or(30)),
             drain_timeout: Duration::from_secs(f.drain_timeout_secs.unwrap_or(10)),
             relay,
@@ -588,6 +604,10 @@ mod tests {
             (&format!("{base}capture_output = true"), "capture_output"),
             (&format!("{base}route_table = 254"), "route_table"),
             (&format!("{base}fwmark = 0"), "fwmark"),
+            (
+                &format!("{base}early_data_wait_ms = 5000"),
+                "early_data_wait_ms",
+            ),
             (
                 &format!("{base}uplinks = [{{ interface = \"\" }}]"),
                 "uplinks[0].interface",
