@@ -791,21 +791,42 @@ mod tests {
         assert_eq!(got, b"hello");
         tokio::time::sleep(BUFFER_IDLE + Duration::from_millis(300)).await;
         let big = pattern(4 << 20, 7);
-        let (_, got) = tokio::join!(
-            async {
-                app_a.write_all(&big).await.unwrap();
-                app_a.shutdown().await.unwrap();
-            },
-            async {
-                let mut v = Vec::new();
-                app_b.read_to_end(&mut v).await.unwrap();
-                v
-            }
-        );
+        let got = send_through(&mut app_a, &mut app_b, &big, Duration::ZERO).await;
         assert!(got == big, "bytes after the quiet spell differ");
         drop(app_b);
         let r = task.await.unwrap();
         assert_eq!(r.a_to_b, 5 + big.len() as u64);
+    }
+
+    /// Writes `data` into `a` and closes it, while reading `b` to its end with a pause after
+    /// each read (of at most 256 KiB); returns what `b` read.
+    async fn send_through(
+        a: &mut TcpStream,
+        b: &mut TcpStream,
+        data: &[u8],
+        pause: Duration,
+    ) -> Vec<u8> {
+        let (_, got) = tokio::join!(
+            async {
+                a.write_all(data).await.unwrap();
+                a.shutdown().await.unwrap();
+            },
+            async {
+                let mut v = Vec::new();
+                let mut chunk = vec![0u8; 256 * 1024];
+                loop {
+                    let n = b.read(&mut chunk).await.unwrap();
+                    if n == 0 {
+                        break v;
+                    }
+                    v.extend_from_slice(&chunk[..n]);
+                    if !pause.is_zero() {
+                        tokio::time::sleep(pause).await;
+                    }
+                }
+            }
+        );
+        got
     }
 
     /// Four relays at once under a 1 MiB budget, each behind a slow reader (so that every read
@@ -838,24 +859,8 @@ mod tests {
                 );
             runs.push(tokio::spawn(async move {
                 let big = pattern(8 << 20, seed);
-                let (_, got) = tokio::join!(
-                    async {
-                        app_a.write_all(&big).await.unwrap();
-                        app_a.shutdown().await.unwrap();
-                    },
-                    async {
-                        let mut v = Vec::new();
-                        let mut chunk = vec![0u8; 256 * 1024];
-                        loop {
-                            let n = app_b.read(&mut chunk).await.unwrap();
-                            if n == 0 {
-                                break v;
-                            }
-                            v.extend_from_slice(&chunk[..n]);
-                            tokio::time::sleep(Duration::from_millis(1)).await;
-                        }
-                    }
-                );
+                let got =
+                    send_through(&mut app_a, &mut app_b, &big, Duration::from_millis(1)).await;
                 assert!(got == big, "bytes differ");
                 drop(app_b);
                 relay.await.unwrap().a_to_b

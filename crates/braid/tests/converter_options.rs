@@ -161,21 +161,39 @@ fn upstream_fast_open_carries_early_data_and_keeps_the_error_mapping() {
 
 /// A converter on `port` in the lab's converter namespace, logging to its own file.
 fn converter_on(cl: &ConverterLab, port: u16, extra: &[&str]) -> (braid_lab::Process, PathBuf) {
-    let ns = &cl.lab.converter;
-    let log = std::env::temp_dir().join(format!("{}-converter-{port}.log", ns.name()));
-    let _ = std::fs::remove_file(&log);
     let mut args = braid_lab::standard::converter_args(port);
     args.extend(extra.iter().map(|s| s.to_string()));
-    let mut p = ns
+    let (mut p, log) = spawn_converter(&cl.lab.converter, &format!("{port}"), &args);
+    wait_listening(&cl.lab.converter, port, &mut p, &log);
+    (p, log)
+}
+
+/// `braid converter ARGS` in `ns`, logging to a fresh file named after the namespace and
+/// `tag`; returns at once.
+fn spawn_converter(
+    ns: &braid_lab::Netns,
+    tag: &str,
+    args: &[String],
+) -> (braid_lab::Process, PathBuf) {
+    let log = std::env::temp_dir().join(format!("{}-converter-{tag}.log", ns.name()));
+    let _ = std::fs::remove_file(&log);
+    let p = ns
         .command(env!("CARGO_BIN_EXE_braid"))
         .arg("converter")
-        .args(&args)
+        .args(args)
         .env("RUST_LOG", daemon_log())
         .stderr(braid_lab::Output::File(log.clone()))
         .spawn()
         .expect("spawn braid converter");
-    wait_listening(ns, port, &mut p, &log);
     (p, log)
+}
+
+/// A converter on 127.0.0.1:5124 for anyone, and `extra`.
+fn local_converter_args(extra: &[&str]) -> Vec<String> {
+    strings(&["--listen", "127.0.0.1:5124", "--allow-any-client"])
+        .into_iter()
+        .chain(extra.iter().map(|s| s.to_string()))
+        .collect()
 }
 
 #[test]
@@ -329,19 +347,7 @@ fn the_ledger_of_a_namespace_that_is_gone_is_removed() {
             .unwrap_or_default()
     };
     let start = |ns: &braid_lab::Netns| {
-        let log = std::env::temp_dir().join(format!("{}-converter.log", ns.name()));
-        let mut p = ns
-            .command(env!("CARGO_BIN_EXE_braid"))
-            .args([
-                "converter",
-                "--listen",
-                "127.0.0.1:5124",
-                "--allow-any-client",
-            ])
-            .env("RUST_LOG", daemon_log())
-            .stderr(braid_lab::Output::File(log.clone()))
-            .spawn()
-            .expect("spawn braid converter");
+        let (mut p, log) = spawn_converter(ns, "ledger", &local_converter_args(&[]));
         wait_listening(ns, 5124, &mut p, &log);
         (p, log)
     };
@@ -376,23 +382,9 @@ fn without_a_usable_state_dir_the_converter_runs_and_changes_nothing() {
     let conf = std::env::temp_dir().join(format!("{}-nostate.toml", ns.name()));
     std::fs::write(&conf, "state_dir = \"/proc/braid-state\"\n").unwrap();
     let run = |extra: &[&str]| {
-        let log = std::env::temp_dir().join(format!("{}-converter.log", ns.name()));
-        let _ = std::fs::remove_file(&log);
-        let p = ns
-            .command(env!("CARGO_BIN_EXE_braid"))
-            .args([
-                "converter",
-                "--listen",
-                "127.0.0.1:5124",
-                "--allow-any-client",
-            ])
-            .args(["--config", conf.to_str().unwrap()])
-            .args(extra)
-            .env("RUST_LOG", daemon_log())
-            .stderr(braid_lab::Output::File(log.clone()))
-            .spawn()
-            .expect("spawn braid converter");
-        (p, log)
+        let mut args = local_converter_args(&["--config", conf.to_str().unwrap()]);
+        args.extend(strings(extra));
+        spawn_converter(&ns, "nostate", &args)
     };
     // What it needs is in place: it runs, leaving stale_loss_cnt alone, and says why.
     let (mut p, log) = run(&[]);
