@@ -304,20 +304,23 @@ async fn converse(
         let _ = set_send_buffer(client.as_ref(), n);
     }
 
-    // The client's first bytes go to the server at once: the reply may have to wait for the
-    // client's handshake ACK (`write_reply`), one round trip over the client's links after its
-    // SYN, while the server can be answering already (measured in the gateway's tests: a
-    // client-first exchange completes one converter-server round trip sooner).
+    // Success: the bare header goes out the moment the server accepted.
+    if let Err(e) = write_reply(client, &wire::BARE_REPLY).await {
+        reset_on_close(&server);
+        return Closed::early(Some(dest), "client_gone", e.to_string());
+    }
+    // The bytes that came with the request go to the server only now, once the client's
+    // handshake is complete (`write_reply` waits for it). Sent before, a client-first exchange
+    // would end up to one converter-server round trip sooner (measured: 43 instead of 54 ms,
+    // uplinks 20 ms and server 10 ms round trip), but a gateway whose SYN arrived while the answer
+    // was lost (a link that receives and does not send) tries again from another uplink and
+    // resets this attempt: the reset comes before the handshake would have, and the request
+    // reaches the server once, not twice.
     if early_data.len() > sent_in_syn {
         if let Err(e) = relay::write_all(&server, &early_data[sent_in_syn..]).await {
             reset_on_close(client);
             return Closed::early(Some(dest), "server_gone", e.to_string());
         }
-    }
-    // Success: the bare header goes out the moment the server accepted.
-    if let Err(e) = write_reply(client, &wire::BARE_REPLY).await {
-        reset_on_close(&server);
-        return Closed::early(Some(dest), "client_gone", e.to_string());
     }
     let early = early_data.len() as u64;
     drop(early_data);
