@@ -312,10 +312,10 @@ async fn converse(
     // The bytes that came with the request go to the server only now, once the client's
     // handshake is complete (`write_reply` waits for it). Sent before, a client-first exchange
     // would end up to one converter-server round trip sooner (measured: 43 instead of 54 ms,
-    // uplinks 20 ms and server 10 ms round trip), but a gateway whose SYN arrived while the answer
-    // was lost (a link that receives and does not send) tries again from another uplink and
-    // resets this attempt: the reset comes before the handshake would have, and the request
-    // reaches the server once, not twice.
+    // uplinks 20 ms and server 10 ms round trip), but a gateway whose SYN arrived while the
+    // answer was lost (a link that receives and does not send) tries again from another
+    // uplink and resets this attempt: the reset comes before the handshake would have, and
+    // the request reaches the server once, not twice.
     if early_data.len() > sent_in_syn {
         if let Err(e) = relay::write_all(&server, &early_data[sent_in_syn..]).await {
             reset_on_close(client);

@@ -221,10 +221,11 @@ pub async fn serve_transparent(
 
 /// Reads what the application sends first, waiting up to `wait` for it. A client that speaks
 /// first (HTTP, a TLS ClientHello) sends it right behind its handshake, which the accept
-/// returns on, so it is usually not there yet; with it in the SYN the converter forwards it
-/// with its own connect, and the answer comes one round trip over the uplinks sooner (measured
-/// in `a_client_that_speaks_first_gets_its_answer_one_round_trip_sooner`). A server that
-/// speaks first (SMTP, SSH's banner) costs the wait once per connection.
+/// returns on, so it is often not there yet; in the SYN it reaches the converter with the
+/// request instead of after the converter's reply, and the answer comes one round trip over
+/// the uplinks sooner (measured in
+/// `a_client_that_speaks_first_gets_its_answer_one_round_trip_sooner`). A server that speaks
+/// first (SMTP, SSH's banner) costs the wait once per connection.
 async fn first_bytes(app: &TcpStream, buf: &mut [u8], wait: Duration) -> usize {
     match app.try_read(buf) {
         Ok(n) => return n,
