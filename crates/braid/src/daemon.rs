@@ -25,6 +25,12 @@ pub trait Role: Debug + Sized + 'static {
     /// what the limit allows).
     fn fit_fd_limit(&mut self, _limit: u64) {}
 
+    /// Where the namespace's ledger lives ([`crate::ledger`], `state_dir`).
+    fn state_dir(&self) -> &std::path::Path;
+
+    /// The relay's settings; their `relay_memory` caps the process's budget.
+    fn relay(&self) -> &crate::relay::RelayConfig;
+
     /// Runs until a signal and the drain that follows it; `reload` reads the configuration
     /// again (file and flags) for SIGHUP.
     fn run(self, daemon: Daemon, reload: Reload<Self>) -> impl Future<Output = anyhow::Result<()>>;
@@ -34,7 +40,10 @@ pub trait Role: Debug + Sized + 'static {
 pub type Reload<R> = Box<dyn Fn() -> Result<R, ConfigError> + Send + Sync>;
 
 /// `braid converter|gateway`: with `check_config`, print the settings and stop; otherwise
-/// set up logging, raise the open-file limit and run the role on a multi-threaded runtime.
+/// set up logging, raise the open-file limit and run the role on a multi-threaded runtime,
+/// between undoing what a braid process that did not exit cleanly left in the namespace and
+/// putting back what this one changed (each setting only when no other braid process there
+/// relies on it; also when running failed).
 pub fn main<R: Role>(
     settings: Result<R, ConfigError>,
     check_config: bool,
@@ -60,7 +69,15 @@ pub fn main<R: Role>(
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    runtime.block_on(settings.run(Daemon::default(), reload))
+    let state_dir = settings.state_dir().to_path_buf();
+    let relay = settings.relay();
+    relay.memory.set_cap(relay.memory_cap);
+    runtime.block_on(async {
+        crate::ledger::tidy(&state_dir).await;
+        let result = settings.run(Daemon::default(), reload).await;
+        crate::ledger::release(&state_dir).await;
+        result
+    })
 }
 
 /// Writes `text` to standard output. Rust ignores SIGPIPE (the daemons need that), so a closed

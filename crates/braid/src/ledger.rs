@@ -305,7 +305,6 @@ impl Session {
             tracing::info!("restoring what a braid process that did not exit cleanly changed");
             s.undo(undo).await;
         }
-        sweep(dir, &s.file);
         Ok(s)
     }
 
@@ -472,11 +471,13 @@ impl Drop for Session {
 /// namespace settings either) is only warned about here: a change that needs recording fails
 /// where it is asked for.
 pub async fn tidy(dir: &Path) {
-    if let Err(e) = Session::open(dir).await {
-        tracing::warn!(
+    match Session::open(dir).await {
+        // The other namespaces' ledgers are looked at here only: a walk over /proc.
+        Ok(s) => sweep(dir, &s.file),
+        Err(e) => tracing::warn!(
             error = format!("{e:#}"),
             "the ledger of namespace settings (state_dir) cannot be used: braid changes none"
-        );
+        ),
     }
 }
 

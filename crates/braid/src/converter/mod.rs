@@ -76,26 +76,24 @@ impl Role for Settings {
         }
     }
 
+    fn state_dir(&self) -> &std::path::Path {
+        &self.state_dir
+    }
+
+    fn relay(&self) -> &crate::relay::RelayConfig {
+        &self.relay
+    }
+
+    /// Announced addresses are withdrawn and the settings put back after this returns, well or
+    /// not ([`crate::daemon::main`]).
     async fn run(self, daemon: Daemon, reload: crate::daemon::Reload<Self>) -> anyhow::Result<()> {
-        let state_dir = self.state_dir.clone();
-        self.relay.memory.set_cap(self.relay.memory_cap);
-        // What a converter that did not exit cleanly left is undone before anything is set.
-        crate::ledger::tidy(&state_dir).await;
-        let result = async {
-            check_kernel(&self).await?;
-            if !self.tcp_only {
-                pathmgr::setup(&self).await?;
-            }
-            serve(self, daemon, reload).await
+        check_kernel(&self).await?;
+        if !self.tcp_only {
+            pathmgr::setup(&self).await?;
         }
-        .await;
-        // Announced addresses are withdrawn and settings put back whether serving ended well
-        // or not (each only when no other braid process in the namespace relies on it).
-        crate::ledger::release(&state_dir).await;
-        if result.is_ok() {
-            tracing::info!("stopped");
-        }
-        result
+        serve(self, daemon, reload).await?;
+        tracing::info!("stopped");
+        Ok(())
     }
 }
 

@@ -45,16 +45,16 @@ impl Role for Settings {
         self.log_format
     }
 
+    fn state_dir(&self) -> &std::path::Path {
+        &self.state_dir
+    }
+
+    fn relay(&self) -> &crate::relay::RelayConfig {
+        &self.relay
+    }
+
     async fn run(self, daemon: Daemon, reload: crate::daemon::Reload<Self>) -> anyhow::Result<()> {
-        let state_dir = self.state_dir.clone();
-        self.relay.memory.set_cap(self.relay.memory_cap);
-        // What a braid process that did not exit cleanly left is undone before anything is set.
-        crate::ledger::tidy(&state_dir).await;
-        let result = run(self, daemon, reload).await;
-        // Settings put back whether running ended well or not (each only when no other braid
-        // process in the namespace relies on it).
-        crate::ledger::release(&state_dir).await;
-        result
+        run(self, daemon, reload).await
     }
 }
 

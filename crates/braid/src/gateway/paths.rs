@@ -487,13 +487,12 @@ impl Manager {
             &self.cfg.health,
         );
         self.log_changes(&ups);
-        if ups.iter().any(|u| u.state == State::Up) {
-            self.ensure_limits().await;
-            self.ensure_stale_loss_cnt().await;
-        }
-        for u in ups.iter().filter(|u| u.state == State::Up) {
-            self.loosen_rp_filter(&u.interface).await;
-        }
+        let up: Vec<&str> = ups
+            .iter()
+            .filter(|u| u.state == State::Up)
+            .map(|u| u.interface.as_str())
+            .collect();
+        self.claim_settings(&up).await;
         let want = uplinks::desired(&ups, self.cfg.numbers);
         let changes = self.held.changes(&want);
         if !changes.is_empty() {
@@ -820,88 +819,87 @@ impl Manager {
         }
     }
 
-    /// Raises the MPTCP limits once, recording the old ones in the ledger.
-    async fn ensure_limits(&mut self) {
-        if self.claimed.limits {
+    /// Sets, once each and while an uplink is up, the namespace settings the uplinks need,
+    /// all in one turn with the ledger, which records the old values:
+    /// - the MPTCP limits ([`LIMITS`]);
+    /// - `net.mptcp.stale_loss_cnt`: after that many MPTCP-level retransmission intervals with
+    ///   data outstanding and no progress, the kernel's scheduler ignores a subflow (default
+    ///   4). Measured on a blackholed uplink carrying a connection's first subflow (20 Mbit/s
+    ///   10 ms + 30 Mbit/s 40 ms, a 4 Mbit/s stream, set in both namespaces): longest stall
+    ///   median 0.99 s with 4, 0.69 s with 2; `tcp_rto_min_us` = 50 ms instead gave
+    ///   0.69–0.92 s and touches all of the router's TCP;
+    /// - `rp_filter` of each uplink: strict (1) drops the replies of a subflow whose address is
+    ///   not the one the main table would use towards the converter, so loose (2).
+    async fn claim_settings(&mut self, up: &[&str]) {
+        let limits = !up.is_empty() && !self.claimed.limits;
+        let stale = self
+            .cfg
+            .health
+            .stale_loss_cnt
+            .filter(|_| !up.is_empty() && !self.claimed.stale_loss_cnt);
+        let rp: Vec<&str> = up
+            .iter()
+            .copied()
+            .filter(|i| !self.claimed.rp_filter.contains(*i))
+            .collect();
+        if !limits && stale.is_none() && rp.is_empty() {
             return;
         }
-        let result = match Session::open(&self.cfg.state_dir).await {
-            Ok(mut ledger) => ledger.limits(LIMITS).await,
-            Err(e) => Err(e),
-        };
-        match result {
-            Ok(change) => {
-                if let Change::Set { from, .. } = change {
-                    tracing::info!(
-                        subflows = LIMITS.subflows,
-                        add_addr_accepted = LIMITS.add_addr_accepted,
-                        was = from,
-                        "set MPTCP limits"
-                    );
-                }
-                self.claimed.limits = true;
-            }
-            Err(e) => tracing::warn!(error = format!("{e:#}"), "setting the MPTCP limits"),
-        }
-    }
-
-    /// Sets `net.mptcp.stale_loss_cnt` once, recording the old value in the ledger: after
-    /// that many MPTCP-level retransmission intervals with data outstanding and no progress,
-    /// the kernel's scheduler ignores a subflow (default 4). Measured on a blackholed uplink
-    /// carrying a connection's first subflow (20 Mbit/s 10 ms + 30 Mbit/s 40 ms, a 4 Mbit/s
-    /// stream, set in both namespaces): longest stall median 0.99 s with 4, 0.69 s with 2;
-    /// `tcp_rto_min_us` = 50 ms instead gave 0.69–0.92 s and touches all of the router's TCP.
-    async fn ensure_stale_loss_cnt(&mut self) {
-        let Some(want) = self.cfg.health.stale_loss_cnt else {
-            return;
-        };
-        if self.claimed.stale_loss_cnt {
-            return;
-        }
-        let result = match Session::open(&self.cfg.state_dir).await {
-            Ok(mut ledger) => ledger.sysctl(ledger::STALE_LOSS_CNT, |_| Ok(want.to_string())),
-            Err(e) => Err(e),
-        };
-        match result {
-            Ok(change) => {
-                if let Change::Set { from, to } = change {
-                    tracing::info!(was = from, now = to, "set net.mptcp.stale_loss_cnt");
-                }
-                self.claimed.stale_loss_cnt = true;
-            }
+        let mut ledger = match Session::open(&self.cfg.state_dir).await {
+            Ok(l) => l,
             Err(e) => {
                 tracing::warn!(
                     error = format!("{e:#}"),
-                    "could not set net.mptcp.stale_loss_cnt"
-                )
+                    "the MPTCP limits, stale_loss_cnt and rp_filter are left as they are"
+                );
+                return;
             }
-        }
-    }
-
-    /// Strict reverse-path filtering (1) drops the replies of a subflow whose address is not
-    /// the one the main table would use towards the converter: loose (2) on every uplink.
-    async fn loosen_rp_filter(&mut self, interface: &str) {
-        if self.claimed.rp_filter.contains(interface) {
-            return;
-        }
-        let result = match Session::open(&self.cfg.state_dir).await {
-            Ok(mut ledger) => ledger.sysctl(&ledger::rp_filter(interface), |v| {
-                Ok(if v == "1" { "2" } else { v }.to_string())
-            }),
-            Err(e) => Err(e),
         };
-        match result {
-            Ok(change) => {
-                if change != Change::Unchanged {
-                    tracing::info!(interface, "rp_filter set to loose (2)");
+        if limits {
+            match ledger.limits(LIMITS).await {
+                Ok(change) => {
+                    if let Change::Set { from, .. } = change {
+                        tracing::info!(
+                            subflows = LIMITS.subflows,
+                            add_addr_accepted = LIMITS.add_addr_accepted,
+                            was = from,
+                            "set MPTCP limits"
+                        );
+                    }
+                    self.claimed.limits = true;
                 }
-                self.claimed.rp_filter.insert(interface.to_string());
+                Err(e) => tracing::warn!(error = format!("{e:#}"), "setting the MPTCP limits"),
             }
-            Err(e) => tracing::warn!(
-                interface,
-                error = format!("{e:#}"),
-                "could not loosen rp_filter"
-            ),
+        }
+        if let Some(want) = stale {
+            match ledger.sysctl(ledger::STALE_LOSS_CNT, |_| Ok(want.to_string())) {
+                Ok(change) => {
+                    if let Change::Set { from, to } = change {
+                        tracing::info!(was = from, now = to, "set net.mptcp.stale_loss_cnt");
+                    }
+                    self.claimed.stale_loss_cnt = true;
+                }
+                Err(e) => tracing::warn!(
+                    error = format!("{e:#}"),
+                    "could not set net.mptcp.stale_loss_cnt"
+                ),
+            }
+        }
+        for interface in rp {
+            let loose = |v: &str| Ok(if v == "1" { "2" } else { v }.to_string());
+            match ledger.sysctl(&ledger::rp_filter(interface), loose) {
+                Ok(change) => {
+                    if change != Change::Unchanged {
+                        tracing::info!(interface, "rp_filter set to loose (2)");
+                    }
+                    self.claimed.rp_filter.insert(interface.to_string());
+                }
+                Err(e) => tracing::warn!(
+                    interface,
+                    error = format!("{e:#}"),
+                    "could not loosen rp_filter"
+                ),
+            }
         }
     }
 
