@@ -664,3 +664,182 @@ fn check_config_names_the_bad_key() {
     );
     assert!(String::from_utf8_lossy(&out.stdout).contains("configuration OK"));
 }
+
+/// A plain TCP server in `ns` on `port` that answers "pong" to each connection's first 4
+/// bytes and records, per connection that sent anything, how many bytes it received.
+struct CountingServer {
+    seen: std::sync::Arc<std::sync::Mutex<Vec<u64>>>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    _thread: braid_lab::NsThread<()>,
+}
+
+impl CountingServer {
+    fn start(ns: &braid_lab::Netns, port: u16) -> CountingServer {
+        use std::io::{Read, Write};
+        use std::sync::atomic::Ordering;
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (seen2, stop2) = (seen.clone(), stop.clone());
+        let l = ns
+            .enter(move || std::net::TcpListener::bind(("0.0.0.0", port)).unwrap())
+            .unwrap();
+        l.set_nonblocking(true).unwrap();
+        let thread = ns
+            .thread(move || {
+                while !stop2.load(Ordering::Relaxed) {
+                    let Ok((mut s, _)) = l.accept() else {
+                        std::thread::sleep(Duration::from_millis(10));
+                        continue;
+                    };
+                    let (seen, stop) = (seen2.clone(), stop2.clone());
+                    std::thread::spawn(move || {
+                        s.set_nonblocking(false).unwrap();
+                        s.set_read_timeout(Some(Duration::from_millis(100)))
+                            .unwrap();
+                        let (mut got, mut buf, mut answered) = (0u64, [0u8; 4096], false);
+                        let slot = {
+                            let mut v = seen.lock().unwrap();
+                            v.push(0);
+                            v.len() - 1
+                        };
+                        while !stop.load(Ordering::Relaxed) {
+                            match s.read(&mut buf) {
+                                Ok(0) => break,
+                                Ok(n) => got += n as u64,
+                                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                                Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {}
+                                Err(_) => break,
+                            }
+                            seen.lock().unwrap()[slot] = got;
+                            if got >= 4 && !answered {
+                                answered = s.write_all(b"pong").is_ok();
+                            }
+                        }
+                    });
+                }
+            })
+            .unwrap();
+        CountingServer {
+            seen,
+            stop,
+            _thread: thread,
+        }
+    }
+
+    /// Bytes received by each connection that received any.
+    fn with_data(&self) -> Vec<u64> {
+        let v = self.seen.lock().unwrap();
+        v.iter().copied().filter(|n| *n > 0).collect()
+    }
+}
+
+impl Drop for CountingServer {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// A gateway whose SYN reached the converter while the answer was lost (an uplink that sends
+/// and does not receive) gets its connection from the next uplink. The converter holds the
+/// first attempt too, its handshake never complete: the request it carried must not reach the
+/// server from there (twice in all: a POST done twice), only from the attempt that won.
+#[test]
+fn a_request_whose_handshake_never_completes_is_not_delivered() {
+    const PORT: u16 = 7090;
+    let cl = ConverterLab::new(StandardConfig::by_hand(), &default_converter_args());
+    let server = CountingServer::start(&cl.lab.server, PORT);
+    // Uplink 1 loses everything the converter sends on it.
+    cl.lab
+        .converter
+        .nft(&format!(
+            "table inet lost_answers {{ chain out {{ type filter hook output priority 0; \
+             oifname \"{}\" drop; }}; }}",
+            cl.lab.uplinks[0].converter_if
+        ))
+        .unwrap();
+    let conv = cl.converter_addr_v4();
+    let dest = server_v4(&cl, PORT);
+    let sources = vec![
+        cl.lab.uplinks[0].gateway_v4.into(),
+        cl.lab.uplinks[1].gateway_v4.into(),
+    ];
+    let start = Instant::now();
+    let answer = in_ns(&cl.lab.gateway, || async move {
+        use tokio::io::AsyncReadExt;
+        let opts = ClientOptions {
+            sources,
+            attempt_delay: Duration::from_millis(300),
+            ..ClientOptions::default()
+        };
+        let mut c = client::connect(conv, dest, None, b"ping", &opts)
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut got = c.leftover.clone();
+        while got.len() < 4 {
+            let mut b = [0u8; 16];
+            let n = tokio::time::timeout(Duration::from_secs(5), c.stream.read(&mut b))
+                .await
+                .map_err(|_| "no answer".to_string())?
+                .map_err(|e| e.to_string())?;
+            if n == 0 {
+                return Err("closed".to_string());
+            }
+            got.extend_from_slice(&b[..n]);
+        }
+        // Held open past the converter's wait for the lost attempt's handshake.
+        tokio::time::sleep(Duration::from_secs(7).saturating_sub(start.elapsed())).await;
+        Ok::<_, String>(got)
+    });
+    assert_eq!(answer, Ok(b"pong".to_vec()));
+    assert_eq!(
+        server.with_data(),
+        vec![4],
+        "the request reached the server more than once"
+    );
+    assert!(
+        eventually(|| cl.log_text().contains("handshake_incomplete")),
+        "{}",
+        cl.log_text()
+    );
+
+    // A handshake that is only slow (the answers lost for 1.5 s, then through: the client's
+    // next SYN at 3 s draws one) is served, its request delivered once.
+    let uplink1 = cl.lab.uplinks[0].gateway_v4;
+    let slow = cl
+        .lab
+        .gateway
+        .thread(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                use tokio::io::AsyncReadExt;
+                let opts = ClientOptions {
+                    bind: Some((uplink1, 0).into()),
+                    ..ClientOptions::default()
+                };
+                let mut c = client::connect(conv, dest, None, b"ping", &opts)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let mut got = c.leftover.clone();
+                while got.len() < 4 {
+                    let mut b = [0u8; 16];
+                    let n = c.stream.read(&mut b).await.map_err(|e| e.to_string())?;
+                    if n == 0 {
+                        return Err("closed".to_string());
+                    }
+                    got.extend_from_slice(&b[..n]);
+                }
+                Ok::<_, String>(got)
+            })
+        })
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    cl.lab
+        .converter
+        .nft("delete table inet lost_answers")
+        .unwrap();
+    assert_eq!(slow.join().unwrap(), Ok(b"pong".to_vec()));
+    assert_eq!(server.with_data(), vec![4, 4]);
+}

@@ -67,7 +67,8 @@ impl Shared {
     }
 }
 
-/// Longest wait for the client's handshake ACK before writing a reply anyway.
+/// Longest wait for the client's handshake ACK before writing a refusal anyway (a refusal
+/// delivers nothing to a server; a success waits up to `handshake_timeout`, then resets).
 const HANDSHAKE_ACK: Duration = Duration::from_secs(3);
 /// How long a refused client (or one answered Info) may stay silent before the converter lets
 /// go, and how long it may linger at most while it still sends (a large request on a slow link
@@ -178,6 +179,8 @@ async fn converse(
 ) -> Closed {
     let s = &shared.settings;
     let stats = &shared.stats;
+    // Both the request and the client's handshake must be in by then.
+    let handshake_deadline = tokio::time::Instant::now() + s.handshake_timeout;
     if let Err(r) = handshake::admit_client(peer.ip(), &shared.policy()) {
         drop(conn_slot);
         refuse(client, &r, shared).await;
@@ -185,8 +188,8 @@ async fn converse(
     }
 
     let mut buf = Vec::new();
-    let read = tokio::time::timeout(
-        s.handshake_timeout,
+    let read = tokio::time::timeout_at(
+        handshake_deadline,
         read_message(client, &mut buf, REQUEST_CAP, wire::decode_request),
     )
     .await;
@@ -304,18 +307,32 @@ async fn converse(
         let _ = set_send_buffer(client.as_ref(), n);
     }
 
-    // Success: the bare header goes out the moment the server accepted.
-    if let Err(e) = write_reply(client, &wire::BARE_REPLY).await {
+    // Success: the bare header goes out the moment the server accepted and the client's
+    // handshake is complete, and the bytes that came with the request go to the server only
+    // then. A gateway whose SYN arrived while the answer was lost (an uplink that sends and
+    // does not receive) wins the connection from another uplink, with the same request; the
+    // attempt left here never completes its handshake (the lost answers are not retried by
+    // anything the gateway still holds), so it must deliver nothing, or the request reaches
+    // the server twice (measured: a second copy after the former 3 s wait for the handshake).
+    // A client still in its handshake at `handshake_timeout` is reset. Sending the request
+    // before the reply would end a client-first exchange up to one converter-server round
+    // trip sooner (43 instead of 54 ms, uplinks 20 ms and server 10 ms round trip), and a
+    // lost answer would then deliver it twice.
+    if !handshake_completes(client, handshake_deadline).await {
+        stats.handshake_failure("incomplete");
+        reset_on_close(&server);
+        reset_on_close(client);
+        return Closed::early(
+            Some(dest),
+            "handshake_incomplete",
+            "the client's handshake never completed (our answers to its SYN lost?): \
+             request not delivered",
+        );
+    }
+    if let Err(e) = send_reply(client, &wire::BARE_REPLY).await {
         reset_on_close(&server);
         return Closed::early(Some(dest), "client_gone", e.to_string());
     }
-    // The bytes that came with the request go to the server only now, once the client's
-    // handshake is complete (`write_reply` waits for it). Sent before, a client-first exchange
-    // would end up to one converter-server round trip sooner (measured: 43 instead of 54 ms,
-    // uplinks 20 ms and server 10 ms round trip), but a gateway whose SYN arrived while the
-    // answer was lost (a link that receives and does not send) tries again from another
-    // uplink and resets this attempt: the reset comes before the handshake would have, and
-    // the request reaches the server once, not twice.
     if early_data.len() > sent_in_syn {
         if let Err(e) = relay::write_all(&server, &early_data[sent_in_syn..]).await {
             reset_on_close(client);
@@ -369,7 +386,8 @@ async fn converse(
     }
 }
 
-/// Writes the Convert reply so that it leaves now.
+/// Waits until the client's handshake is complete, so that bytes written now leave; false if
+/// `deadline` passes first.
 ///
 /// With TCP Fast Open the converter holds the client's socket from its SYN on and often has
 /// the reply ready before the client's handshake ACK arrives (always, when the client's RTT
@@ -377,23 +395,25 @@ async fn converse(
 /// are not sent when it does: they wait until the client sends again, and a client waiting for
 /// the reply (SOCKS-style) hangs (setting TCP_NODELAY after the write pushes only if the
 /// handshake is already complete, so it does not help here). So: wait until MPTCP_INFO shows
-/// the peer's key — the handshake is complete — then write. A prompt ACK costs one getsockopt;
-/// a late one costs the short polls below, bounded by `HANDSHAKE_ACK`.
-async fn write_reply(client: &TcpStream, reply: &[u8]) -> std::io::Result<()> {
-    let deadline = tokio::time::Instant::now() + HANDSHAKE_ACK;
+/// the peer's key — the handshake is complete — or the socket fell back to TCP or is not
+/// MPTCP. A prompt ACK costs one getsockopt; a late one costs the short polls below.
+async fn handshake_completes(client: &TcpStream, deadline: tokio::time::Instant) -> bool {
     let mut pause = Duration::from_micros(500);
     loop {
-        match mptcp_info(client) {
-            Ok(info) if !info.remote_key_received() && !info.fell_back() => {}
-            // Complete, fallen back to TCP, or not MPTCP at all: nothing to wait for.
-            _ => break,
+        if handshake_complete(client) {
+            return true;
         }
-        if tokio::time::Instant::now() >= deadline {
-            break;
+        let now = tokio::time::Instant::now();
+        if now >= deadline {
+            return false;
         }
-        tokio::time::sleep(pause).await;
+        tokio::time::sleep(pause.min(deadline - now)).await;
         pause = (pause * 2).min(Duration::from_millis(20));
     }
+}
+
+/// Writes a reply and pushes it out (the handshake is complete, or as complete as it gets).
+async fn send_reply(client: &TcpStream, reply: &[u8]) -> std::io::Result<()> {
     relay::write_all(client, reply).await?;
     client.set_nodelay(true)
 }
@@ -452,7 +472,9 @@ async fn refuse(client: &TcpStream, r: &Refusal, shared: &Shared) {
 /// writes land on an open socket instead of drawing a reset.
 async fn finish(client: &TcpStream, reply: &[u8], hard_stop: &CancellationToken) -> bool {
     let delivered = async {
-        write_reply(client, reply).await.ok()?;
+        // An Error reaches no server, so it is written even if the handshake never completes.
+        handshake_completes(client, tokio::time::Instant::now() + HANDSHAKE_ACK).await;
+        send_reply(client, reply).await.ok()?;
         SockRef::from(client)
             .shutdown(std::net::Shutdown::Write)
             .ok()?;

@@ -63,7 +63,7 @@ impl Stats {
         );
         r.register(
             "handshake_failures",
-            "Client handshakes that never delivered a Convert request, by reason",
+            "Client handshakes that never delivered a Convert request, or never completed after it, by reason",
             self.handshake_failures.clone(),
         );
         r.register("bytes", "Bytes relayed, by direction", self.bytes.clone());
