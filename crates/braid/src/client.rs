@@ -115,10 +115,54 @@ pub async fn connect(
     let mut first = Vec::with_capacity(request.len() + early_data.len());
     first.extend_from_slice(&request);
     first.extend_from_slice(early_data);
-    match tokio::time::timeout(opts.timeout, exchange(converter, &first, opts)).await {
+    match tokio::time::timeout(opts.timeout, exchange(converter, &first, opts, None)).await {
         Ok(r) => r,
         Err(_) => Err(ClientError::Timeout(opts.timeout)),
     }
+}
+
+/// The most an application may send on while its connection waits for the converter's reply
+/// (see [`connect_sending_ahead`]): more than the first round trip of a new connection carries
+/// (ten segments and what the SYN's acknowledgement adds), and the bound of what is kept for a
+/// retry.
+pub const AHEAD_MAX: usize = 64 * 1024;
+
+/// [`connect`] for a relay: what `app` sends while the reply is on its way goes on at once.
+///
+/// The reply leaves the converter only once the client's handshake is complete and comes one
+/// round trip over the uplink after it; an upload waiting for it would start one round trip
+/// later than over plain TCP. So once the handshake is complete, bytes from `app` (up to
+/// [`AHEAD_MAX`]) are sent on as they come, before the reply is read; a converter that refuses
+/// discards them (it reads and discards what a refused client sends). They are also appended to
+/// `early_data`, so that a retry (the same converter with a cookie, or the next one) sends them
+/// again, after the bytes that were there before: nothing read from `app` is lost. An end of
+/// stream from `app` ends the sending ahead; the relay reads it again and passes it on.
+pub async fn connect_sending_ahead(
+    converter: SocketAddr,
+    dest: SocketAddr,
+    cookie: Option<&[u8]>,
+    early_data: &mut Vec<u8>,
+    app: &TcpStream,
+    opts: &ClientOptions,
+) -> Result<Converted, ClientError> {
+    let request = convert::encode_connect_request(dest, cookie);
+    let mut first = Vec::with_capacity(request.len() + early_data.len());
+    first.extend_from_slice(&request);
+    first.extend_from_slice(early_data);
+    let ahead = Ahead {
+        app,
+        sent: early_data,
+    };
+    match tokio::time::timeout(opts.timeout, exchange(converter, &first, opts, Some(ahead))).await {
+        Ok(r) => r,
+        Err(_) => Err(ClientError::Timeout(opts.timeout)),
+    }
+}
+
+/// Where bytes sent ahead of the reply come from, and where they are kept.
+struct Ahead<'a> {
+    app: &'a TcpStream,
+    sent: &'a mut Vec<u8>,
 }
 
 impl ClientOptions {
@@ -298,11 +342,21 @@ async fn exchange(
     converter: SocketAddr,
     first: &[u8],
     opts: &ClientOptions,
+    ahead: Option<Ahead<'_>>,
 ) -> Result<Converted, ClientError> {
     let (target, sources) = opts.plan(converter);
     let (stream, sent) = race(target, &sources, first, opts).await?;
-    let write_error = crate::relay::write_all(&stream, &first[sent..]).await.err();
-    match read_reply(&stream).await {
+    // Before the first write, as the relay would (`relay` module docs): what follows the SYN's
+    // bytes goes out at once, not behind their acknowledgement.
+    let _ = stream.set_nodelay(true);
+    let mut write_error = crate::relay::write_all(&stream, &first[sent..]).await.err();
+    let reply = match ahead {
+        Some(ahead) if write_error.is_none() => {
+            send_ahead_until_reply(&stream, ahead, &mut write_error).await
+        }
+        _ => read_reply(&stream).await,
+    };
+    match reply {
         Ok(leftover) => {
             let mptcp = opts.mptcp && is_mptcp(&stream).unwrap_or(false);
             if let Some(e) = write_error {
@@ -317,6 +371,47 @@ async fn exchange(
         }
         Err(ClientError::Unreachable(e)) => Err(ClientError::Unreachable(write_error.unwrap_or(e))),
         Err(e) => Err(e),
+    }
+}
+
+/// Reads the converter's reply while sending on what `ahead.app` sends meanwhile (see
+/// [`connect_sending_ahead`]); a failed write stops the sending and is left in `write_error`,
+/// and the reply is still read (an Error may be queued before a reset).
+async fn send_ahead_until_reply(
+    stream: &TcpStream,
+    ahead: Ahead<'_>,
+    write_error: &mut Option<io::Error>,
+) -> Result<Vec<u8>, ClientError> {
+    let reply = read_reply(stream);
+    tokio::pin!(reply);
+    let mut room = AHEAD_MAX;
+    let mut buf = Vec::new();
+    loop {
+        tokio::select! {
+            biased;
+            r = &mut reply => return r,
+            ready = ahead.app.readable(), if room > 0 => {
+                if ready.is_err() {
+                    room = 0;
+                    continue;
+                }
+                buf.resize(room.min(16 * 1024), 0);
+                match ahead.app.try_read(&mut buf) {
+                    Ok(n) if n > 0 => {
+                        // Kept first: whatever happens to the write, a retry sends it.
+                        ahead.sent.extend_from_slice(&buf[..n]);
+                        room -= n;
+                        if let Err(e) = crate::relay::write_all(stream, &buf[..n]).await {
+                            *write_error = Some(e);
+                            room = 0;
+                        }
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    // The end of the stream or an error: the relay meets it again.
+                    _ => room = 0,
+                }
+            }
+        }
     }
 }
 

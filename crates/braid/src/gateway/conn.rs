@@ -141,10 +141,16 @@ impl std::fmt::Display for OpenError {
     }
 }
 
-/// Opens the way to `dest`: through a converter with `early` in the SYN, or direct (then
-/// `early` is written here) for a bypassed destination — rules are removed and reinstalled as a
-/// whole, and a race or a SOCKS request can still bring one.
-async fn open(dest: SocketAddr, early: &[u8], shared: &Shared) -> Result<Upstream, OpenError> {
+/// Opens the way to `dest`: through a converter with `early` in the SYN (and, with `app`, what
+/// it sends while the reply is awaited, appended to `early`), or direct (then `early` is
+/// written here) for a bypassed destination — rules are removed and reinstalled as a whole, and
+/// a race or a SOCKS request can still bring one.
+async fn open(
+    dest: SocketAddr,
+    early: &mut Vec<u8>,
+    app: Option<&TcpStream>,
+    shared: &Shared,
+) -> Result<Upstream, OpenError> {
     if !shared.settings.is_bypassed(dest.ip()) {
         let opts = match &shared.uplinks {
             // Start from the best working uplink, and from the next when its SYN goes
@@ -157,7 +163,7 @@ async fn open(dest: SocketAddr, early: &[u8], shared: &Shared) -> Result<Upstrea
         };
         let (c, conv) = shared
             .converters
-            .connect(dest, early, &opts, &shared.stats)
+            .connect(dest, early, app, &opts, &shared.stats)
             .await
             .map_err(OpenError::Convert)?;
         return Ok(Upstream {
@@ -169,7 +175,7 @@ async fn open(dest: SocketAddr, early: &[u8], shared: &Shared) -> Result<Upstrea
     }
     let stream = direct(dest, shared).await.map_err(OpenError::Direct)?;
     if !early.is_empty() {
-        relay::write_all(&stream, early)
+        relay::write_all(&stream, early.as_slice())
             .await
             .map_err(|e| OpenError::Direct(format!("direct write to {dest}: {e}")))?;
     }
@@ -198,12 +204,15 @@ pub async fn serve_transparent(
         rec.close(&shared, "loop_refused", "");
         return;
     }
-    // The application's first bytes go with the request, in the SYN. The buffer is gone
-    // before the relay starts: idle connections should not keep 16 KiB each.
+    // The application's first bytes go with the request, in the SYN, and what it sends next
+    // follows as soon as the handshake is complete. The buffer is gone before the relay
+    // starts: idle connections should not keep 16 KiB each.
     let (sent, opened) = {
         let mut early = vec![0u8; EARLY_MAX];
         let n = first_bytes(&app, &mut early, shared.settings.early_data_wait).await;
-        (n as u64, open(dest, &early[..n], &shared).await)
+        early.truncate(n);
+        let opened = open(dest, &mut early, Some(&app), &shared).await;
+        (early.len() as u64, opened)
     };
     match opened {
         Ok(up) => {
@@ -255,7 +264,7 @@ pub async fn serve_socks(mut app: TcpStream, peer: SocketAddr, shared: Arc<Share
         Ok(Err(why)) => return rec.close(&shared, "socks_refused", &why),
         Err(_) => return rec.close(&shared, "socks_timeout", ""),
     };
-    let up = match open(rec.dest, &[], &shared).await {
+    let up = match open(rec.dest, &mut Vec::new(), None, &shared).await {
         Ok(up) => up,
         Err(e) => {
             let code = match &e {

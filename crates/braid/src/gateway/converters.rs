@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use braid_proto::convert::ErrorCode;
 
 use crate::client::{self, ClientError, ClientOptions, Converted};
+use tokio::net::TcpStream;
 
 /// Why no converter produced a connection.
 #[derive(Debug)]
@@ -103,11 +104,14 @@ impl Converters {
             .inc();
     }
 
-    /// Opens a converted connection to `dest`, trying converters in order.
+    /// Opens a converted connection to `dest`, trying converters in order. With `app`, what it
+    /// sends while a reply is awaited goes on at once and is appended to `early`
+    /// ([`client::connect_sending_ahead`]), so every attempt sends all of it.
     pub async fn connect(
         &self,
         dest: SocketAddr,
-        early: &[u8],
+        early: &mut Vec<u8>,
+        app: Option<&TcpStream>,
         opts: &ClientOptions,
         stats: &super::stats::Stats,
     ) -> Result<(Converted, SocketAddr), ConvertFailure> {
@@ -116,7 +120,21 @@ impl Converters {
             // Two rounds at most: the second only after Error 3 handed us a cookie.
             for _ in 0..2 {
                 let cookie = self.lock().cookies.get(&conv).cloned();
-                match client::connect(conv, dest, cookie.as_deref(), early, opts).await {
+                let attempt = match app {
+                    Some(app) => {
+                        client::connect_sending_ahead(
+                            conv,
+                            dest,
+                            cookie.as_deref(),
+                            early,
+                            app,
+                            opts,
+                        )
+                        .await
+                    }
+                    None => client::connect(conv, dest, cookie.as_deref(), early, opts).await,
+                };
+                match attempt {
                     Ok(c) => {
                         self.lock().avoid_until.remove(&conv);
                         return Ok((c, conv));
