@@ -754,8 +754,14 @@ fn a_client_that_speaks_first_gets_its_answer_one_round_trip_sooner() {
     );
 }
 
+/// Byte `i` of every upload in these tests.
+fn upload_byte(i: usize) -> u8 {
+    (i % 251) as u8
+}
+
 /// A server in `ns` on `port` that reads `size` bytes from each connection and then answers
-/// one byte: an upload's end as the client sees it.
+/// one byte: `k` if they are the upload's bytes in order, `x` if not (an upload's end as the
+/// client sees it).
 fn upload_sink(ns: &Netns, port: u16, size: usize) -> braid_lab::NsThread<()> {
     let l = ns
         .enter(move || std::net::TcpListener::bind(("0.0.0.0", port)).unwrap())
@@ -764,16 +770,43 @@ fn upload_sink(ns: &Netns, port: u16, size: usize) -> braid_lab::NsThread<()> {
         use std::io::{Read, Write};
         for s in l.incoming() {
             let Ok(mut s) = s else { return };
-            let (mut got, mut buf) = (0, vec![0u8; 1 << 16]);
+            let (mut got, mut intact, mut buf) = (0, true, vec![0u8; 1 << 16]);
             while got < size {
                 match s.read(&mut buf) {
                     Ok(0) | Err(_) => break,
-                    Ok(n) => got += n,
+                    Ok(n) => {
+                        intact &= buf[..n]
+                            .iter()
+                            .enumerate()
+                            .all(|(k, b)| *b == upload_byte(got + k));
+                        got += n;
+                    }
                 }
             }
-            if got == size {
-                let _ = s.write_all(b"k");
-            }
+            let _ = s.write_all(if intact && got == size { b"k" } else { b"x" });
+        }
+    })
+    .unwrap()
+}
+
+/// One upload from the LAN client to `dest`, a new connection: `head` bytes, and 10 ms later
+/// the rest of `size`; returns the milliseconds from connect to the server's answer, or why it
+/// failed.
+fn upload(ns: &Netns, dest: std::net::SocketAddr, head: usize, size: usize) -> Result<f64, String> {
+    ns.enter(move || {
+        use std::io::{Read, Write};
+        let data: Vec<u8> = (0..size).map(upload_byte).collect();
+        let t = Instant::now();
+        let mut s = std::net::TcpStream::connect(dest).map_err(|e| e.to_string())?;
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s.write_all(&data[..head]).map_err(|e| e.to_string())?;
+        std::thread::sleep(Duration::from_millis(10));
+        s.write_all(&data[head..]).map_err(|e| e.to_string())?;
+        let mut k = [0u8; 1];
+        s.read_exact(&mut k).map_err(|e| e.to_string())?;
+        match &k {
+            b"k" => Ok(t.elapsed().as_secs_f64() * 1000.0),
+            _ => Err("the server got other bytes than were sent".into()),
         }
     })
     .unwrap()
@@ -783,20 +816,7 @@ fn upload_sink(ns: &Netns, port: u16, size: usize) -> braid_lab::NsThread<()> {
 /// new connection each: a 1,000-byte header, and 10 ms later the 29,000-byte rest.
 fn upload_ms(ns: &Netns, dest: std::net::SocketAddr, n: usize) -> f64 {
     let mut times: Vec<f64> = (0..n)
-        .map(|_| {
-            ns.enter(move || {
-                use std::io::{Read, Write};
-                let t = Instant::now();
-                let mut s = std::net::TcpStream::connect(dest).unwrap();
-                s.write_all(&[7u8; 1000]).unwrap();
-                std::thread::sleep(Duration::from_millis(10));
-                s.write_all(&[7u8; 29_000]).unwrap();
-                let mut k = [0u8; 1];
-                s.read_exact(&mut k).unwrap();
-                t.elapsed().as_secs_f64() * 1000.0
-            })
-            .unwrap()
-        })
+        .map(|_| upload(ns, dest, 1000, 30_000).unwrap())
         .collect();
     times.sort_by(f64::total_cmp);
     times[n / 2]
@@ -838,4 +858,45 @@ fn an_upload_ends_as_soon_as_over_plain_tcp() {
         "forwarded {forwarded:.1} ms, through braid {converted:.1} ms\n{}",
         gw.log_text()
     );
+}
+
+/// Bytes the gateway sent ahead of a converter's reply are not lost when that converter
+/// refuses and the connection is tried again: the first upload meets the converter's demand for
+/// a cookie (Error 3) after 64 KiB went ahead of its reply, and arrives whole with the retry.
+#[test]
+fn bytes_sent_ahead_of_a_refusal_are_sent_again() {
+    use braid_lab::Delay;
+    const PORT: u16 = 7301;
+    let one_way = |ms| Delay {
+        delay: Duration::from_millis(ms),
+        jitter: Duration::ZERO,
+    };
+    let cfg = std::env::temp_dir().join(format!("braid-gw-ahead-{}.toml", std::process::id()));
+    std::fs::write(&cfg, "cookies = true\n").unwrap();
+    let lab = StandardLab::new(StandardConfig {
+        uplinks: 2,
+        rates: Some(vec![100_000_000, 100_000_000]),
+        delays: Some(vec![one_way(10), one_way(10)]),
+        ..StandardConfig::default()
+    })
+    .expect("lab");
+    let cl = ConverterLab::from_lab(
+        lab,
+        &converter_args(&["--config", &cfg.display().to_string()]),
+    );
+    let _ = std::fs::remove_file(&cfg);
+    let _sink = upload_sink(&cl.lab.server, PORT, 201_000);
+    let gw = gateway_to(&cl, &["--transparent", "tproxy"]);
+    let dest = (cl.lab.server_v4(), PORT).into();
+    for i in 0..3 {
+        let r = upload(&cl.lab.client, dest, 1000, 201_000);
+        assert!(r.is_ok(), "upload {i}: {r:?}\n{}", gw.log_text());
+    }
+    eventually(|| cl.log_text().matches("outcome=\"closed\"").count() >= 3);
+    let log = cl.log_text();
+    assert_eq!(log.matches("missing_cookie").count(), 1, "{log}");
+    // Each upload reached the server whole through one converted connection (without the
+    // bytes kept for the retry, the first one lacks what went ahead of the Error and the
+    // server never answers).
+    assert_eq!(log.matches("up=201000").count(), 3, "{log}");
 }
