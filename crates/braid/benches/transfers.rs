@@ -19,9 +19,9 @@
 mod support;
 
 use std::net::SocketAddr;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use braid_lab::{Delay, Netns, StandardConfig, StandardLab};
+use braid_lab::{Delay, Netns, StandardConfig, StandardLab, upload};
 use support::{env_or, median};
 
 const HTTP_PORT: u16 = 8080;
@@ -59,58 +59,10 @@ fn lab(braid: bool, rates: &[u64], delays: &[u64]) -> (StandardLab, Vec<braid_la
     (lab, daemons)
 }
 
-/// Byte `i` of every upload.
-fn upload_byte(i: usize) -> u8 {
-    (i % 251) as u8
-}
-
-/// Accepts uploads of `size` bytes on `port` in `ns`, answering `k` to one that arrived whole
-/// and in order, `x` otherwise.
-fn sink(ns: &Netns, port: u16, size: usize) -> braid_lab::NsThread<()> {
-    let l = ns
-        .enter(move || std::net::TcpListener::bind(("0.0.0.0", port)).expect("bind"))
-        .expect("sink");
-    ns.thread(move || {
-        use std::io::{Read, Write};
-        for s in l.incoming() {
-            let Ok(mut s) = s else { return };
-            let (mut got, mut intact, mut buf) = (0, true, vec![0u8; 1 << 16]);
-            while got < size {
-                match s.read(&mut buf) {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => {
-                        intact &= buf[..n]
-                            .iter()
-                            .enumerate()
-                            .all(|(k, b)| *b == upload_byte(got + k));
-                        got += n;
-                    }
-                }
-            }
-            let _ = s.write_all(if intact && got == size { b"k" } else { b"x" });
-        }
-    })
-    .expect("sink thread")
-}
-
 /// One upload's time in ms, NaN if it failed or arrived damaged.
 fn upload(ns: &Netns, dest: SocketAddr, size: usize) -> f64 {
-    ns.enter(move || {
-        use std::io::{Read, Write};
-        let data: Vec<u8> = (0..size).map(upload_byte).collect();
-        let t = Instant::now();
-        let mut s = std::net::TcpStream::connect(dest).ok()?;
-        s.set_read_timeout(Some(Duration::from_secs(30))).ok()?;
-        s.write_all(&data[..HEAD.min(size)]).ok()?;
-        std::thread::sleep(Duration::from_millis(10));
-        s.write_all(&data[HEAD.min(size)..]).ok()?;
-        let mut k = [0u8; 1];
-        s.read_exact(&mut k).ok()?;
-        (&k == b"k").then(|| t.elapsed().as_secs_f64() * 1000.0)
-    })
-    .ok()
-    .flatten()
-    .unwrap_or(f64::NAN)
+    upload::send(ns, dest, HEAD, Duration::from_millis(10), size)
+        .map_or(f64::NAN, |t| t.as_secs_f64() * 1000.0)
 }
 
 /// One download's time in ms (curl's total), NaN if it failed or came short.
@@ -157,7 +109,7 @@ fn measure(braid: bool, rates: &[u64], delays: &[u64], sizes: &[u64], n: usize) 
             };
             let u = if up {
                 let port = SINK_PORT + i as u16;
-                let _sink = sink(&lab.server, port, size as usize);
+                let _sink = upload::sink(&lab.server, port, size as usize).expect("sink");
                 let dest = (lab.server_v4(), port).into();
                 median(
                     (0..n)

@@ -111,14 +111,27 @@ pub async fn connect(
     early_data: &[u8],
     opts: &ClientOptions,
 ) -> Result<Converted, ClientError> {
+    let first = request_and(dest, cookie, early_data);
+    within(opts.timeout, exchange(converter, &first, opts, None)).await
+}
+
+/// The Connect request for `dest`, followed by the bytes to send with it.
+fn request_and(dest: SocketAddr, cookie: Option<&[u8]>, early_data: &[u8]) -> Vec<u8> {
     let request = convert::encode_connect_request(dest, cookie);
     let mut first = Vec::with_capacity(request.len() + early_data.len());
     first.extend_from_slice(&request);
     first.extend_from_slice(early_data);
-    match tokio::time::timeout(opts.timeout, exchange(converter, &first, opts, None)).await {
-        Ok(r) => r,
-        Err(_) => Err(ClientError::Timeout(opts.timeout)),
-    }
+    first
+}
+
+/// The whole exchange, bounded by the options' timeout.
+async fn within(
+    timeout: Duration,
+    exchange: impl std::future::Future<Output = Result<Converted, ClientError>>,
+) -> Result<Converted, ClientError> {
+    tokio::time::timeout(timeout, exchange)
+        .await
+        .unwrap_or(Err(ClientError::Timeout(timeout)))
 }
 
 /// The most an application may send on while its connection waits for the converter's reply
@@ -145,18 +158,12 @@ pub async fn connect_sending_ahead(
     app: &TcpStream,
     opts: &ClientOptions,
 ) -> Result<Converted, ClientError> {
-    let request = convert::encode_connect_request(dest, cookie);
-    let mut first = Vec::with_capacity(request.len() + early_data.len());
-    first.extend_from_slice(&request);
-    first.extend_from_slice(early_data);
+    let first = request_and(dest, cookie, early_data);
     let ahead = Ahead {
         app,
         sent: early_data,
     };
-    match tokio::time::timeout(opts.timeout, exchange(converter, &first, opts, Some(ahead))).await {
-        Ok(r) => r,
-        Err(_) => Err(ClientError::Timeout(opts.timeout)),
-    }
+    within(opts.timeout, exchange(converter, &first, opts, Some(ahead))).await
 }
 
 /// Where bytes sent ahead of the reply come from, and where they are kept.

@@ -739,6 +739,32 @@ impl Drop for CountingServer {
     }
 }
 
+/// A converted connection to a [`CountingServer`] with "ping" in the SYN; returns the stream
+/// and the server's 4-byte answer (within 10 s).
+async fn ping(
+    conv: SocketAddr,
+    dest: SocketAddr,
+    opts: &ClientOptions,
+) -> Result<(tokio::net::TcpStream, Vec<u8>), String> {
+    use tokio::io::AsyncReadExt;
+    let mut c = client::connect(conv, dest, None, b"ping", opts)
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut got = c.leftover.clone();
+    while got.len() < 4 {
+        let mut b = [0u8; 16];
+        let n = tokio::time::timeout(Duration::from_secs(10), c.stream.read(&mut b))
+            .await
+            .map_err(|_| "no answer".to_string())?
+            .map_err(|e| e.to_string())?;
+        if n == 0 {
+            return Err("closed".to_string());
+        }
+        got.extend_from_slice(&b[..n]);
+    }
+    Ok((c.stream, got))
+}
+
 /// A gateway whose SYN reached the converter while the answer was lost (an uplink that sends
 /// and does not receive) gets its connection from the next uplink. The converter holds the
 /// first attempt too, its handshake never complete: the request it carried must not reach the
@@ -765,27 +791,12 @@ fn a_request_whose_handshake_never_completes_is_not_delivered() {
     ];
     let start = Instant::now();
     let answer = in_ns(&cl.lab.gateway, || async move {
-        use tokio::io::AsyncReadExt;
         let opts = ClientOptions {
             sources,
             attempt_delay: Duration::from_millis(300),
             ..ClientOptions::default()
         };
-        let mut c = client::connect(conv, dest, None, b"ping", &opts)
-            .await
-            .map_err(|e| e.to_string())?;
-        let mut got = c.leftover.clone();
-        while got.len() < 4 {
-            let mut b = [0u8; 16];
-            let n = tokio::time::timeout(Duration::from_secs(5), c.stream.read(&mut b))
-                .await
-                .map_err(|_| "no answer".to_string())?
-                .map_err(|e| e.to_string())?;
-            if n == 0 {
-                return Err("closed".to_string());
-            }
-            got.extend_from_slice(&b[..n]);
-        }
+        let (_held, got) = ping(conv, dest, &opts).await?;
         // Held open past the converter's wait for the lost attempt's handshake.
         tokio::time::sleep(Duration::from_secs(7).saturating_sub(start.elapsed())).await;
         Ok::<_, String>(got)
@@ -814,24 +825,11 @@ fn a_request_whose_handshake_never_completes_is_not_delivered() {
                 .build()
                 .unwrap();
             rt.block_on(async move {
-                use tokio::io::AsyncReadExt;
                 let opts = ClientOptions {
                     bind: Some((uplink1, 0).into()),
                     ..ClientOptions::default()
                 };
-                let mut c = client::connect(conv, dest, None, b"ping", &opts)
-                    .await
-                    .map_err(|e| e.to_string())?;
-                let mut got = c.leftover.clone();
-                while got.len() < 4 {
-                    let mut b = [0u8; 16];
-                    let n = c.stream.read(&mut b).await.map_err(|e| e.to_string())?;
-                    if n == 0 {
-                        return Err("closed".to_string());
-                    }
-                    got.extend_from_slice(&b[..n]);
-                }
-                Ok::<_, String>(got)
+                ping(conv, dest, &opts).await.map(|(_, got)| got)
             })
         })
         .unwrap();

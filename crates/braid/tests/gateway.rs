@@ -7,7 +7,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use braid_lab::{Netns, Signal, StandardConfig, StandardLab};
+use braid_lab::{Netns, Signal, StandardConfig, StandardLab, upload};
 use common::*;
 
 const FILE_SIZE: u64 = 100 << 20;
@@ -692,6 +692,17 @@ fn many_downloads_keep_the_relays_within_relay_memory() {
     );
 }
 
+/// The standard lab with two uplinks of `rate` bit/s and 20 ms round trip each.
+fn delayed_lab(rate: u64) -> StandardLab {
+    StandardLab::new(StandardConfig {
+        uplinks: 2,
+        rates: Some(vec![rate, rate]),
+        delays: Some(vec![braid_lab::Delay::ms(10), braid_lab::Delay::ms(10)]),
+        ..StandardConfig::default()
+    })
+    .expect("lab")
+}
+
 /// Median time (ms) of `n` fetches of the file's first kilobyte by curl in the LAN client: a
 /// new connection each, the client speaking first.
 fn small_fetch_ms(ns: &Netns, url: &str, n: usize) -> f64 {
@@ -719,22 +730,11 @@ fn small_fetch_ms(ns: &Netns, url: &str, n: usize) -> f64 {
 
 #[test]
 fn a_client_that_speaks_first_gets_its_answer_one_round_trip_sooner() {
-    use braid_lab::{Delay, Direction};
     // 20 ms round trips over the uplinks, 20 ms between converter and server.
-    let one_way = |ms| Delay {
-        delay: Duration::from_millis(ms),
-        jitter: Duration::ZERO,
-    };
-    let lab = StandardLab::new(StandardConfig {
-        uplinks: 2,
-        rates: Some(vec![50_000_000, 50_000_000]),
-        delays: Some(vec![one_way(10), one_way(10)]),
-        ..StandardConfig::default()
-    })
-    .expect("lab");
+    let lab = delayed_lab(50_000_000);
     lab.server_link
         .link
-        .set_delay(Direction::Both, one_way(10))
+        .set_delay(braid_lab::Direction::Both, braid_lab::Delay::ms(10))
         .unwrap();
     let _nginx = Nginx::start(&lab.server, 1 << 20);
     let url = format!("http://{}/file", lab.server_v4());
@@ -754,69 +754,14 @@ fn a_client_that_speaks_first_gets_its_answer_one_round_trip_sooner() {
     );
 }
 
-/// Byte `i` of every upload in these tests.
-fn upload_byte(i: usize) -> u8 {
-    (i % 251) as u8
-}
-
-/// A server in `ns` on `port` that reads `size` bytes from each connection and then answers
-/// one byte: `k` if they are the upload's bytes in order, `x` if not (an upload's end as the
-/// client sees it).
-fn upload_sink(ns: &Netns, port: u16, size: usize) -> braid_lab::NsThread<()> {
-    let l = ns
-        .enter(move || std::net::TcpListener::bind(("0.0.0.0", port)).unwrap())
-        .unwrap();
-    ns.thread(move || {
-        use std::io::{Read, Write};
-        for s in l.incoming() {
-            let Ok(mut s) = s else { return };
-            let (mut got, mut intact, mut buf) = (0, true, vec![0u8; 1 << 16]);
-            while got < size {
-                match s.read(&mut buf) {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => {
-                        intact &= buf[..n]
-                            .iter()
-                            .enumerate()
-                            .all(|(k, b)| *b == upload_byte(got + k));
-                        got += n;
-                    }
-                }
-            }
-            let _ = s.write_all(if intact && got == size { b"k" } else { b"x" });
-        }
-    })
-    .unwrap()
-}
-
-/// One upload from the LAN client to `dest`, a new connection: `head` bytes, and 10 ms later
-/// the rest of `size`; returns the milliseconds from connect to the server's answer, or why it
-/// failed.
-fn upload(ns: &Netns, dest: std::net::SocketAddr, head: usize, size: usize) -> Result<f64, String> {
-    ns.enter(move || {
-        use std::io::{Read, Write};
-        let data: Vec<u8> = (0..size).map(upload_byte).collect();
-        let t = Instant::now();
-        let mut s = std::net::TcpStream::connect(dest).map_err(|e| e.to_string())?;
-        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        s.write_all(&data[..head]).map_err(|e| e.to_string())?;
-        std::thread::sleep(Duration::from_millis(10));
-        s.write_all(&data[head..]).map_err(|e| e.to_string())?;
-        let mut k = [0u8; 1];
-        s.read_exact(&mut k).map_err(|e| e.to_string())?;
-        match &k {
-            b"k" => Ok(t.elapsed().as_secs_f64() * 1000.0),
-            _ => Err("the server got other bytes than were sent".into()),
-        }
-    })
-    .unwrap()
-}
-
 /// Median time (ms) from connect to the server's answer of `n` uploads from the LAN client, a
 /// new connection each: a 1,000-byte header, and 10 ms later the 29,000-byte rest.
 fn upload_ms(ns: &Netns, dest: std::net::SocketAddr, n: usize) -> f64 {
     let mut times: Vec<f64> = (0..n)
-        .map(|_| upload(ns, dest, 1000, 30_000).unwrap())
+        .map(|_| {
+            let t = upload::send(ns, dest, 1000, Duration::from_millis(10), 30_000).unwrap();
+            t.as_secs_f64() * 1000.0
+        })
         .collect();
     times.sort_by(f64::total_cmp);
     times[n / 2]
@@ -828,20 +773,9 @@ fn upload_ms(ns: &Netns, dest: std::net::SocketAddr, n: usize) -> f64 {
 /// last partial segment of a burst until the rest is acknowledged (Nagle's algorithm).
 #[test]
 fn an_upload_ends_as_soon_as_over_plain_tcp() {
-    use braid_lab::Delay;
     const PORT: u16 = 7300;
-    let one_way = |ms| Delay {
-        delay: Duration::from_millis(ms),
-        jitter: Duration::ZERO,
-    };
-    let lab = StandardLab::new(StandardConfig {
-        uplinks: 2,
-        rates: Some(vec![100_000_000, 100_000_000]),
-        delays: Some(vec![one_way(10), one_way(10)]),
-        ..StandardConfig::default()
-    })
-    .expect("lab");
-    let _sink = upload_sink(&lab.server, PORT, 30_000);
+    let lab = delayed_lab(100_000_000);
+    let _sink = upload::sink(&lab.server, PORT, 30_000).unwrap();
     let dest = (lab.server_v4(), PORT).into();
     // Forwarded: the handshake (20 ms), then the upload in two flights: about 70 ms.
     let forwarded = upload_ms(&lab.client, dest, 7);
@@ -865,31 +799,26 @@ fn an_upload_ends_as_soon_as_over_plain_tcp() {
 /// a cookie (Error 3) after 64 KiB went ahead of its reply, and arrives whole with the retry.
 #[test]
 fn bytes_sent_ahead_of_a_refusal_are_sent_again() {
-    use braid_lab::Delay;
     const PORT: u16 = 7301;
-    let one_way = |ms| Delay {
-        delay: Duration::from_millis(ms),
-        jitter: Duration::ZERO,
-    };
     let cfg = std::env::temp_dir().join(format!("braid-gw-ahead-{}.toml", std::process::id()));
     std::fs::write(&cfg, "cookies = true\n").unwrap();
-    let lab = StandardLab::new(StandardConfig {
-        uplinks: 2,
-        rates: Some(vec![100_000_000, 100_000_000]),
-        delays: Some(vec![one_way(10), one_way(10)]),
-        ..StandardConfig::default()
-    })
-    .expect("lab");
+    let lab = delayed_lab(100_000_000);
     let cl = ConverterLab::from_lab(
         lab,
         &converter_args(&["--config", &cfg.display().to_string()]),
     );
     let _ = std::fs::remove_file(&cfg);
-    let _sink = upload_sink(&cl.lab.server, PORT, 201_000);
+    let _sink = upload::sink(&cl.lab.server, PORT, 201_000).unwrap();
     let gw = gateway_to(&cl, &["--transparent", "tproxy"]);
     let dest = (cl.lab.server_v4(), PORT).into();
     for i in 0..3 {
-        let r = upload(&cl.lab.client, dest, 1000, 201_000);
+        let r = upload::send(
+            &cl.lab.client,
+            dest,
+            1000,
+            Duration::from_millis(10),
+            201_000,
+        );
         assert!(r.is_ok(), "upload {i}: {r:?}\n{}", gw.log_text());
     }
     eventually(|| cl.log_text().matches("outcome=\"closed\"").count() >= 3);

@@ -70,6 +70,7 @@ pub mod process;
 pub mod routing;
 pub mod standard;
 pub mod stream;
+pub mod upload;
 
 pub use delay::{Delay, DelayStats};
 pub use error::{Error, Result};
