@@ -144,37 +144,27 @@ fn half_close_works_both_ways() {
     // Server A: reads to EOF, then answers (client half-closes first).
     // Server B: sends and half-closes at once, then keeps reading (server half-closes first).
     let (conv, lab_server_v4) = (cl.converter_addr_v4(), cl.lab.server_v4());
-    let server = cl
-        .lab
-        .server
-        .thread(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async move {
-                let a = tokio::net::TcpListener::bind((lab_server_v4, 7101))
-                    .await
-                    .unwrap();
-                let b = tokio::net::TcpListener::bind((lab_server_v4, 7102))
-                    .await
-                    .unwrap();
-                let (mut sa, _) = a.accept().await.unwrap();
-                let mut req = Vec::new();
-                sa.read_to_end(&mut req).await.unwrap();
-                sa.write_all(format!("got {} bytes", req.len()).as_bytes())
-                    .await
-                    .unwrap();
-                sa.shutdown().await.unwrap();
-                let (mut sb, _) = b.accept().await.unwrap();
-                sb.write_all(b"early goodbye").await.unwrap();
-                sb.shutdown().await.unwrap();
-                let mut rest = Vec::new();
-                sb.read_to_end(&mut rest).await.unwrap();
-                rest
-            })
-        })
-        .unwrap();
+    let server = in_ns_thread(&cl.lab.server, move || async move {
+        let a = tokio::net::TcpListener::bind((lab_server_v4, 7101))
+            .await
+            .unwrap();
+        let b = tokio::net::TcpListener::bind((lab_server_v4, 7102))
+            .await
+            .unwrap();
+        let (mut sa, _) = a.accept().await.unwrap();
+        let mut req = Vec::new();
+        sa.read_to_end(&mut req).await.unwrap();
+        sa.write_all(format!("got {} bytes", req.len()).as_bytes())
+            .await
+            .unwrap();
+        sa.shutdown().await.unwrap();
+        let (mut sb, _) = b.accept().await.unwrap();
+        sb.write_all(b"early goodbye").await.unwrap();
+        sb.shutdown().await.unwrap();
+        let mut rest = Vec::new();
+        sb.read_to_end(&mut rest).await.unwrap();
+        rest
+    });
     std::thread::sleep(Duration::from_millis(100));
     let (a, b) = in_ns(&cl.lab.gateway, || async move {
         let opts = ClientOptions::default();
@@ -816,23 +806,13 @@ fn a_request_whose_handshake_never_completes_is_not_delivered() {
     // A handshake that is only slow (the answers lost for 1.5 s, then through: the client's
     // next SYN at 3 s draws one) is served, its request delivered once.
     let uplink1 = cl.lab.uplinks[0].gateway_v4;
-    let slow = cl
-        .lab
-        .gateway
-        .thread(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async move {
-                let opts = ClientOptions {
-                    bind: Some((uplink1, 0).into()),
-                    ..ClientOptions::default()
-                };
-                ping(conv, dest, &opts).await.map(|(_, got)| got)
-            })
-        })
-        .unwrap();
+    let slow = in_ns_thread(&cl.lab.gateway, move || async move {
+        let opts = ClientOptions {
+            bind: Some((uplink1, 0).into()),
+            ..ClientOptions::default()
+        };
+        ping(conv, dest, &opts).await.map(|(_, got)| got)
+    });
     std::thread::sleep(Duration::from_millis(1500));
     cl.lab
         .converter

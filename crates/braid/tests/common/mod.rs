@@ -335,6 +335,24 @@ where
     ns.block_on(f).expect("tokio runtime in the namespace")
 }
 
+/// Runs async code on a thread of its own with a tokio runtime in `ns`, in the background:
+/// [`in_ns`] for something the test goes on beside (a server, a client it times).
+pub fn in_ns_thread<F, Fut, T>(ns: &Netns, f: F) -> braid_lab::NsThread<T>
+where
+    F: FnOnce() -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = T>,
+    T: Send + 'static,
+{
+    ns.thread(move || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("tokio runtime")
+            .block_on(f())
+    })
+    .expect("thread in the namespace")
+}
+
 /// The client half of the hash protocol over an established (converted) stream: asks for
 /// `down` bytes of `down_seed`, sends `up` bytes of `up_seed` (of which `already_sent` went
 /// with the request as early data, header included), half-closes, and checks every byte that
